@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from vllm_bidkv.patches.standalone import build_scheduler, make_request, model_output
+
+BLOCK_SIZE = 16
+
+
+@pytest.fixture
+def make_scheduler(tiny_model: str) -> Callable[..., Any]:
+    def factory(**kwargs: Any) -> Any:
+        kwargs.setdefault("num_gpu_blocks", 64)
+        kwargs.setdefault("block_size", BLOCK_SIZE)
+        return build_scheduler(tiny_model, **kwargs)
+
+    return factory
+
+
+def add_requests(scheduler: Any, n: int, seed: int = 0, prefix_len: int = 0, lo: int = 20, hi: int = 120) -> dict[str, Any]:
+    """n requests with random prompts; the first ``prefix_len`` tokens shared by all."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(1, 500) for _ in range(prefix_len)]
+    requests = {}
+    for i in range(n):
+        prompt = prefix + [rng.randrange(1, 500) for _ in range(rng.randint(lo, hi))]
+        req = make_request(f"req-{seed}-{i}", prompt, rng.randint(4, 40), block_size=scheduler.block_size)
+        requests[req.request_id] = req
+        scheduler.add_request(req)
+    return requests
+
+
+def run_to_completion(scheduler: Any, requests: dict[str, Any], max_steps: int = 10_000, on_step: Any = None) -> int:
+    steps = 0
+    while scheduler.has_requests():
+        out = scheduler.schedule()
+        if on_step is not None:
+            on_step(out)
+        scheduler.update_from_output(out, model_output(out, requests))
+        steps += 1
+        assert steps < max_steps, "scheduler did not drain"
+    return steps

@@ -1,0 +1,177 @@
+"""BidKVConfig: one validated object from ``kv_connector_extra_config`` + ``BIDKV_*``.
+
+Every key is declared once in ``_FIELDS`` (type, default, allowed values, doc); the
+README's config table is generated from it (``vllm-bidkv config --markdown``).
+Precedence: defaults < ``kv_connector_extra_config`` < environment (``BIDKV_<KEY>``).
+``BIDKV_DISABLE=1`` is shorthand for ``BIDKV_ENABLED=0``. No vLLM import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+VICTIM_POLICIES = ("bidkv", "vllm-default", "random", "largest-first", "bidkv-0.1")
+ADMISSIONS = ("fcfs", "sjf")
+OFFLOAD_MODES = ("lazy", "eager", "off")
+CPU_EVICTIONS = ("lru", "bid")
+COPY_BACKENDS = ("auto", "triton", "torch")
+
+logger = logging.getLogger("vllm_bidkv")
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    type: type
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+
+_FIELDS: dict[str, _Field] = {
+    "enabled": _Field(bool, True, "Master switch. False (or `BIDKV_DISABLE=1`): no patch is applied, vLLM runs stock."),
+    "kill_switch": _Field(bool, False, "Patches stay applied but act as stock vLLM: vLLM's victim, no offload. For A/B runs."),
+    "victim_policy": _Field(str, "bidkv", "Who is preempted when KV memory runs out.", VICTIM_POLICIES),
+    "admission": _Field(str, "fcfs", "Order of the waiting queue: vLLM's (`fcfs`) or shortest prompt first (`sjf`).", ADMISSIONS),
+    "offload_mode": _Field(str, "lazy", "`lazy`: park free GPU blocks in the CPU tier just before vLLM reuses them; `eager`: store a request's blocks when it finishes or is preempted; `off`: no CPU tier.", OFFLOAD_MODES),
+    "cpu_bytes": _Field(int, 4 * 2**30, "CPU tier size in bytes (per worker); accepts `8GiB`, `512MiB`.", minimum=1),
+    "cpu_eviction": _Field(str, "lru", "CPU tier eviction: `lru`, or `bid` (keep blocks of preempted requests that will resume).", CPU_EVICTIONS),
+    "copy_backend": _Field(str, "auto", "Block copies: `triton` kernel, batched `torch`, or `auto` (triton on CUDA, torch on CPU).", COPY_BACKENDS),
+    "lazy_lookahead_steps": _Field(float, 2.0, "Lazy offload keeps this many steps' worth of block consumption clean ahead of reuse.", minimum=0.5),
+    "seed": _Field(int, 0, "Seed of the `random` victim policy.", minimum=0),
+    "bid_recompute_cost": _Field(float, 1.0, "δ: cost of recomputing one token (the unit of δ).", minimum=0.0),
+    "bid_attention_cost": _Field(float, 3.3e-5, "δ: extra recompute cost per token per token of context before it (attention's length term; 4·layers·hidden / 2·params for Llama-3-8B).", minimum=0.0),
+    "bid_load_cost": _Field(float, 0.135, "δ: cost of loading one token from the CPU tier (H100: 128 KiB at 50 GB/s vs 16 GFLOP at 800 TFLOP/s).", minimum=0.0),
+    "bid_progress_weight": _Field(float, 64.0, "δ: added per unit of output progress (output/max tokens), so near-finished requests are kept.", minimum=0.0),
+    "bid_starvation_weight": _Field(float, 256.0, "δ: added per earlier preemption of the same request, so no request is starved.", minimum=0.0),
+    "bid_epsilon": _Field(float, 1e-6, "ε in U = r / (δ + ε).", minimum=1e-12),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bad(key: str, value: object, expected: str) -> ValueError:
+    return ValueError(f"vllm-bidkv config: {key}={value!r} is invalid; expected {expected}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    field = _FIELDS[key]
+    if field.type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise _bad(key, value, "a boolean (true/false, 1/0)")
+    if field.type is str:
+        if not isinstance(value, str) or value not in field.choices:
+            raise _bad(key, value, "one of " + ", ".join(field.choices))
+        return value
+    if isinstance(value, bool):
+        raise _bad(key, value, f"a {field.type.__name__}")
+    if key == "cpu_bytes" and isinstance(value, str):
+        value = _parse_bytes(key, value)
+    try:
+        number = field.type(value)
+    except (TypeError, ValueError):
+        raise _bad(key, value, f"a {field.type.__name__}") from None
+    if field.type is int and isinstance(value, float) and value != number:
+        raise _bad(key, value, "a whole number")
+    if field.minimum is not None and number < field.minimum:
+        raise _bad(key, value, f"a value >= {field.minimum:g}")
+    return number
+
+
+def _parse_bytes(key: str, text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise _bad(key, text, "bytes as a number or with a unit (B, KB, MB, GB, KiB, MiB, GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclasses.dataclass(frozen=True)
+class BidKVConfig:
+    """Validated settings; build with ``from_sources`` (or directly in tests)."""
+
+    enabled: bool = _FIELDS["enabled"].default
+    kill_switch: bool = _FIELDS["kill_switch"].default
+    victim_policy: str = _FIELDS["victim_policy"].default
+    admission: str = _FIELDS["admission"].default
+    offload_mode: str = _FIELDS["offload_mode"].default
+    cpu_bytes: int = _FIELDS["cpu_bytes"].default
+    cpu_eviction: str = _FIELDS["cpu_eviction"].default
+    copy_backend: str = _FIELDS["copy_backend"].default
+    lazy_lookahead_steps: float = _FIELDS["lazy_lookahead_steps"].default
+    seed: int = _FIELDS["seed"].default
+    bid_recompute_cost: float = _FIELDS["bid_recompute_cost"].default
+    bid_attention_cost: float = _FIELDS["bid_attention_cost"].default
+    bid_load_cost: float = _FIELDS["bid_load_cost"].default
+    bid_progress_weight: float = _FIELDS["bid_progress_weight"].default
+    bid_starvation_weight: float = _FIELDS["bid_starvation_weight"].default
+    bid_epsilon: float = _FIELDS["bid_epsilon"].default
+
+    def __post_init__(self) -> None:
+        for key in _FIELDS:
+            object.__setattr__(self, key, _coerce(key, getattr(self, key)))
+
+    @property
+    def active(self) -> bool:
+        """True when the plugin changes anything at all."""
+        return self.enabled and not self.kill_switch
+
+    @property
+    def offload_enabled(self) -> bool:
+        return self.active and self.offload_mode != "off"
+
+    @classmethod
+    def from_sources(
+        cls, extra_config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> BidKVConfig:
+        """Merge ``kv_connector_extra_config`` and ``BIDKV_*`` env vars (env wins).
+
+        Unknown config keys raise (a typo silently running the default is the worst
+        outcome). Unknown ``BIDKV_*`` variables only warn: the bidkv package on PyPI
+        uses the same prefix (``BIDKV_STRATEGY``...) and must not break us.
+        """
+        values: dict[str, Any] = {}
+        for key, value in (extra_config or {}).items():
+            if key not in _FIELDS:
+                raise ValueError(
+                    f"vllm-bidkv config: unknown key {key!r} in kv_connector_extra_config; "
+                    f"known keys: {', '.join(_FIELDS)}"
+                )
+            values[key] = value
+        env = os.environ if environ is None else environ
+        for name, value in env.items():
+            if not name.startswith("BIDKV_"):
+                continue
+            if name == "BIDKV_DISABLE":
+                if _coerce("enabled", value):
+                    values["enabled"] = False
+                continue
+            key = name[len("BIDKV_") :].lower()
+            if key not in _FIELDS:
+                logger.warning("vllm-bidkv: ignoring unknown environment variable %s", name)
+                continue
+            values[key] = value
+        return cls(**values)
+
+
+def markdown_table() -> str:
+    """The README's config table."""
+    rows = ["| key | env | default | values | meaning |", "|---|---|---|---|---|"]
+    for key, field in _FIELDS.items():
+        values = ", ".join(f"`{c}`" for c in field.choices) if field.choices else field.type.__name__
+        if field.minimum is not None:
+            values += f" ≥ {field.minimum:g}"
+        rows.append(f"| `{key}` | `BIDKV_{key.upper()}` | `{field.default}` | {values} | {field.doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,40 @@
+"""The only code that touches vLLM internals.
+
+``apply()`` installs the runtime patches (today: the Scheduler bind hook; the
+victim hook and admission queue are per-instance, see ``hooks``), ``revert()``
+removes them, ``applied()`` lists what is in place. All are idempotent. With
+``BIDKV_DISABLE=1`` / ``enabled: false`` nothing is applied and vLLM is stock.
+"""
+
+from __future__ import annotations
+
+from vllm_bidkv.config import BidKVConfig
+from vllm_bidkv.patches.capabilities import Capabilities, UnsupportedVLLMError, probe, require_supported
+
+
+def apply(config: BidKVConfig | None = None) -> list[str]:
+    """Install the patches unless disabled; returns the names now applied."""
+    config = config or BidKVConfig.from_sources()
+    if not config.enabled:
+        return []
+    require_supported()
+    from vllm_bidkv.patches import hooks
+
+    hooks.install_bind_hook()
+    return applied()
+
+
+def revert() -> list[str]:
+    """Remove every class-level patch; returns the names removed."""
+    from vllm_bidkv.patches import hooks
+
+    return ["scheduler_bind_hook"] if hooks.remove_bind_hook() else []
+
+
+def applied() -> list[str]:
+    from vllm_bidkv.patches import hooks
+
+    return ["scheduler_bind_hook"] if hooks.bind_hook_installed() else []
+
+
+__all__ = ["Capabilities", "UnsupportedVLLMError", "applied", "apply", "probe", "require_supported", "revert"]

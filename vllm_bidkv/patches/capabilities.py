@@ -1,0 +1,137 @@
+"""The capability table: what the installed vLLM offers, found by probing it.
+
+Every version difference the rest of ``patches/`` cares about is one field here,
+read from the live classes (signatures, attributes), never guessed from the
+version string; ``TESTED_RELEASES`` only records which releases CI ran. A release
+outside that list works if the probe finds every required capability (with an
+"untested release" warning) and is refused naming the missing one otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+from typing import Any
+
+logger = logging.getLogger("vllm_bidkv")
+
+# Releases the CI matrix runs (ci/releases.txt); keep the two lists equal.
+TESTED_RELEASES = ("0.32.0",)
+
+
+class UnsupportedVLLMError(RuntimeError):
+    """The installed vLLM lacks something vllm-bidkv needs; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    vllm_version: str
+    # Required: without these the plugin cannot work at all.
+    connector_base_v1: bool  # KVConnectorBase_V1 importable
+    connector_factory_register: bool  # KVConnectorFactory.register_connector
+    scheduler_running_list: bool  # Scheduler keeps `running` as a list and `kv_cache_manager`
+    allocate_slots: bool  # KVCacheManager.allocate_slots (the victim hook wraps it)
+    free_queue_linked_list: bool  # FreeKVCacheBlockQueue with fake_free_list_head (LRU walk)
+    # Shape differences the adapter handles.
+    touch_takes_group_tuple: bool  # BlockPool.touch((blocks,)) up to 0.13; flat list after
+    free_queue_iter_blocks_after: bool  # iter_blocks_after (0.28+); else walk the links by hand
+    bind_hook: str  # "bind_kv_cache_manager" (0.30+), "bind_gpu_block_pool" (0.19+), "" before
+    preempt_drop_stale_output: bool  # _preempt_request(..., drop_stale_output) (0.28+)
+    request_blocks_can_be_freed: bool  # Scheduler._request_blocks_can_be_freed guard (0.25+)
+    connector_worker_meta: bool  # build_connector_worker_meta (0.19+): async store completions
+    connector_takes_kv_cache_config: bool  # __init__(vllm_config, role, kv_cache_config) (0.13+)
+
+    REQUIRED = (
+        "connector_base_v1",
+        "connector_factory_register",
+        "scheduler_running_list",
+        "allocate_slots",
+        "free_queue_linked_list",
+    )
+
+    def missing(self) -> list[str]:
+        return [name for name in self.REQUIRED if not getattr(self, name)]
+
+    @property
+    def supported(self) -> bool:
+        return not self.missing()
+
+    @property
+    def tested(self) -> bool:
+        return self.vllm_version in TESTED_RELEASES
+
+    def verdict(self) -> str:
+        if not self.supported:
+            return f"unsupported: vLLM {self.vllm_version} lacks {', '.join(self.missing())}"
+        if not self.tested:
+            return f"supported (untested release {self.vllm_version}; every required capability found)"
+        return f"supported (vLLM {self.vllm_version} is tested in CI)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _params(fn: Any) -> list[str]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+@functools.cache
+def probe() -> Capabilities:
+    """Probe the installed vLLM once per process."""
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+    except ImportError:
+        KVConnectorBase_V1 = None  # noqa: N806
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+        has_register = hasattr(KVConnectorFactory, "register_connector")
+    except ImportError:
+        has_register = False
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    queue_cls = kv_cache_utils.FreeKVCacheBlockQueue
+    init_src = inspect.getsource(Scheduler.__init__)
+    schedule_src = inspect.getsource(Scheduler.schedule)
+    touch_src = inspect.getsource(BlockPool.touch)
+    base = KVConnectorBase_V1
+    return Capabilities(
+        vllm_version=version,
+        connector_base_v1=base is not None,
+        connector_factory_register=has_register,
+        scheduler_running_list="self.running: list[Request]" in init_src
+        and "self.kv_cache_manager" in init_src,
+        allocate_slots=hasattr(KVCacheManager, "allocate_slots")
+        and "kv_cache_manager.allocate_slots" in schedule_src,
+        free_queue_linked_list="fake_free_list_head" in inspect.getsource(queue_cls.__init__),
+        touch_takes_group_tuple="tuple[" in touch_src.split(")")[0] or "for blocks_per_group in" in touch_src,
+        free_queue_iter_blocks_after=hasattr(queue_cls, "iter_blocks_after"),
+        bind_hook=next(
+            (name for name in ("bind_kv_cache_manager", "bind_gpu_block_pool") if f".{name}(" in init_src), ""
+        ),
+        preempt_drop_stale_output="drop_stale_output" in _params(getattr(Scheduler, "_preempt_request", None)),
+        request_blocks_can_be_freed=hasattr(Scheduler, "_request_blocks_can_be_freed"),
+        connector_worker_meta=base is not None and hasattr(base, "build_connector_worker_meta"),
+        connector_takes_kv_cache_config=base is not None and "kv_cache_config" in _params(base.__init__),
+    )
+
+
+def require_supported() -> Capabilities:
+    """The capabilities, or ``UnsupportedVLLMError`` naming what is missing; warns when untested."""
+    caps = probe()
+    if not caps.supported:
+        raise UnsupportedVLLMError(f"vllm-bidkv: {caps.verdict()}")
+    if not caps.tested:
+        logger.warning("vllm-bidkv: %s", caps.verdict())
+    return caps

@@ -1,0 +1,234 @@
+"""Runtime patches on vLLM's Scheduler: the bind hook, the victim hook, SJF admission.
+
+Only one class attribute is ever patched, ``Scheduler.__init__`` (the bind hook);
+the victim hook and the admission queue are installed per Scheduler instance, and
+only when its connector asks for them, so a scheduler without BidKVConnector is
+untouched. Every patch is idempotent and reversible (``revert``).
+
+The victim hook. vLLM (FCFS policy) preempts ``running[-1]`` when
+``allocate_slots`` fails for ``running[req_index]``. Requests before ``req_index``
+are already scheduled this step (their token budget is spent), so only
+``running[req_index:]`` can be preempted without corrupting step accounting.
+The hook wraps ``allocate_slots`` on the instance: when it returns None for a
+running request, the connector picks among those requests (and, on 0.25+, only
+ones whose blocks can be freed now) and the pick is moved to the end of
+``running``; vLLM then preempts it through its own path. Relative order of the
+other unscheduled requests is unchanged. Under the PRIORITY policy vLLM's own
+choice stands (the hook is not installed).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from vllm_bidkv.patches.adapter import BlockPoolContext
+
+logger = logging.getLogger("vllm_bidkv")
+
+_ORIGINAL_INIT = "_bidkv_original_init"
+
+
+def install_bind_hook() -> bool:
+    """Patch ``Scheduler.__init__`` to bind a SchedulerContext; False if already patched."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if _ORIGINAL_INIT in Scheduler.__dict__:
+        return False
+    original = Scheduler.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _bind(self)
+
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(Scheduler, _ORIGINAL_INIT, original)
+    Scheduler.__init__ = __init__  # type: ignore[method-assign]
+    return True
+
+
+def remove_bind_hook() -> bool:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler.__dict__.get(_ORIGINAL_INIT)
+    if original is None:
+        return False
+    Scheduler.__init__ = original  # type: ignore[method-assign]
+    delattr(Scheduler, _ORIGINAL_INIT)
+    return True
+
+
+def bind_hook_installed() -> bool:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return _ORIGINAL_INIT in Scheduler.__dict__
+
+
+def _bind(scheduler: Any) -> None:
+    connector = getattr(scheduler, "connector", None)
+    if connector is None or not hasattr(connector, "bind_scheduler_context"):
+        return
+    connector.bind_scheduler_context(BlockPoolContext.for_scheduler(scheduler))
+    chooser = connector.victim_chooser()
+    if chooser is not None:
+        install_victim_hook(scheduler, chooser)
+    key = connector.admission_key()
+    if key is not None:
+        install_admission(scheduler, key)
+
+
+# -- victim hook --------------------------------------------------------------
+VictimChooser = Callable[[list[Any]], Any]
+
+
+def install_victim_hook(scheduler: Any, choose: VictimChooser) -> bool:
+    """Let ``choose(preemptible_requests) -> request`` pick vLLM's next victim."""
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+    from vllm.v1.request import RequestStatus
+
+    if scheduler.policy != SchedulingPolicy.FCFS:
+        logger.warning("vllm-bidkv: scheduling policy %s keeps vLLM's own victims", scheduler.policy)
+        return False
+    manager = scheduler.kv_cache_manager
+    if "allocate_slots" in vars(manager):
+        return False
+    original = manager.allocate_slots
+    can_free = getattr(scheduler, "_request_blocks_can_be_freed", None)
+
+    def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
+        blocks = original(request, *args, **kwargs)
+        if blocks is None and request.status == RequestStatus.RUNNING:
+            _reorder_for_victim(scheduler.running, request, choose, can_free)
+        return blocks
+
+    manager.allocate_slots = allocate_slots
+    return True
+
+
+def _reorder_for_victim(running: list[Any], request: Any, choose: VictimChooser, can_free: Any) -> None:
+    start = next((i for i in range(len(running) - 1, -1, -1) if running[i] is request), None)
+    if start is None:
+        return
+    preemptible = [r for r in running[start:] if can_free is None or can_free(r)]
+    if not preemptible:
+        return
+    victim = choose(preemptible)
+    if victim is running[-1]:
+        return
+    index = next(i for i in range(len(running) - 1, start - 1, -1) if running[i] is victim)
+    running.append(running.pop(index))
+
+
+def remove_victim_hook(scheduler: Any) -> bool:
+    return vars(scheduler.kv_cache_manager).pop("allocate_slots", None) is not None
+
+
+# -- admission ------------------------------------------------------------------
+def _request_queue_base() -> type:
+    from vllm.v1.core.sched.request_queue import RequestQueue
+
+    return RequestQueue
+
+
+def make_keyed_queue(key: Callable[[Any], Any], requests: Iterable[Any] = ()) -> Any:
+    """A vLLM ``RequestQueue`` ordered by ``key`` (e.g. SJF: shortest prompt first).
+
+    Prepending has no meaning in a keyed order: a preempted request re-enters at
+    its key, as in vLLM's PriorityRequestQueue.
+    """
+
+    class KeyedRequestQueue(_request_queue_base()):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._heap: list[tuple[Any, int, Any]] = []
+            self._seq = itertools.count()
+
+        def add_request(self, request: Any) -> None:
+            heapq.heappush(self._heap, (key(request), next(self._seq), request))
+
+        def pop_request(self) -> Any:
+            if not self._heap:
+                raise IndexError("pop from empty queue")
+            return heapq.heappop(self._heap)[2]
+
+        def peek_request(self) -> Any:
+            if not self._heap:
+                raise IndexError("peek from empty queue")
+            return self._heap[0][2]
+
+        def prepend_request(self, request: Any) -> None:
+            self.add_request(request)
+
+        def prepend_requests(self, requests: Iterable[Any]) -> None:
+            for request in requests:
+                self.add_request(request)
+
+        def remove_request(self, request: Any) -> None:
+            self.remove_requests((request,))
+
+        def remove_requests(self, requests: Iterable[Any]) -> None:
+            drop = {id(r) for r in requests}
+            self._heap = [entry for entry in self._heap if id(entry[2]) not in drop]
+            heapq.heapify(self._heap)
+
+        def __bool__(self) -> bool:
+            return bool(self._heap)
+
+        def __len__(self) -> int:
+            return len(self._heap)
+
+        def __iter__(self) -> Iterator[Any]:
+            return (entry[2] for entry in sorted(self._heap))
+
+    queue = KeyedRequestQueue()
+    queue.prepend_requests(requests)
+    return queue
+
+
+def install_admission(scheduler: Any, key: Callable[[Any], Any]) -> bool:
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+
+    if scheduler.policy != SchedulingPolicy.FCFS:
+        logger.warning("vllm-bidkv: scheduling policy %s keeps vLLM's admission order", scheduler.policy)
+        return False
+    if "_bidkv_fcfs_waiting" in vars(scheduler):
+        return False
+    scheduler._bidkv_fcfs_waiting = scheduler.waiting
+    scheduler.waiting = make_keyed_queue(key, scheduler.waiting)
+    return True
+
+
+def remove_admission(scheduler: Any) -> bool:
+    original = vars(scheduler).pop("_bidkv_fcfs_waiting", None)
+    if original is None:
+        return False
+    original.clear()
+    original.extend(scheduler.waiting)
+    scheduler.waiting = original
+    return True
+
+
+def find_scheduler_under_construction() -> Any:
+    """The Scheduler whose ``__init__`` is on the stack (it is building our connector).
+
+    Used when the connector is loaded by module path without the plugin, so no
+    bind hook ran: the connector binds itself on its first scheduler-side call.
+    """
+    import inspect
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Scheduler) and frame.f_code.co_name == "__init__":
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def bind_late(scheduler: Any) -> None:
+    """Bind a scheduler whose construction finished without the bind hook."""
+    _bind(scheduler)

@@ -1,0 +1,127 @@
+"""vLLM's real Scheduler without an engine: the core of the `sched` tests and the simulator.
+
+``build_scheduler`` makes a real ``Scheduler`` (with its KVCacheManager and
+BlockPool) from a real ``VllmConfig`` of a local model, and a KV cache spec that
+is free to describe a bigger model than the one loaded (the simulator describes
+Llama-3-8B). ``make_request`` and ``model_output`` are the two other pieces a
+driver loop needs: schedule() -> model_output(...) -> update_from_output().
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def build_scheduler(
+    model_dir: str,
+    *,
+    num_gpu_blocks: int,
+    block_size: int = 16,
+    num_kv_heads: int = 8,
+    head_size: int = 128,
+    num_layers: int = 1,
+    max_num_seqs: int = 32,
+    max_num_batched_tokens: int = 2048,
+    max_model_len: int = 4096,
+    kv_transfer_config: Mapping[str, Any] | None = None,
+    enable_prefix_caching: bool = True,
+    log_stats: bool = False,
+) -> Any:
+    import torch
+    from vllm.config import (
+        CacheConfig,
+        DeviceConfig,
+        KVTransferConfig,
+        ModelConfig,
+        SchedulerConfig,
+        VllmConfig,
+    )
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    model_config = ModelConfig(model=str(model_dir), max_model_len=max_model_len, dtype="float32")
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        enable_chunked_prefill=True,
+        is_encoder_decoder=False,
+    )
+    cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+    cache_config.num_gpu_blocks = num_gpu_blocks
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        scheduler_config=scheduler_config,
+        cache_config=cache_config,
+        device_config=DeviceConfig("cpu"),
+        kv_transfer_config=KVTransferConfig(**kv_transfer_config) if kv_transfer_config else None,
+    )
+    spec = FullAttentionSpec(
+        block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size, dtype=torch.bfloat16
+    )
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_gpu_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec([f"layers.{i}.attn" for i in range(num_layers)], spec)],
+    )
+    return Scheduler(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=block_size,
+        log_stats=log_stats,
+    )
+
+
+_HASHERS: dict[int, Any] = {}
+
+
+def make_request(
+    request_id: str,
+    prompt_token_ids: Sequence[int],
+    max_tokens: int,
+    *,
+    block_size: int,
+    arrival_time: float | None = None,
+    priority: int = 0,
+) -> Any:
+    """A ``Request`` with greedy sampling and the block hasher prefix caching needs."""
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256_cbor
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    if block_size not in _HASHERS:
+        init_none_hash(sha256_cbor)
+        _HASHERS[block_size] = get_request_block_hasher(block_size, sha256_cbor)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=list(prompt_token_ids),
+        sampling_params=params,
+        pooling_params=None,
+        arrival_time=time.time() if arrival_time is None else arrival_time,
+        priority=priority,
+        block_hasher=_HASHERS[block_size],
+    )
+
+
+def model_output(scheduler_output: Any, requests: Mapping[str, Any], token_id: int = 7, **kwargs: Any) -> Any:
+    """A ``ModelRunnerOutput`` sampling ``token_id`` for every request whose prefill completes."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    req_ids = list(scheduler_output.num_scheduled_tokens)
+    sampled: list[list[int]] = []
+    for req_id in req_ids:
+        req = requests[req_id]
+        done = req.num_computed_tokens >= req.num_tokens  # already advanced by schedule()
+        sampled.append([token_id] if done else [])
+    return ModelRunnerOutput(
+        req_ids=req_ids,
+        req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=sampled,
+        **kwargs,
+    )

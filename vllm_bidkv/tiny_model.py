@@ -1,0 +1,100 @@
+"""A tiny random-weight Llama with a locally trained tokenizer, for tests and the demo.
+
+There is no model hub here, so the model is made: same bytes for the same
+arguments (seeded weights, a tokenizer trained on a fixed synthetic corpus),
+cached on disk under ``$VLLM_BIDKV_CACHE`` (default ``~/.cache/vllm-bidkv``).
+Greedy decoding of it is deterministic, which is the oracle for "outputs equal
+with and without the connector". head_dim 64: the CPU attention backend rejects 16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+_WORDS = (
+    "the a kv cache block token prefix request scheduler memory offload load store swap preempt "
+    "victim bid cost gpu cpu tier hash queue free pool step batch decode prefill latency throughput "
+    "system prompt user assistant answer question model layer head attention value key order time"
+).split()
+
+
+def _corpus(seed: int, lines: int = 2000) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 30))) for _ in range(lines)]
+
+
+def tiny_model_dir(
+    *,
+    hidden_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 4096,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Path of the tiny model directory, creating it on first use."""
+    spec = {
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "seed": seed,
+        "format": 1,
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir or os.environ.get("VLLM_BIDKV_CACHE") or Path.home() / ".cache" / "vllm-bidkv")
+    path = root / f"tiny-llama-{digest}"
+    if (path / "done").exists():
+        return path
+    tmp = root / f".tmp-{digest}-{os.getpid()}"
+    _build(tmp, spec)
+    (tmp / "done").write_text("ok\n")
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first; theirs is identical
+        pass
+    return path
+
+
+def _build(path: Path, spec: dict[str, int]) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tokenizer.train_from_iterator(_corpus(spec["seed"]), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+
+    torch.manual_seed(spec["seed"])
+    config = LlamaConfig(
+        vocab_size=spec["vocab_size"],
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["hidden_size"] * 2,
+        num_hidden_layers=spec["num_layers"],
+        num_attention_heads=spec["num_heads"],
+        num_key_value_heads=spec["num_kv_heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
+    )
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+
+
+def synthetic_prompt(rng: random.Random, num_words: int) -> str:
+    """A prompt of about ``num_words`` tokens from the tokenizer's own vocabulary."""
+    return " ".join(rng.choice(_WORDS) for _ in range(num_words))
