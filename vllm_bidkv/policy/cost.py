@@ -1,0 +1,90 @@
+"""BidCostModel: δ, the cost of bringing a preempted request back, and the bid U = r / (δ + ε).
+
+Units: δ is in *token-recompute equivalents* — the cost of recomputing one token with
+no context before it is ``recompute_cost`` (1.0 by default, which makes it the unit).
+Every other constant is expressed in that unit, so only ratios matter.
+
+Bringing a victim back (vLLM recomputes from scratch what no cache returns):
+
+* its first ``restorable`` tokens come back without compute: the GPU-shared ones as a
+  prefix hit, then the CPU-tier ones (held already or parked by the offloader) by a
+  load, at ``load_cost`` each;
+* the tail ``[restorable, computed)`` is recomputed. Token ``t`` costs about
+  ``recompute_cost + attention_cost · t`` (attention over the ``t`` tokens before it);
+  integrated over ``[a, b)`` that is ``recompute_cost·(b−a) + attention_cost·(b²−a²)/2``,
+  so the same number of tail tokens costs more in a longer context.
+
+Two terms are not recompute but loss the victim's user sees, priced in the same unit:
+``progress_weight · output_tokens / max_tokens`` keeps near-finished requests running,
+``starvation_weight · num_preemptions`` keeps one request from being picked again and again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_bidkv.config import BidKVConfig
+from vllm_bidkv.policy.candidate import Candidate
+
+
+@dataclass(frozen=True, slots=True)
+class BidCostModel:
+    """The constants of δ; see the module doc. Build with ``from_config``."""
+
+    recompute_cost: float
+    """Cost of recomputing one token, context aside (the unit of δ)."""
+
+    attention_cost: float
+    """Extra recompute cost per token per token of context before it (attention's length term)."""
+
+    load_cost: float
+    """Cost of loading one token's KV from the CPU tier back into GPU blocks."""
+
+    progress_weight: float
+    """Added per unit of output progress (output_tokens / max_tokens, in [0, 1])."""
+
+    starvation_weight: float
+    """Added per earlier preemption of the same request."""
+
+    epsilon: float
+    """ε in U = r / (δ + ε): keeps U finite when δ is 0 (nothing computed, nothing to lose)."""
+
+    @classmethod
+    def from_config(cls, config: BidKVConfig) -> BidCostModel:
+        return cls(
+            recompute_cost=config.bid_recompute_cost,
+            attention_cost=config.bid_attention_cost,
+            load_cost=config.bid_load_cost,
+            progress_weight=config.bid_progress_weight,
+            starvation_weight=config.bid_starvation_weight,
+            epsilon=config.bid_epsilon,
+        )
+
+    def recompute(self, start: int, end: int) -> float:
+        """Cost of recomputing tokens ``[start, end)``; 0 for an empty range."""
+        if end <= start:
+            return 0.0
+        return self.recompute_cost * (end - start) + self.attention_cost * (end * end - start * start) / 2
+
+    def delta(self, c: Candidate) -> float:
+        """δ: cost of bringing ``c`` back after preempting it (module doc), ``>= 0``.
+
+        Restorable counts are clamped to ``computed_tokens``: only computed KV is lost,
+        so tokens beyond it are neither recomputed nor loaded on account of the preemption.
+        Progress is 0 when ``max_tokens`` is unknown (None or 0): there is no evidence the
+        request is near its end, so it gets no protection for it.
+        """
+        computed = c.computed_tokens
+        on_gpu = min(c.shared_tokens, computed)
+        loaded = min(c.cpu_tokens + c.offloadable_tokens, computed - on_gpu)
+        progress = min(1.0, c.output_tokens / c.max_tokens) if c.max_tokens else 0.0
+        return (
+            self.recompute(on_gpu + loaded, computed)
+            + self.load_cost * loaded
+            + self.progress_weight * progress
+            + self.starvation_weight * c.num_preemptions
+        )
+
+    def utility(self, c: Candidate) -> float:
+        """The bid U = r / (δ + ε), r = ``freeable_blocks``: blocks freed per unit of loss."""
+        return c.freeable_blocks / (self.delta(c) + self.epsilon)
