@@ -21,14 +21,16 @@ def make_scheduler(tiny_model: str) -> Callable[..., Any]:
     return factory
 
 
-def add_requests(scheduler: Any, n: int, seed: int = 0, prefix_len: int = 0, lo: int = 20, hi: int = 120) -> dict[str, Any]:
+def add_requests(
+    scheduler: Any, n: int, seed: int = 0, prefix_len: int = 0, lo: int = 20, hi: int = 120, max_out: int = 40
+) -> dict[str, Any]:
     """n requests with random prompts; the first ``prefix_len`` tokens shared by all."""
     rng = random.Random(seed)
     prefix = [rng.randrange(1, 500) for _ in range(prefix_len)]
     requests = {}
     for i in range(n):
         prompt = prefix + [rng.randrange(1, 500) for _ in range(rng.randint(lo, hi))]
-        req = make_request(f"req-{seed}-{i}", prompt, rng.randint(4, 40), block_size=scheduler.block_size)
+        req = make_request(f"req-{seed}-{i}", prompt, rng.randint(4, max_out), block_size=scheduler.block_size)
         requests[req.request_id] = req
         scheduler.add_request(req)
     return requests
