@@ -14,10 +14,11 @@ Invariants every implementation keeps:
   the free queue, so vLLM cannot hand it out while a copy uses it.
 * ``free_blocks(ids)`` drops one reference each; a block whose count reaches 0
   returns to the free queue. A block that was free when it was touched returns to
-  the place it held in the LRU order (right after its nearest predecessor that is
-  still free, or the head if none is), so ``touch`` followed by ``free_blocks``
+  the place it held in the LRU order, so ``touch`` followed by ``free_blocks``
   with nothing in between leaves the queue exactly as it was: offloading never
-  changes which blocks vLLM evicts next.
+  changes which blocks vLLM evicts next. (If vLLM took its predecessor out of the
+  queue meanwhile, the block returns at the LRU end; if vLLM itself referenced
+  the block meanwhile, it was used, and vLLM's own free places it.)
 * ``iter_free_blocks(after_block)`` yields free blocks from the LRU end (next to
   be reused) towards the MRU end. With ``after_block`` it resumes right after
   that block if the block is still free; if the block left the free queue since

@@ -101,6 +101,11 @@ class BidKVConnector(KVConnectorBase_V1):
         self._num_slots = 0
         if self.config.offload_enabled:
             self._num_slots = _check_offload(vllm_config, kv_cache_config, caps, self.config)
+            transfer = vllm_config.kv_transfer_config
+            if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
+                # A CPU tier is a cache: a block that fails to load is recomputed, never fatal.
+                logger.warning("vllm-bidkv: kv_load_failure_policy=%r -> 'recompute'", transfer.kv_load_failure_policy)
+                transfer.kv_load_failure_policy = "recompute"
         self._block_size = vllm_config.cache_config.block_size
         # scheduler role
         self._ctx: SchedulerContext | None = None
@@ -108,6 +113,7 @@ class BidKVConnector(KVConnectorBase_V1):
         self._strategy = make_strategy(self.config.victim_policy, self.config)
         self.victim_stats = VictimStats()
         self._victim_computed: dict[str, int] = {}
+        self._victim_blocks: dict[str, list[int]] = {}  # eager mode stores what vLLM just freed
         self._local_hit: dict[str, int] = {}  # GPU prefix hit seen by the last match, per request
         self._unbound_scheduler: Any = None
         if role == KVConnectorRole.SCHEDULER and not hooks.bind_hook_installed():
@@ -118,6 +124,12 @@ class BidKVConnector(KVConnectorBase_V1):
         logger.info("vllm-bidkv: %s role, config %s", role.name, self.config)
 
     # ---------------------------------------------------------------- scheduler
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a dropped store is a future miss, so in-flight output of a
+        preempted request is delivered as in stock vLLM, not dropped (0.28+)."""
+        return False
+
     def bind_scheduler_context(self, ctx: SchedulerContext) -> None:
         self._ctx = ctx
         self._unbound_scheduler = None
@@ -125,7 +137,12 @@ class BidKVConnector(KVConnectorBase_V1):
             tier = CpuBlockTier(self._num_slots, self.config.cpu_eviction)
             world_size = self._vllm_config.parallel_config.world_size
             self._planner = OffloadPlanner(
-                ctx, tier, self.config.offload_mode, self.config.lazy_lookahead_steps, world_size
+                ctx,
+                tier,
+                self.config.offload_mode,
+                self.config.lazy_lookahead_steps,
+                world_size,
+                block_bytes=_block_bytes(self._kv_cache_config),
             )
 
     @property
@@ -135,6 +152,10 @@ class BidKVConnector(KVConnectorBase_V1):
     def _ensure_bound(self) -> None:
         if self._ctx is None and self._unbound_scheduler is not None:
             hooks.bind_late(self._unbound_scheduler)
+
+    def loads_ordered_on_compute_stream(self) -> bool:
+        """True while active: our loads cannot race an in-flight step, so frees need not wait."""
+        return self.config.active
 
     def victim_chooser(self) -> Callable[[list[Any]], Any] | None:
         return self.choose_victim if self.config.active else None
@@ -151,7 +172,11 @@ class BidKVConnector(KVConnectorBase_V1):
         self._stats.add("preemptions", 1)
         self._stats.add("preempted_blocks_freed", chosen.freeable_blocks)
         self._victim_computed[chosen.request_id] = chosen.computed_tokens
-        return requests[chosen.order]
+        victim = requests[chosen.order]
+        if self._planner is not None and self._ctx is not None:
+            groups = self._ctx.request_block_ids(victim.request_id)
+            self._victim_blocks[victim.request_id] = groups[0] if groups else []
+        return victim
 
     def _candidate(self, order: int, req: Any) -> Candidate:
         assert self._ctx is not None
@@ -213,8 +238,9 @@ class BidKVConnector(KVConnectorBase_V1):
             self._planner.on_request_resumed(req_id)
         for req_id in scheduler_output.preempted_req_ids or ():
             request = self._ctx.get_request(req_id) if self._ctx else None
+            block_ids = self._victim_blocks.pop(req_id, [])
             if request is not None:
-                self._planner.on_request_preempted(request)
+                self._planner.on_request_preempted(request, block_ids)
         return BidKVConnectorMetadata(self._planner.plan_step(allocated))
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -224,6 +250,7 @@ class BidKVConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._victim_computed.pop(request.request_id, None)
+        self._victim_blocks.pop(request.request_id, None)
         if self._planner is not None:
             self._planner.on_request_finished(request, list(block_ids))
         return False, None
@@ -335,6 +362,8 @@ class _CopyWorker:
 
     def run_loads(self, plan: StepPlan, stats: BidKVStats) -> None:
         for job in plan.pre_forward_loads:
+            # Blocks the tier could no longer supply: vLLM must recompute them.
+            self._load_errors.update(job.unavailable_gpu_block_ids)
             try:
                 self._copy(self._cpu, self._gpu, job.cpu_slots, job.gpu_block_ids)
             except Exception:  # noqa: BLE001 - a failed load must turn into a recompute, not a crash

@@ -72,6 +72,12 @@ def _bind(scheduler: Any) -> None:
     if connector is None or not hasattr(connector, "bind_scheduler_context"):
         return
     connector.bind_scheduler_context(BlockPoolContext.for_scheduler(scheduler))
+    if getattr(scheduler, "defer_block_free", False) and connector.loads_ordered_on_compute_stream():
+        # vLLM defers frees for kv_both/consumer connectors under async scheduling, in case
+        # a load into a freed block races the in-flight step still writing it. Our loads run
+        # on the compute stream, ordered after that step, so stock's immediate frees are
+        # safe, and keep the schedule identical to stock vLLM's.
+        scheduler.defer_block_free = False
     chooser = connector.victim_chooser()
     if chooser is not None:
         install_victim_hook(scheduler, chooser)
@@ -181,6 +187,9 @@ def make_keyed_queue(key: Callable[[Any], Any], requests: Iterable[Any] = ()) ->
 
         def __iter__(self) -> Iterator[Any]:
             return (entry[2] for entry in sorted(self._heap))
+
+        def __reversed__(self) -> Iterator[Any]:  # abstract in RequestQueue up to 0.13
+            return (entry[2] for entry in sorted(self._heap, reverse=True))
 
     queue = KeyedRequestQueue()
     queue.prepend_requests(requests)

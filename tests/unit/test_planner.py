@@ -1,0 +1,833 @@
+"""OffloadPlanner against the reference SchedulerContext: lazy walk, loads, eager stores,
+completion, protection — and ``PlannerMachine``, the stateful property test that
+``tests/sched/test_planner_blockpool.py`` reruns over vLLM's real BlockPool."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import pytest
+from hypothesis import settings, target
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from tests.unit.reference_context import ReferenceContext
+from vllm_bidkv.context import BlockHash, SchedulerContext
+from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, StepPlan, TransferJob
+
+pytestmark = pytest.mark.unit
+
+BS = 4  # tokens per block in these tests
+
+
+def chain_hashes(tokens: Sequence[int], block_size: int = BS) -> list[BlockHash]:
+    """Prefix-chained hashes of the full blocks (like vLLM's block hashes)."""
+    hashes: list[BlockHash] = []
+    parent = b""
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        data = parent + b",".join(str(t).encode() for t in tokens[start : start + block_size])
+        parent = hashlib.blake2b(data, digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
+
+
+class SimRequest:
+    """A ``RequestView`` whose block hashes follow its tokens."""
+
+    def __init__(self, request_id: str, prompt: list[int], max_tokens: int = 8, arrival_time: float = 0.0):
+        self.request_id = request_id
+        self.tokens = list(prompt)
+        self.num_prompt_tokens = len(prompt)
+        self.num_computed_tokens = 0
+        self.max_tokens: int | None = max_tokens
+        self.num_preemptions = 0
+        self.priority = 0
+        self.arrival_time = arrival_time
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.tokens) - self.num_prompt_tokens
+
+    @property
+    def block_hashes(self) -> list[BlockHash]:
+        return chain_hashes(self.tokens)
+
+
+def tokens(tag: int, n: int) -> list[int]:
+    return [tag * 1000 + i for i in range(n)]
+
+
+class Rig:
+    """Reference context + tier + planner, and helpers that play vLLM."""
+
+    def __init__(
+        self, num_blocks: int = 16, slots: int = 8, mode: str = "lazy", eviction: str = "lru", **kw: object
+    ) -> None:
+        self.ctx = ReferenceContext(num_blocks, BS)
+        self.tier = CpuBlockTier(slots, eviction)
+        self.planner = OffloadPlanner(self.ctx, self.tier, mode, 2.0, **kw)  # type: ignore[arg-type]
+
+    def run(self, request: SimRequest) -> list[int]:
+        """vLLM allocates and computes the whole request; its blocks (still held)."""
+        ids = self.ctx.allocate(request.request_id, math.ceil(request.num_tokens / BS))
+        assert ids is not None
+        for block_id, block_hash in zip(ids, request.block_hashes, strict=False):
+            self.ctx.cache(block_id, block_hash)
+        request.num_computed_tokens = request.num_tokens
+        return ids
+
+    def park(self, request: SimRequest) -> list[int]:
+        """Run the request and free it: its full blocks become free cached blocks."""
+        ids = self.run(request)
+        self.ctx.release(request.request_id)
+        return ids
+
+    def finish_all(self, plan: StepPlan, ok: bool = True) -> None:
+        jobs = [*plan.pre_forward_loads, *plan.post_forward_stores]
+        if ok:
+            self.planner.complete(JobResults(done={j.job_id: 1 for j in jobs}))
+        else:
+            self.planner.complete(JobResults(failed={j.job_id for j in jobs}))
+
+    def idle(self) -> None:
+        assert all(b.ref_cnt == 0 for b in self.ctx.blocks)
+        assert self.planner.pending_jobs() == [] and self.tier.num_pins == 0
+        self.tier.check()
+
+
+# -- lazy walk -------------------------------------------------------------------
+def test_lazy_walk_stores_hashed_blocks_once() -> None:
+    rig = Rig()
+    request = SimRequest("a", tokens(1, 10))  # 2 full blocks + a partial one
+    ids = rig.park(request)
+    plan = rig.planner.plan_step(0)
+    (job,) = plan.post_forward_stores
+    assert job.kind == "store" and job.request_id is None and plan.pre_forward_loads == []
+    assert sorted(job.gpu_block_ids) == sorted(ids[:2])  # the partial block has no hash
+    assert [rig.tier.hash_of(s) for s in job.cpu_slots] == [
+        rig.ctx.get_block(g).block_hash for g in job.gpu_block_ids
+    ]
+    assert all(rig.ctx.get_block(g).ref_cnt == 1 for g in job.gpu_block_ids)
+    assert rig.planner.plan_step(0).post_forward_stores == [], "pending stores are not planned twice"
+    rig.finish_all(plan)
+    assert all(rig.tier.lookup(x) is not None for x in request.block_hashes)
+    assert rig.planner.plan_step(0).post_forward_stores == [], "stored blocks are not stored again"
+    rig.idle()
+
+
+def test_lazy_touch_and_free_keep_the_free_order() -> None:
+    rig = Rig()
+    for i in range(3):
+        rig.park(SimRequest(f"r{i}", tokens(i, 8)))
+    before = rig.ctx.free_order()
+    plan = rig.planner.plan_step(0)
+    assert plan.post_forward_stores
+    assert [b for b in before if b not in plan.post_forward_stores[0].gpu_block_ids] == rig.ctx.free_order()
+    rig.finish_all(plan)
+    assert rig.ctx.free_order() == before
+
+
+def test_lazy_walk_skips_duplicate_hashes() -> None:
+    rig = Rig()
+    rig.park(SimRequest("a", tokens(1, 8)))
+    rig.park(SimRequest("b", tokens(1, 8)))  # same content, other blocks
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    assert len(job.gpu_block_ids) == 2
+    assert len({rig.tier.hash_of(s) for s in job.cpu_slots}) == 2
+
+
+def test_lazy_walk_stops_when_every_slot_is_pending() -> None:
+    rig = Rig(slots=3)
+    rig.park(SimRequest("a", tokens(1, 20)))  # 5 hashed blocks
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    assert len(job.cpu_slots) == 3 and rig.tier.num_used == 3
+    assert rig.planner.plan_step(0).post_forward_stores == []
+    rig.planner.complete(JobResults(done={job.job_id: 1}))
+    (job2,) = rig.planner.plan_step(0).post_forward_stores  # now evicts the oldest entries
+    assert len(job2.cpu_slots) == 2 and rig.tier.evictions == 2 and rig.tier.num_used == 3
+
+
+def test_lazy_walk_resumes_after_the_cursor() -> None:
+    rig = Rig(num_blocks=200, slots=200, min_clean_blocks=4)
+    for i in range(20):
+        rig.park(SimRequest(f"r{i}", tokens(i, 8)))  # 40 hashed blocks behind 159 unhashed ones
+    walked = []
+    for step in range(8):
+        start = rig.ctx.nodes_walked
+        rig.finish_all(rig.planner.plan_step(2 if step else 0))
+        walked.append(rig.ctx.nodes_walked - start)
+        assert rig.ctx.allocate(f"u{step}", 2) is not None
+    # The first walk fills the clean window; then each step tops up what vLLM consumed.
+    assert walked == [4] + [2] * 7
+
+
+def test_lazy_walk_restarts_when_the_cursor_left_the_queue() -> None:
+    rig = Rig(num_blocks=16, slots=16, min_clean_blocks=4)
+    rig.park(SimRequest("a", tokens(1, 4 * 15)))  # every block hashed and free
+    order = rig.ctx.free_order()
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    assert job.gpu_block_ids == order[:4]
+    rig.finish_all(StepPlan(post_forward_stores=[job]))
+    assert rig.planner.plan_step(0).post_forward_stores == []  # revisits the 4 stored blocks
+    assert rig.planner._cursor is not None and rig.planner._cursor[0] == order[3]
+    rig.ctx.acquire("hit", [order[3]])  # a prefix hit takes the cursor out of the queue
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    assert job.gpu_block_ids == [order[4]], "restarted at the LRU end, walked 3 clean blocks + 1 new"
+
+
+def test_lazy_walk_restarts_when_the_cursor_was_reused() -> None:
+    rig = Rig(num_blocks=16, slots=16, min_clean_blocks=4)
+    rig.park(SimRequest("a", tokens(1, 4 * 15)))
+    order = rig.ctx.free_order()
+    rig.finish_all(rig.planner.plan_step(0))
+    assert rig.planner._resume_point() == order[3], "the last stored block is back in place"
+    rig.ctx.take("x", [order[3]])  # reused and freed again within one step: free, but unhashed
+    rig.ctx.release("x")
+    assert rig.ctx.get_block(order[3]).ref_cnt == 0
+    assert rig.planner._resume_point() is None
+
+
+def test_lazy_work_per_step_follows_consumption_not_pool_size() -> None:
+    num_blocks = 100_000
+    rig = Rig(num_blocks=num_blocks, slots=50_000, min_clean_blocks=8)
+    ids = rig.ctx.allocate("warm", num_blocks - 1)
+    assert ids is not None
+    for i, block_id in enumerate(ids):
+        rig.ctx.cache(block_id, i.to_bytes(8, "little"))
+    rig.ctx.release("warm")  # 99,999 free cached blocks, none in the tier
+    per_step = 10
+    walked = []
+    for step in range(60):
+        start = rig.ctx.nodes_walked
+        rig.finish_all(rig.planner.plan_step(per_step if step else 0))
+        walked.append(rig.ctx.nodes_walked - start)
+        assert rig.ctx.allocate(f"use{step}", per_step) is not None  # vLLM consumes from the LRU end
+    assert max(walked) <= 2 * 2 * per_step, walked
+    assert sum(walked[10:]) == 50 * per_step, "steady state: one walked block per consumed block"
+
+
+def test_lazy_parks_every_block_before_vllm_reuses_it() -> None:
+    rig = Rig(num_blocks=2000, slots=2000, min_clean_blocks=4)
+    ids = rig.ctx.allocate("warm", 1999)
+    assert ids is not None
+    for i, block_id in enumerate(ids):
+        rig.ctx.cache(block_id, i.to_bytes(8, "little"))
+    rig.ctx.release("warm")
+    allocated = 0
+    for step in range(100):
+        rig.finish_all(rig.planner.plan_step(allocated))
+        allocated = 5 + step % 7  # consumption varies between steps
+        nxt = rig.ctx.free_order()[:allocated]
+        if step >= 3:  # after the EMA warmed up
+            assert all(rig.tier.lookup(rig.ctx.get_block(b).block_hash or b"") is not None for b in nxt), step
+        assert rig.ctx.allocate(f"u{step}", allocated) == nxt
+
+
+# -- loads -------------------------------------------------------------------------
+def stored_rig(prompt: list[int], **kw: object) -> tuple[Rig, list[BlockHash]]:
+    """A rig whose CPU tier holds every full block of ``prompt`` (and the GPU none)."""
+    rig = Rig(**kw)  # type: ignore[arg-type]
+    rig.park(SimRequest("seed", prompt))
+    rig.finish_all(rig.planner.plan_step(0))
+    flushed = rig.ctx.allocate("flush", rig.ctx.num_free_blocks())  # evict every GPU copy
+    assert flushed is not None
+    rig.ctx.release("flush")
+    rig.planner.plan_step(len(flushed))
+    return rig, chain_hashes(prompt)
+
+
+def test_match_counts_ready_blocks_after_the_gpu_hit() -> None:
+    prompt = tokens(1, 16)
+    rig, hashes = stored_rig(prompt)
+    request = SimRequest("b", prompt + [7, 7])
+    assert rig.planner.match(request, 0) == 16
+    assert rig.planner.match(request, 4) == 12
+    assert rig.planner.match(request, 3) == 0, "not block aligned"
+    assert rig.planner.match(SimRequest("c", prompt), 0) == 15, "one token is left to compute"
+    assert rig.planner.match(SimRequest("d", prompt[:9]), 0) == 8
+    rig.tier.drop(hashes[1])
+    assert rig.planner.match(request, 0) == 4, "the run stops at the first miss"
+
+
+def test_load_pins_and_touches_until_complete() -> None:
+    prompt = tokens(1, 16)
+    rig, hashes = stored_rig(prompt)
+    request = SimRequest("b", prompt + [7])
+    ext = rig.planner.match(request, 0)
+    ids = rig.run(request)
+    assert rig.planner.plan_load("b", request.block_hashes, ids, 0, ext) == []
+    assert rig.tier.num_pins == 4 and all(rig.ctx.get_block(g).ref_cnt == 2 for g in ids[:4])
+    plan = rig.planner.plan_step(0)
+    (job,) = plan.pre_forward_loads
+    assert job.kind == "load" and job.request_id == "b" and job.gpu_block_ids == ids[:4]
+    assert job.cpu_slots == [rig.tier.lookup(x) for x in hashes]
+    rig.ctx.release("b")  # aborted mid-load: the blocks stay touched
+    assert all(rig.ctx.get_block(g).ref_cnt == 1 for g in ids[:4])
+    rig.finish_all(plan)
+    assert rig.planner.stats()["loaded_tokens"] == 16 and rig.planner.stats()["loaded_blocks"] == 4
+    rig.idle()
+
+
+def test_load_of_a_partial_hit_copies_the_whole_last_block() -> None:
+    prompt = tokens(1, 16)
+    rig, _ = stored_rig(prompt)
+    request = SimRequest("b", prompt)  # hit capped at 15 tokens
+    ids = rig.run(request)
+    rig.planner.plan_load("b", request.block_hashes, ids, 0, 15)
+    (job,) = rig.planner.plan_step(0).pre_forward_loads
+    assert len(job.gpu_block_ids) == 4
+
+
+def test_load_shortfall_is_reported_as_unavailable_blocks() -> None:
+    prompt = tokens(1, 16)
+    rig, hashes = stored_rig(prompt)
+    request = SimRequest("b", prompt + [7])
+    ext = rig.planner.match(request, 0)
+    rig.tier.drop(hashes[2])  # vanished between match and allocation
+    ids = rig.run(request)
+    unavailable = rig.planner.plan_load("b", request.block_hashes, ids, 0, ext)
+    assert unavailable == ids[2:4]
+    (job,) = rig.planner.plan_step(0).pre_forward_loads
+    assert job.gpu_block_ids == ids[:2] and job.unavailable_gpu_block_ids == ids[2:4]
+    assert rig.tier.num_pins == 2
+    assert rig.planner.stats()["unavailable_blocks"] == 2
+
+
+def test_failed_load_drops_its_entries_and_releases_everything() -> None:
+    prompt = tokens(1, 8)
+    rig, hashes = stored_rig(prompt)
+    request = SimRequest("b", prompt + [7])
+    ids = rig.run(request)
+    rig.planner.plan_load("b", request.block_hashes, ids, 0, 8)
+    rig.finish_all(rig.planner.plan_step(0), ok=False)
+    assert not any(rig.tier.contains(x) for x in hashes)
+    assert rig.planner.stats()["failed_load_blocks"] == 2
+    rig.ctx.release("b")
+    rig.idle()
+
+
+def test_plan_load_rejects_inconsistent_arguments() -> None:
+    rig, hashes = stored_rig(tokens(1, 8))
+    with pytest.raises(ValueError, match="num_computed_tokens=3 is not a multiple"):
+        rig.planner.plan_load("b", hashes, [1, 2], 3, 4)
+    with pytest.raises(ValueError, match=r"blocks \[0, 3\)"):
+        rig.planner.plan_load("b", hashes, [1, 2, 3], 0, 12)
+    assert rig.tier.num_pins == 0
+
+
+# -- eager stores -------------------------------------------------------------------
+def test_eager_stores_a_finished_requests_computed_blocks() -> None:
+    rig = Rig(mode="eager")
+    request = SimRequest("a", tokens(1, 10))
+    ids = rig.run(request)
+    assert rig.planner.plan_step(0).post_forward_stores == [], "eager mode does not walk"
+    rig.planner.on_request_finished(request, ids)
+    rig.ctx.release("a")
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    assert job.gpu_block_ids == ids[:2] and job.request_id == "a"
+    assert all(rig.ctx.get_block(g).ref_cnt == 1 for g in ids[:2]), "held by the store only"
+    rig.finish_all(rig.planner.plan_step(0))
+    rig.finish_all(StepPlan(post_forward_stores=[job]))
+    assert all(rig.tier.lookup(x) is not None for x in request.block_hashes)
+    rig.idle()
+
+
+def test_eager_skips_blocks_not_computed_yet() -> None:
+    rig = Rig(mode="eager")
+    request = SimRequest("a", tokens(1, 12))
+    ids = rig.ctx.allocate("a", 3)
+    assert ids is not None
+    rig.ctx.cache(ids[0], request.block_hashes[0])  # only the first block computed (aborted mid-prefill)
+    rig.planner.on_request_finished(request, ids)
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    assert job.gpu_block_ids == ids[:1]
+
+
+def test_eager_preempt_stores_only_blocks_still_free() -> None:
+    rig = Rig(mode="eager", eviction="bid")
+    request = SimRequest("a", tokens(1, 12))
+    ids = rig.run(request)
+    rig.ctx.release("a")
+    reused = rig.ctx.allocate("b", rig.ctx.num_free_blocks() - 2)  # vLLM reuses all but 2 free blocks
+    assert reused is not None
+    rig.planner.on_request_preempted(request, ids)
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    still_free = [g for g in ids if g not in reused and rig.ctx.get_block(g).block_hash is not None]
+    assert sorted(job.gpu_block_ids) == sorted(still_free) and still_free
+    assert all(rig.tier.is_protected(x) for x in request.block_hashes)
+    rig.planner.on_request_resumed("a")
+    assert not any(rig.tier.is_protected(x) for x in request.block_hashes)
+
+
+def test_lazy_mode_ignores_finish_and_preempt_stores() -> None:
+    rig = Rig(mode="lazy")
+    request = SimRequest("a", tokens(1, 8))
+    ids = rig.run(request)
+    rig.planner.on_request_finished(request, ids)
+    rig.planner.on_request_preempted(request, ids)
+    assert rig.planner.pending_jobs() == []
+
+
+def test_bid_eviction_keeps_a_preempted_requests_blocks() -> None:
+    rig = Rig(mode="lazy", eviction="bid", slots=4)
+    victim = SimRequest("v", tokens(1, 8))
+    ids = rig.park(victim)
+    rig.planner.on_request_preempted(victim, ids)
+    rig.finish_all(rig.planner.plan_step(0))  # parks the victim's 2 blocks
+    for i in range(3):  # 6 more blocks through a 4-slot tier
+        rig.park(SimRequest(f"o{i}", tokens(10 + i, 8)))
+        rig.finish_all(rig.planner.plan_step(0))
+    assert all(rig.tier.lookup(x) is not None for x in victim.block_hashes)
+    rig.planner.on_request_finished(victim, [])
+    assert not any(rig.tier.is_protected(x) for x in victim.block_hashes)
+
+
+# -- completion -----------------------------------------------------------------------
+def test_a_job_needs_every_worker() -> None:
+    rig = Rig(world_size=2)
+    rig.park(SimRequest("a", tokens(1, 8)))
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    rig.planner.complete(JobResults(done={job.job_id: 1}))
+    assert rig.planner.pending_jobs() == [job]
+    rig.planner.complete(JobResults(done={job.job_id: 1}))
+    assert rig.planner.pending_jobs() == []
+    before = rig.planner.stats()
+    rig.planner.complete(JobResults(done={job.job_id: 1}, failed={job.job_id}))  # late duplicates
+    assert rig.planner.stats() == before
+    rig.idle()
+
+
+def test_a_failed_store_aborts_its_slots() -> None:
+    rig = Rig(world_size=2)
+    rig.park(SimRequest("a", tokens(1, 8)))
+    (job,) = rig.planner.plan_step(0).post_forward_stores
+    rig.planner.complete(JobResults(done={job.job_id: 1}))
+    rig.planner.complete(JobResults(failed={job.job_id}))
+    assert rig.tier.num_used == 0 and rig.planner.stats()["aborted_store_blocks"] == 2
+    rig.idle()
+
+
+def test_unknown_or_unsent_job_ids_raise_before_any_change() -> None:
+    rig = Rig(mode="eager")
+    request = SimRequest("a", tokens(1, 8))
+    rig.planner.on_request_finished(request, rig.run(request))
+    (queued,) = rig.planner.pending_jobs()
+    with pytest.raises(ValueError, match=f"job {queued.job_id}, which was never sent"):
+        rig.planner.complete(JobResults(done={queued.job_id: 1}))
+    with pytest.raises(ValueError, match="job 99, which was never sent"):
+        rig.planner.complete(JobResults(done={99: 1}))
+    assert rig.planner.pending_jobs() == [queued]
+
+
+def test_reset_drops_entries_and_aborts_stores_in_flight() -> None:
+    prompt = tokens(1, 8)
+    rig, hashes = stored_rig(prompt)
+    rig.park(SimRequest("other", tokens(2, 8)))
+    plan = rig.planner.plan_step(2)
+    assert plan.post_forward_stores
+    rig.planner.reset()
+    assert not any(rig.tier.contains(x) for x in hashes)
+    rig.finish_all(plan)
+    assert rig.tier.num_used == 0, "a store planned before the reset is not committed"
+
+
+def test_restorable_counts_a_prefix() -> None:
+    prompt = tokens(1, 8)
+    rig, _ = stored_rig(prompt)
+    request = SimRequest("b", prompt + tokens(2, 9))  # 2 blocks in the tier, then 2 private, 1 partial
+    ids = rig.run(request)
+    assert rig.planner.restorable(ids, request.block_hashes) == (8, 8)
+    shared = SimRequest("c", prompt + tokens(2, 9))
+    rig.ctx.acquire("c", ids[:1])  # the first block is shared: it stays on GPU
+    assert rig.planner.restorable(ids, shared.block_hashes) == (4, 8)
+    rig.tier.drop(request.block_hashes[1])
+    rig.ctx.get_block(ids[2]).block_hash = None  # pretend block 2 is not computed
+    assert rig.planner.restorable(ids, request.block_hashes) == (0, 4), "stops at the first gap"
+    off = Rig(mode="off")
+    off_ids = off.run(SimRequest("d", prompt))
+    assert off.planner.restorable(off_ids, chain_hashes(prompt)) == (0, 0)
+
+
+def test_stats_and_constructor_errors() -> None:
+    rig = Rig(block_bytes=100)
+    rig.park(SimRequest("a", tokens(1, 8)))
+    plan = rig.planner.plan_step(0)
+    assert rig.planner.stats()["pending_jobs"] == 1 and rig.planner.held_gpu_blocks == 2
+    rig.finish_all(plan)
+    stats = rig.planner.stats()
+    assert stats["stored_blocks"] == 2 and stats["stored_bytes"] == 200 and stats["gpu_blocks_held"] == 0
+    ctx, tier = ReferenceContext(4, BS), CpuBlockTier(1)
+    with pytest.raises(ValueError, match="offload_mode='swap'"):
+        OffloadPlanner(ctx, tier, "swap", 2.0)
+    with pytest.raises(ValueError, match="world_size=0"):
+        OffloadPlanner(ctx, tier, "lazy", 2.0, 0)
+
+
+def test_reference_context_follows_the_protocol() -> None:
+    ctx = ReferenceContext(6, BS)
+    assert isinstance(ctx, SchedulerContext)
+    assert ctx.free_order() == [1, 2, 3, 4, 5] and ctx.num_free_blocks() == 5
+    ctx.touch([2, 3])
+    assert [b.block_id for b in ctx.iter_free_blocks()] == [1, 4, 5] and ctx.num_free_blocks() == 3
+    assert ctx.allocate("r", 2) == [1, 4]
+    assert [b.block_id for b in ctx.iter_free_blocks(after_block=2)] == [5], "2 left the queue: restart"
+    ctx.free_blocks([3, 2])
+    assert ctx.free_order() == [2, 3, 5]
+    assert [b.block_id for b in ctx.iter_free_blocks(after_block=2)] == [3, 5]
+    with pytest.raises(ValueError, match="block 2 would drop"):
+        ctx.free_blocks([2])
+    with pytest.raises(ValueError, match="null block"):
+        ctx.touch([0])
+    with pytest.raises(IndexError, match="block id 9"):
+        ctx.get_block(9)
+
+
+# -- the stateful property test ----------------------------------------------------------
+class VllmSide(Protocol):
+    """What ``PlannerMachine`` drives as vLLM (``ReferenceContext`` has it; sched: a BlockPool)."""
+
+    def allocate(self, request_id: str, num_blocks: int) -> list[int] | None: ...
+    def acquire(self, request_id: str, block_ids: Sequence[int]) -> None: ...
+    def release(self, request_id: str) -> list[int]: ...
+    def cache(self, block_id: int, block_hash: BlockHash) -> None: ...
+    def lookup(self, block_hash: BlockHash) -> int | None: ...
+    def free_order(self) -> list[int]: ...
+    def num_free_blocks(self) -> int: ...
+
+
+PoolFactory = Callable[[int, int], tuple[SchedulerContext, VllmSide]]
+
+
+def reference_pool(num_blocks: int, block_size: int) -> tuple[SchedulerContext, VllmSide]:
+    ctx = ReferenceContext(num_blocks, block_size)
+    return ctx, ctx
+
+
+FAMILIES = [tokens(900 + f, 4 * BS) for f in range(2)]  # shared prompt prefixes
+NUM_BLOCKS = 14  # including the null block: small, so vLLM evicts and the CPU tier gets hits
+
+
+class PlannerMachine(RuleBasedStateMachine):
+    """A small vLLM around the planner: requests arrive, prefill (with GPU and CPU prefix
+    hits), decode, finish, abort, get preempted and resume; workers complete or fail jobs
+    late and in any order. Content is tracked per GPU block and CPU slot, so a copy from or
+    into a block that was reused, or a load of a wrong slot, is caught. A shadow reference
+    pool replays vLLM's operations without the planner: the free order must match it.
+    """
+
+    make_pool: PoolFactory = staticmethod(reference_pool)
+    # The reference model keeps every block the planner holds at the place vLLM's LRU order
+    # gives it; an adapter over real vLLM only promises that for blocks touched while free
+    # and freed with nothing in between, and may compare the free set only.
+    exact_free_order = True
+
+    @initialize(
+        mode=st.sampled_from(["lazy", "eager"]),
+        eviction=st.sampled_from(["lru", "bid"]),
+        world_size=st.sampled_from([1, 2]),
+        slots=st.integers(2, 12),
+    )
+    def setup(self, mode: str, eviction: str, world_size: int, slots: int) -> None:
+        self.ctx, self.vllm = self.make_pool(NUM_BLOCKS, BS)
+        self.shadow = ReferenceContext(NUM_BLOCKS, BS)
+        self.tier = CpuBlockTier(slots, eviction)
+        self.planner = OffloadPlanner(self.ctx, self.tier, mode, 2.0, world_size, min_clean_blocks=3)
+        self.world_size = world_size
+        self.waiting: list[SimRequest] = []
+        self.running: list[SimRequest] = []
+        self.blocks: dict[str, list[int]] = {}  # running request -> its blocks (machine's own record)
+        self.gpu: dict[int, BlockHash | None] = {}  # block -> hash whose KV it holds
+        self.cpu: dict[int, BlockHash | None] = {}  # slot -> hash whose KV it holds
+        self.sent: dict[int, tuple[TransferJob, int]] = {}  # job -> acks reported so far
+        self.finished_jobs: list[int] = []
+        self.emitted: set[int] = set()
+        self.preempted: set[str] = set()
+        self.allocated = 0
+        self.next_id = 0
+
+    # -- vLLM --------------------------------------------------------------------------
+    def _allocate(self, request_id: str, n: int) -> list[int] | None:
+        ids = self.vllm.allocate(request_id, n)
+        if ids is not None:
+            self.shadow.take(request_id, ids)
+            self.blocks[request_id].extend(ids)
+            self.allocated += n
+            for block_id in ids:
+                self.gpu[block_id] = None  # garbage until computed or loaded
+        return ids
+
+    def _release(self, request: SimRequest) -> list[int]:
+        held = self.blocks.pop(request.request_id)
+        self.vllm.release(request.request_id)
+        self.shadow.release(request.request_id)
+        return held
+
+    def _admit(self, request: SimRequest, lose_hit: bool) -> bool:
+        hashes = request.block_hashes
+        hits: list[int] = []
+        for block_hash in hashes[: (request.num_tokens - 1) // BS]:
+            block_id = self.vllm.lookup(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        computed = len(hits) * BS
+        external = self.planner.match(request, computed)
+        need = math.ceil(request.num_tokens / BS) - len(hits)
+        free_hits = sum(1 for b in hits if self.ctx.get_block(b).ref_cnt == 0)
+        if self.vllm.num_free_blocks() - free_hits < need:
+            return False
+        self.blocks[request.request_id] = []
+        self.vllm.acquire(request.request_id, hits)
+        self.shadow.acquire(request.request_id, hits)
+        self.blocks[request.request_id].extend(hits)
+        for i, block_id in enumerate(hits):
+            assert self.gpu[block_id] == hashes[i], f"GPU prefix hit on block {block_id} with wrong KV"
+        assert self._allocate(request.request_id, need) is not None
+        if request.request_id in self.preempted:
+            self.preempted.discard(request.request_id)
+            self.planner.on_request_resumed(request.request_id)
+        if external:
+            ids = self.blocks[request.request_id]
+            last = (computed + external - 1) // BS
+            if lose_hit:  # the last matched entry leaves the tier before the allocation
+                self.tier.drop(hashes[last])
+            unavailable = self.planner.plan_load(request.request_id, hashes, ids, computed, external)
+            assert unavailable == (ids[last : last + 1] if lose_hit else [])
+        request.num_computed_tokens = computed + external
+        return True
+
+    def _forward(self, request: SimRequest) -> None:
+        """Compute what is not computed yet; full blocks enter the prefix cache."""
+        ids = self.blocks[request.request_id]
+        for i, block_hash in enumerate(request.block_hashes):
+            block_id = ids[i]
+            if self.gpu[block_id] is None:
+                self.gpu[block_id] = block_hash
+            assert self.gpu[block_id] == block_hash, f"block {block_id} holds wrong KV"
+            if self.ctx.get_block(block_id).block_hash is None:
+                self.vllm.cache(block_id, block_hash)
+                self.shadow.cache(block_id, block_hash)
+        request.num_computed_tokens = request.num_tokens
+
+    def _preempt(self, request: SimRequest) -> None:
+        self.running.remove(request)
+        held = self._release(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.insert(0, request)
+        self.preempted.add(request.request_id)
+        self.planner.on_request_preempted(request, held)
+
+    def _finish(self, request: SimRequest) -> None:
+        held = self.blocks.get(request.request_id, [])
+        self.planner.on_request_finished(request, list(held))
+        if request in self.running:
+            self.running.remove(request)
+            self._release(request)
+        else:
+            self.waiting.remove(request)
+        self.preempted.discard(request.request_id)
+
+    def _emit(self, plan: StepPlan) -> None:
+        for job in plan.pre_forward_loads:
+            ids = self.blocks[job.request_id or ""]
+            request = next(r for r in self.running if r.request_id == job.request_id)
+            for block_id, slot in zip(job.gpu_block_ids, job.cpu_slots, strict=True):
+                expected = request.block_hashes[ids.index(block_id)]
+                assert self.cpu.get(slot) == expected, f"load of slot {slot} into block {block_id}: wrong KV"
+                self.gpu[block_id] = self.cpu[slot]
+        for job in plan.post_forward_stores:
+            for block_id, slot in zip(job.gpu_block_ids, job.cpu_slots, strict=True):
+                assert self.ctx.get_block(block_id).block_hash == self.tier.hash_of(slot)
+        for job in (*plan.pre_forward_loads, *plan.post_forward_stores):
+            self.sent[job.job_id] = (job, 0)
+            self.emitted.add(job.job_id)
+
+    # -- rules ---------------------------------------------------------------------------
+    @precondition(lambda self: len(self.waiting) + len(self.running) < 6)
+    @rule(
+        family=st.integers(0, 1),
+        prefix_blocks=st.integers(0, 4),
+        suffix=st.integers(1, 6),
+        out=st.integers(1, 8),
+    )
+    def arrive(self, family: int, prefix_blocks: int, suffix: int, out: int) -> None:
+        self.next_id += 1
+        prompt = FAMILIES[family][: prefix_blocks * BS] + tokens(self.next_id, suffix)
+        self.waiting.append(SimRequest(f"r{self.next_id}", prompt, max_tokens=out))
+
+    @rule(steps=st.integers(1, 4), dice=st.integers(0, 2))
+    def step(self, steps: int, dice: int) -> None:
+        for _ in range(steps):
+            self._step(lose_hit=dice == 0)
+
+    def _step(self, lose_hit: bool) -> None:
+        """One scheduler step: decode the running, admit the waiting, plan, forward."""
+        for request in list(self.running):
+            if request not in self.running:
+                continue  # preempted below for an earlier request
+            request.tokens.append(hash((request.request_id, request.num_tokens)) % 997)
+            while len(self.blocks[request.request_id]) * BS < request.num_tokens:
+                if self._allocate(request.request_id, 1) is not None:
+                    break
+                victim = self.running[-1]  # vLLM's FCFS victim
+                self._preempt(victim)
+                if victim is request:
+                    break
+        while self.waiting and self._admit(self.waiting[0], lose_hit):
+            self.running.append(self.waiting.pop(0))
+        plan = self.planner.plan_step(self.allocated)
+        self.allocated = 0
+        self._emit(plan)
+        for request in self.running:
+            self._forward(request)
+        for request in [r for r in self.running if r.num_output_tokens >= (r.max_tokens or 0)]:
+            self._finish(request)
+
+    @rule(blocks=st.integers(1, NUM_BLOCKS))
+    def flood(self, blocks: int) -> None:
+        """A burst of unhashed allocations (a long prefill) pushes cached blocks out of HBM."""
+        self.next_id += 1
+        request_id = f"flood{self.next_id}"
+        self.blocks[request_id] = []
+        self._allocate(request_id, min(blocks, self.vllm.num_free_blocks()))
+        self._release(SimRequest(request_id, []))
+
+    @precondition(lambda self: self.sent)
+    @rule(data=st.data(), jobs=st.integers(1, 4))
+    def transfers_done(self, data: st.DataObject, jobs: int) -> None:
+        for _ in range(jobs):
+            if self.sent:
+                self._transfer_done(data)
+
+    def _transfer_done(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.sent)))
+        job, acks = self.sent[job_id]
+        count = data.draw(st.integers(1, self.world_size - acks))
+        if acks + count == self.world_size:
+            del self.sent[job_id]
+            self.finished_jobs.append(job_id)
+            if job.kind == "store":  # the copy lands now, as late as possible
+                for block_id, slot in zip(job.gpu_block_ids, job.cpu_slots, strict=True):
+                    assert self.gpu[block_id] == self.tier.hash_of(slot), (
+                        f"store from reused block {block_id}"
+                    )
+                    self.cpu[slot] = self.gpu[block_id]
+        else:
+            self.sent[job_id] = (job, acks + count)
+        self.planner.complete(JobResults(done={job_id: count}))
+
+    @precondition(lambda self: self.sent)
+    @rule(data=st.data())
+    def transfer_failed(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(sorted(self.sent)))
+        job, _ = self.sent.pop(job_id)
+        self.finished_jobs.append(job_id)
+        if job.kind == "store":
+            for slot in job.cpu_slots:
+                self.cpu[slot] = None  # a torn copy
+        self.planner.complete(JobResults(failed={job_id}))
+
+    @precondition(lambda self: self.finished_jobs)
+    @rule(data=st.data())
+    def duplicate_report(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(self.finished_jobs))
+        before = self.planner.stats()
+        self.planner.complete(JobResults(done={job_id: 1}, failed={job_id}))
+        assert self.planner.stats() == before
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        self._finish(data.draw(st.sampled_from(self.running)))
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def abort_waiting(self, data: st.DataObject) -> None:
+        self._finish(data.draw(st.sampled_from(self.waiting)))
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def preempt(self, data: st.DataObject) -> None:
+        self._preempt(data.draw(st.sampled_from(self.running)))
+
+    @rule(dice=st.integers(0, 9))
+    def reset_cache(self, dice: int) -> None:
+        if dice == 0:  # rare: it empties the CPU tier
+            self.planner.reset()
+
+    # -- invariants ------------------------------------------------------------------------
+    def _touched(self) -> Counter[int]:
+        return Counter(b for job in self.planner.pending_jobs() for b in job.gpu_block_ids)
+
+    @invariant()
+    def references_balance(self) -> None:
+        if not hasattr(self, "planner"):
+            return
+        holders = Counter(b for ids in self.blocks.values() for b in ids)
+        touched = self._touched()
+        for block_id in range(1, NUM_BLOCKS):
+            ref_cnt = self.ctx.get_block(block_id).ref_cnt
+            assert ref_cnt == holders[block_id] + touched[block_id], (
+                f"block {block_id}: ref_cnt {ref_cnt}, held by requests {holders[block_id]}, "
+                f"by jobs {touched[block_id]}"
+            )
+
+    @invariant()
+    def tier_consistent(self) -> None:
+        if not hasattr(self, "planner"):
+            return
+        self.tier.check()
+        assert self.tier.num_used <= self.tier.num_slots
+        pending = self.planner.pending_jobs()
+        loads = [job for job in pending if job.kind == "load"]
+        assert self.tier.num_pins == sum(len(job.cpu_slots) for job in loads)
+        # Sent jobs stay pending until every worker reported them (or one failed them).
+        assert {job.job_id for job in pending if job.job_id in self.emitted} == set(self.sent)
+
+    @invariant()
+    def free_order_unchanged(self) -> None:
+        if not hasattr(self, "planner"):
+            return
+        touched = self._touched()
+        expected = [b for b in self.shadow.free_order() if b not in touched]
+        self._same_free_queue(self.vllm.free_order(), expected)
+
+    def _same_free_queue(self, actual: list[int], expected: list[int]) -> None:
+        if self.exact_free_order:
+            assert actual == expected
+        else:
+            assert sorted(actual) == sorted(expected)
+
+    def teardown(self) -> None:
+        """Drain: finish every request and job; then nothing is held and the order is stock."""
+        if not hasattr(self, "planner"):
+            return
+        # Steer generation towards runs where the CPU tier serves hits.
+        target(float(self.planner.stats()["cpu_hit_blocks"]), label="cpu hit blocks")
+        for request in [*self.running, *self.waiting]:
+            self._finish(request)
+        for _ in range(100):
+            self._emit(self.planner.plan_step(0))
+            if not self.sent:
+                break
+            for job_id, (_job, acks) in list(self.sent.items()):
+                self.planner.complete(JobResults(done={job_id: self.world_size - acks}))
+            self.sent.clear()
+        assert self.planner.pending_jobs() == []
+        assert all(self.ctx.get_block(b).ref_cnt == 0 for b in range(1, NUM_BLOCKS))
+        self._same_free_queue(self.vllm.free_order(), self.shadow.free_order())
+        assert self.tier.num_pins == 0
+        self.tier.check()
+
+
+PlannerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=80, deadline=None)
+test_planner_machine = PlannerMachine.TestCase

@@ -1,0 +1,292 @@
+"""CpuBlockTier: the scheduler's map of the CPU tier's slots, keyed by block hash.
+
+The bytes live on the workers (one row per slot); this class only decides which
+slot holds which block hash and which slot a store may overwrite. Every slot is
+in exactly one state:
+
+* FREE: on the free stack, no hash.
+* PENDING: reserved for a store in flight; has a hash (``contains`` is true, so
+  nobody plans a second store of it) but is not a hit and never evicted.
+* READY: data valid, a hit (``lookup``). Evictable iff its pin count is 0.
+* ORPHAN: a READY entry dropped (``drop``/``reset``) while loads still read it:
+  no hash any more, becomes FREE when its last pin goes.
+
+Invariants (``check`` asserts them): the hash index is a bijection onto the
+PENDING and READY slots; the free stack holds exactly the FREE slots; pin counts
+are >= 0 and non-zero only on READY and ORPHAN slots (an ORPHAN always has one);
+the eviction queues hold exactly the READY slots with no pin, each in the queue
+its protection selects. Protection counts are kept per hash and may name hashes
+the tier does not hold (yet): a preempted request's blocks are protected before
+a lazy store parks them.
+
+Eviction is LRU over two O(1) queues (``OrderedDict``, oldest first): with
+``eviction="bid"`` protected entries sit in their own queue, evicted only when
+the unprotected one is empty; with ``"lru"`` protection changes nothing. A slot
+enters its queue at the MRU end when it becomes evictable (commit, last unpin,
+change of protection), so each of those counts as a use. Everything but
+``check`` and ``reset`` is O(1) per hash or slot.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from vllm_bidkv.context import BlockHash
+
+EVICTIONS = ("lru", "bid")
+
+_FREE, _PENDING, _READY, _ORPHAN = range(4)
+_STATE_NAMES = ("FREE", "PENDING", "READY", "ORPHAN")
+
+
+def num_slots_for(cpu_bytes: int, block_bytes: int) -> int:
+    """How many blocks of ``block_bytes`` fit in ``cpu_bytes``; ValueError if none."""
+    if block_bytes <= 0:
+        raise ValueError(f"vllm-bidkv: block size must be positive, got block_bytes={block_bytes}")
+    slots = cpu_bytes // block_bytes
+    if slots < 1:
+        raise ValueError(
+            f"vllm-bidkv: cpu_bytes={cpu_bytes} holds no block of {block_bytes} bytes; "
+            f"raise cpu_bytes to at least {block_bytes} or set offload_mode='off'"
+        )
+    return slots
+
+
+class CpuBlockTier:
+    """Slots of the CPU tier: states, hash index, pins, LRU/bid eviction (see module doc)."""
+
+    def __init__(self, num_slots: int, eviction: str = "lru") -> None:
+        if num_slots < 1:
+            raise ValueError(f"vllm-bidkv: the CPU tier needs at least one slot, got num_slots={num_slots}")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"vllm-bidkv: cpu_eviction={eviction!r} is invalid; expected one of {EVICTIONS}")
+        self.num_slots = num_slots
+        self.eviction = eviction
+        self._bid = eviction == "bid"
+        self._state = [_FREE] * num_slots
+        self._hash: list[BlockHash | None] = [None] * num_slots
+        self._pins = [0] * num_slots
+        self._slot_of: dict[BlockHash, int] = {}
+        # Popped from the end: slot 0 is handed out first (deterministic tests).
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, unprotected
+        self._kept: OrderedDict[int, None] = OrderedDict()  # evictable, protected (bid only)
+        self._protect: dict[BlockHash, int] = {}
+        self.evictions = 0
+        self.num_pins = 0  # sum of pin counts
+
+    # -- queries -----------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def contains(self, block_hash: BlockHash) -> bool:
+        """True if the hash is READY or a store of it is PENDING."""
+        return block_hash in self._slot_of
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        """The slot holding this hash's data, or None (absent or still PENDING)."""
+        slot = self._slot_of.get(block_hash)
+        return slot if slot is not None and self._state[slot] == _READY else None
+
+    def hash_of(self, slot: int) -> BlockHash | None:
+        self._check_slot(slot)
+        return self._hash[slot]
+
+    # -- stores --------------------------------------------------------------
+    def reserve(self, block_hash: BlockHash) -> int | None:
+        """A PENDING slot for a store of ``block_hash``; None if every slot is pinned or pending.
+
+        Takes a free slot, else evicts the least recently used evictable entry
+        (unprotected ones first under ``eviction="bid"``).
+        """
+        if block_hash in self._slot_of:
+            raise ValueError(f"vllm-bidkv: hash {block_hash.hex()[:16]} is already in the CPU tier")
+        if self._free:
+            slot = self._free.pop()
+        else:
+            queue = self._lru or self._kept
+            if not queue:
+                return None
+            slot, _ = queue.popitem(last=False)
+            old = self._hash[slot]
+            assert old is not None
+            del self._slot_of[old]
+            self.evictions += 1
+        self._state[slot] = _PENDING
+        self._hash[slot] = block_hash
+        self._slot_of[block_hash] = slot
+        return slot
+
+    def commit(self, slot: int) -> None:
+        """The store into ``slot`` finished: PENDING -> READY (most recently used)."""
+        self._expect(slot, _PENDING, "commit")
+        self._state[slot] = _READY
+        self._enqueue(slot)
+
+    def abort(self, slot: int) -> None:
+        """The store into ``slot`` failed: the entry is dropped, the slot is free."""
+        self._expect(slot, _PENDING, "abort")
+        self._release(slot)
+
+    # -- loads ---------------------------------------------------------------
+    def pin(self, slot: int) -> None:
+        """A load reads ``slot``: it cannot be evicted until the matching ``unpin``."""
+        self._expect(slot, _READY, "pin")
+        if self._pins[slot] == 0:
+            self._dequeue(slot)
+        self._pins[slot] += 1
+        self.num_pins += 1
+
+    def unpin(self, slot: int, *, drop: bool = False) -> None:
+        """Release one pin; with ``drop`` the entry is removed too (the load from it failed).
+
+        An unpinned READY entry becomes evictable at the MRU end (a load is a use).
+        """
+        self._check_slot(slot)
+        if self._pins[slot] == 0:
+            raise ValueError(f"vllm-bidkv: unpin of CPU slot {slot}, which has no pin")
+        if drop and self._state[slot] == _READY:
+            self._orphan(slot)
+        self._pins[slot] -= 1
+        self.num_pins -= 1
+        if self._pins[slot] == 0:
+            if self._state[slot] == _ORPHAN:
+                self._release(slot)
+            else:
+                self._enqueue(slot)
+
+    def mark_used(self, slot: int) -> None:
+        """A hit on ``slot``: move it to the MRU end (a pinned slot gets there on its last unpin)."""
+        self._expect(slot, _READY, "mark_used")
+        queue = self._kept if slot in self._kept else self._lru
+        if slot in queue:
+            queue.move_to_end(slot)
+
+    # -- removal ---------------------------------------------------------------
+    def drop(self, block_hash: BlockHash) -> bool:
+        """Forget a READY hash (a pinned slot is freed on its last unpin); False if not READY."""
+        slot = self.lookup(block_hash)
+        if slot is None:
+            return False
+        if self._pins[slot]:
+            self._orphan(slot)
+        else:
+            self._dequeue(slot)
+            self._release(slot)
+        return True
+
+    def reset(self) -> int:
+        """Drop every READY entry (vLLM's reset_prefix_cache); returns how many. O(entries)."""
+        ready = [h for h, slot in self._slot_of.items() if self._state[slot] == _READY]
+        for block_hash in ready:
+            self.drop(block_hash)
+        return len(ready)
+
+    # -- protection (bid eviction) -------------------------------------------
+    def protect(self, hashes: Iterable[BlockHash]) -> None:
+        """Evict these hashes last (counted: protect twice, unprotect twice)."""
+        for block_hash in hashes:
+            count = self._protect.get(block_hash, 0)
+            self._protect[block_hash] = count + 1
+            if count == 0:
+                self._requeue(block_hash)
+
+    def unprotect(self, hashes: Iterable[BlockHash]) -> None:
+        for block_hash in hashes:
+            count = self._protect.get(block_hash, 0)
+            if count == 0:
+                raise ValueError(
+                    f"vllm-bidkv: unprotect of hash {block_hash.hex()[:16]}, which is not protected"
+                )
+            if count == 1:
+                del self._protect[block_hash]
+                self._requeue(block_hash)
+            else:
+                self._protect[block_hash] = count - 1
+
+    def is_protected(self, block_hash: BlockHash) -> bool:
+        return block_hash in self._protect
+
+    # -- consistency -----------------------------------------------------------
+    def check(self) -> None:
+        """Assert every invariant of the module doc (O(slots); for tests and debugging)."""
+        assert len(set(self._free)) == len(self._free), "free stack has duplicates"
+        free = set(self._free)
+        pins = 0
+        for slot in range(self.num_slots):
+            state, block_hash, pin = self._state[slot], self._hash[slot], self._pins[slot]
+            name = _STATE_NAMES[state]
+            assert pin >= 0, f"slot {slot}: pin count {pin}"
+            pins += pin
+            assert (slot in free) == (state == _FREE), f"slot {slot} is {name} but free={slot in free}"
+            if state in (_PENDING, _READY):
+                assert block_hash is not None and self._slot_of.get(block_hash) == slot, (
+                    f"slot {slot}: bad index"
+                )
+            else:
+                assert block_hash is None, f"slot {slot} is {name} but has a hash"
+            assert pin == 0 or state in (_READY, _ORPHAN), f"slot {slot} is {name} with {pin} pins"
+            assert state != _ORPHAN or pin > 0, f"slot {slot} is ORPHAN without pins"
+            evictable = state == _READY and pin == 0
+            assert (slot in self._lru or slot in self._kept) == evictable, f"slot {slot}: eviction queue"
+            if evictable:
+                assert block_hash is not None
+                assert (slot in self._kept) == (self._bid and block_hash in self._protect), (
+                    f"slot {slot}: queue"
+                )
+        assert len(self._slot_of) == sum(s in (_PENDING, _READY) for s in self._state), "index size"
+        assert pins == self.num_pins, f"pin total {self.num_pins} != {pins}"
+        assert all(count > 0 for count in self._protect.values()), "protection count <= 0"
+
+    # -- internals -------------------------------------------------------------
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"vllm-bidkv: CPU slot {slot} out of range [0, {self.num_slots})")
+
+    def _expect(self, slot: int, state: int, action: str) -> None:
+        self._check_slot(slot)
+        if self._state[slot] != state:
+            raise ValueError(
+                f"vllm-bidkv: {action} of CPU slot {slot}, which is {_STATE_NAMES[self._state[slot]]} "
+                f"(expected {_STATE_NAMES[state]})"
+            )
+
+    def _enqueue(self, slot: int) -> None:
+        block_hash = self._hash[slot]
+        assert block_hash is not None
+        queue = self._kept if self._bid and block_hash in self._protect else self._lru
+        queue[slot] = None
+
+    def _dequeue(self, slot: int) -> None:
+        # An evictable slot is in exactly one of the two queues; a pinned one in neither.
+        if slot in self._lru:
+            del self._lru[slot]
+        else:
+            self._kept.pop(slot, None)
+
+    def _requeue(self, block_hash: BlockHash) -> None:
+        slot = self._slot_of.get(block_hash)
+        if self._bid and slot is not None and self._state[slot] == _READY and self._pins[slot] == 0:
+            self._dequeue(slot)
+            self._enqueue(slot)
+
+    def _orphan(self, slot: int) -> None:
+        block_hash = self._hash[slot]
+        assert block_hash is not None
+        del self._slot_of[block_hash]
+        self._hash[slot] = None
+        self._state[slot] = _ORPHAN
+
+    def _release(self, slot: int) -> None:
+        block_hash = self._hash[slot]
+        if block_hash is not None:
+            del self._slot_of[block_hash]
+        self._hash[slot] = None
+        self._state[slot] = _FREE
+        self._free.append(slot)

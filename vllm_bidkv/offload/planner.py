@@ -1,0 +1,437 @@
+"""OffloadPlanner: decides, each scheduler step, which GPU blocks go to the CPU tier and back.
+
+It talks only to a ``SchedulerContext`` (GPU blocks) and a ``CpuBlockTier`` (CPU
+slots) and turns its decisions into ``TransferJob``s; the connector ships them
+to the workers (``plan_step``) and feeds their results back (``complete``).
+
+Ownership rule: a job owns one ``touch`` per GPU block and one tier hold per
+CPU slot (a PENDING reservation for a store, a pin for a load) from the moment
+it is planned until ``complete`` sees it finished, which releases each exactly
+once, whether the copy succeeded or failed and whatever happened to the request
+meanwhile (finished, aborted, preempted). A touched block cannot be handed out
+by vLLM, so no copy ever races a reuse; a PENDING or pinned slot is never evicted.
+
+Stores:
+
+* ``lazy``: each step walks the free GPU blocks in LRU order (next to be reused
+  first) from a cursor and stores hashed blocks the tier lacks, so blocks are
+  parked just before vLLM reuses them and the tier holds what HBM lost rather
+  than a copy of HBM. The walk keeps about ``lookahead_steps`` steps of block
+  consumption (an EMA of blocks allocated per step) "clean" ahead of reuse and
+  resumes where it stopped, so its work per step follows the consumption, not
+  the pool size.
+* ``eager``: a request's computed full blocks are stored when it finishes, and
+  those still free when it is preempted.
+* ``off``: no stores (loads of whatever the tier holds still work).
+
+Loads: ``match`` finds the longest run of READY hashes after the GPU prefix hit;
+``plan_load`` pins those slots and touches the destination blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
+from vllm_bidkv.offload.cpu_tier import CpuBlockTier
+from vllm_bidkv.offload.jobs import JobKind, JobResults, StepPlan, TransferJob
+
+MODES = ("lazy", "eager", "off")
+_RATE_WEIGHT = 0.25  # EMA weight of the newest step's block consumption
+_COUNTERS = (
+    "stored_blocks",
+    "loaded_blocks",
+    "cpu_hit_blocks",
+    "loaded_tokens",
+    "aborted_store_blocks",
+    "failed_load_blocks",
+    "unavailable_blocks",
+    "walked_blocks",
+)
+
+
+_Mark = tuple[int, BlockHash | None]  # a block the lazy walk visited, with its hash then
+
+
+@dataclass
+class _Pending:
+    job: TransferJob
+    sent: bool = False  # emitted by plan_step; only sent jobs can be reported on
+    acks: int = 0  # workers that reported the job done
+    tokens: int = 0  # loads: tokens the job saves from recompute
+    stale: bool = False  # a store planned before reset(): aborted, never committed
+
+
+class OffloadPlanner:
+    """Scheduler-side planner of CPU-tier stores and loads (see module doc)."""
+
+    def __init__(
+        self,
+        ctx: SchedulerContext,
+        tier: CpuBlockTier,
+        mode: str,
+        lookahead_steps: float,
+        world_size: int = 1,
+        *,
+        block_bytes: int = 0,
+        min_clean_blocks: int = 16,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"vllm-bidkv: offload_mode={mode!r} is invalid; expected one of {MODES}")
+        if lookahead_steps <= 0:
+            raise ValueError(f"vllm-bidkv: lazy_lookahead_steps={lookahead_steps} must be > 0")
+        if world_size < 1:
+            raise ValueError(f"vllm-bidkv: world_size={world_size} must be >= 1")
+        self._ctx = ctx
+        self._tier = tier
+        self._mode = mode
+        self._lookahead = lookahead_steps
+        self._world_size = world_size
+        self._block_size = ctx.block_size
+        self._block_bytes = block_bytes  # only for the byte counters; 0 = unknown
+        self._min_clean = min_clean_blocks
+        self._jobs: dict[int, _Pending] = {}  # planned, not finished; ids increase
+        self._next_job_id = 0
+        self._queued_loads: list[TransferJob] = []
+        self._queued_stores: list[TransferJob] = []
+        self._held_gpu_blocks = 0  # touches owned by pending jobs
+        self._protected: dict[str, list[BlockHash]] = {}  # preempted request -> protected hashes
+        # Lazy walk: where it stopped — the last visited block, and the last visited one
+        # that stayed free (each with its hash, to notice reuse) —, an estimate of the free
+        # blocks before that point that were visited ("clean"), and the EMA of blocks
+        # allocated per step.
+        self._cursor: _Mark | None = None
+        self._free_cursor: _Mark | None = None
+        self._clean = 0
+        self._rate = 0.0
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+
+    # -- loads -----------------------------------------------------------------
+    def match(self, request: RequestView, num_computed_tokens: int) -> int:
+        """Tokens after the GPU prefix hit the CPU tier can supply (vLLM's external hit).
+
+        The longest run of READY hashes from block ``num_computed_tokens // block_size``,
+        capped so one token is left to compute. 0 if ``num_computed_tokens`` is not
+        block aligned (copies are whole blocks). O(hit length); changes nothing.
+        """
+        bs = self._block_size
+        room = request.num_tokens - 1 - num_computed_tokens
+        if num_computed_tokens % bs or room <= 0:
+            return 0
+        hashes = request.block_hashes
+        first = num_computed_tokens // bs
+        last = min(len(hashes), first + math.ceil(room / bs))
+        hits = 0
+        for i in range(first, last):
+            if self._tier.lookup(hashes[i]) is None:
+                break
+            hits += 1
+        return min(hits * bs, room)
+
+    def plan_load(
+        self,
+        request_id: str,
+        block_hashes: Sequence[BlockHash],
+        gpu_block_ids: list[int],
+        num_computed_tokens: int,
+        num_external_tokens: int,
+    ) -> list[int]:
+        """Queue the load of a ``match`` result into the blocks vLLM just allocated.
+
+        ``gpu_block_ids``: all of the request's group-0 blocks. Pins the CPU slots and
+        touches the destination blocks. If part of the hit left the tier since
+        ``match``, only the prefix still there is loaded; returns the GPU blocks of
+        the rest (also in the job's ``unavailable_gpu_block_ids``), which the worker
+        reports as load errors so vLLM recomputes them. Usually ``[]``.
+        """
+        if num_external_tokens <= 0:
+            return []
+        bs = self._block_size
+        if num_computed_tokens % bs:
+            raise ValueError(
+                f"vllm-bidkv: load for request {request_id}: num_computed_tokens={num_computed_tokens} "
+                f"is not a multiple of the block size {bs}"
+            )
+        first = num_computed_tokens // bs
+        end = first + math.ceil(num_external_tokens / bs)
+        if end > len(block_hashes) or end > len(gpu_block_ids):
+            raise ValueError(
+                f"vllm-bidkv: load for request {request_id}: blocks [{first}, {end}) but the request has "
+                f"{len(block_hashes)} block hashes and {len(gpu_block_ids)} GPU blocks"
+            )
+        slots: list[int] = []
+        for i in range(first, end):
+            slot = self._tier.lookup(block_hashes[i])
+            if slot is None:
+                break
+            slots.append(slot)
+        gpu_ids = gpu_block_ids[first : first + len(slots)]
+        unavailable = gpu_block_ids[first + len(slots) : end]
+        for slot in slots:
+            self._tier.pin(slot)
+        try:
+            self._ctx.touch(gpu_ids)
+        except BaseException:
+            for slot in slots:
+                self._tier.unpin(slot)
+            raise
+        pending = self._new_job("load", gpu_ids, slots, request_id, unavailable)
+        pending.tokens = min(num_external_tokens, len(slots) * bs)
+        self._queued_loads.append(pending.job)
+        self._counts["cpu_hit_blocks"] += len(slots)
+        self._counts["unavailable_blocks"] += len(unavailable)
+        return unavailable
+
+    # -- stores ----------------------------------------------------------------
+    def plan_step(self, blocks_allocated: int) -> StepPlan:
+        """This step's jobs (call once per step, from ``build_connector_meta``).
+
+        ``blocks_allocated``: GPU blocks vLLM allocated since the previous call (new
+        blocks of scheduled requests); it drives the lazy walk. Returns every job
+        planned since the previous call.
+        """
+        if self._mode == "lazy":
+            self._walk(blocks_allocated)
+        plan = StepPlan(self._queued_loads, self._queued_stores)
+        self._queued_loads, self._queued_stores = [], []
+        for job in (*plan.pre_forward_loads, *plan.post_forward_stores):
+            self._jobs[job.job_id].sent = True
+        return plan
+
+    def _walk(self, blocks_allocated: int) -> None:
+        """Lazy stores: keep ``lookahead × EMA(consumption)`` free blocks clean ahead of reuse."""
+        self._rate += _RATE_WEIGHT * (blocks_allocated - self._rate)
+        # The EMA lags a burst; this step's consumption is the better guess for the next one then.
+        demand = max(self._rate, blocks_allocated)
+        target = max(self._min_clean, math.ceil(self._lookahead * demand))
+        self._clean -= blocks_allocated  # vLLM reuses free blocks from the LRU end
+        after = self._resume_point()
+        if after is None:
+            self._cursor, self._free_cursor, self._clean = None, None, 0
+        budget = target - self._clean
+        if budget <= 0:
+            return
+        picks: list[tuple[int, int]] = []
+        visited = 0
+        for view in self._ctx.iter_free_blocks(after_block=after):
+            block_hash = view.block_hash
+            if block_hash is not None and not self._tier.contains(block_hash):
+                slot = self._tier.reserve(block_hash)
+                if slot is None:  # every slot pinned or pending: resume here next step
+                    break
+                picks.append((view.block_id, slot))  # touched below: it leaves the queue
+            else:
+                self._free_cursor = (view.block_id, block_hash)
+            self._cursor = (view.block_id, block_hash)
+            # A stored block returns to its place before the cursor, so it counts as clean.
+            self._clean += 1
+            visited += 1
+            if visited >= budget:
+                break
+        self._counts["walked_blocks"] += visited
+        self._queue_store(picks, None)
+
+    def _resume_point(self) -> int | None:
+        """Where the walk may resume; None to restart from the LRU end.
+
+        After the last visited block if it is free again (its store, if any, finished
+        and put it back in place), else after the last visited block that stayed free
+        (the blocks stored since are out of the queue, so the walk continues behind
+        them). Restart when consumption may have reached that point (the estimate ran
+        out), or it left the queue or was reused meanwhile (its hash changed: a block
+        reused and freed again within one step is back at the MRU end, or the LRU end).
+        """
+        if self._clean <= 0:
+            return None
+        for mark in (self._cursor, self._free_cursor):
+            if mark is not None:
+                view = self._ctx.get_block(mark[0])
+                if view.ref_cnt == 0 and view.block_hash == mark[1]:
+                    return mark[0]
+        return None
+
+    def on_request_finished(self, request: RequestView, block_ids: Sequence[int]) -> None:
+        """vLLM finished or aborted the request (``request_finished``; it still holds ``block_ids``)."""
+        self._unprotect(request.request_id)
+        if self._mode == "eager":
+            self._store_request(request, block_ids, free_only=False)
+
+    def on_request_preempted(self, request: RequestView, block_ids: Sequence[int] = ()) -> None:
+        """vLLM preempted the request; ``block_ids``: the group-0 blocks it held then.
+
+        Protects the request's hashes until it resumes or finishes (bid eviction).
+        Eager mode also stores the blocks still free with the request's hash (some
+        may be reused by now). vLLM has freed the blocks when the connector hears of
+        the preemption, so their ids must be recorded before (the victim hook sees
+        them); without ids (``()``) nothing is stored — lazy mode never needs them.
+        """
+        self._unprotect(request.request_id)
+        hashes = list(request.block_hashes)
+        self._tier.protect(hashes)
+        self._protected[request.request_id] = hashes
+        if self._mode == "eager":
+            self._store_request(request, block_ids, free_only=True)
+
+    def on_request_resumed(self, request_id: str) -> None:
+        """A preempted request was scheduled again: its blocks lose their protection."""
+        self._unprotect(request_id)
+
+    def _unprotect(self, request_id: str) -> None:
+        hashes = self._protected.pop(request_id, None)
+        if hashes is not None:
+            self._tier.unprotect(hashes)
+
+    def _store_request(self, request: RequestView, block_ids: Sequence[int], *, free_only: bool) -> None:
+        picks: list[tuple[int, int]] = []
+        # zip stops at the last full block: only full blocks have a hash.
+        for block_id, block_hash in zip(block_ids, request.block_hashes, strict=False):
+            if self._tier.contains(block_hash):
+                continue
+            view = self._ctx.get_block(block_id)
+            # The GPU block must still carry this hash: it is computed and not reused.
+            if view.is_null or view.block_hash != block_hash or (free_only and view.ref_cnt):
+                continue
+            slot = self._tier.reserve(block_hash)
+            if slot is None:
+                break
+            picks.append((block_id, slot))
+        self._queue_store(picks, request.request_id)
+
+    def _queue_store(self, picks: list[tuple[int, int]], request_id: str | None) -> None:
+        if not picks:
+            return
+        gpu_ids = [block_id for block_id, _ in picks]
+        slots = [slot for _, slot in picks]
+        try:
+            self._ctx.touch(gpu_ids)
+        except BaseException:
+            for slot in slots:
+                self._tier.abort(slot)
+            raise
+        self._queued_stores.append(self._new_job("store", gpu_ids, slots, request_id).job)
+
+    # -- completion --------------------------------------------------------------
+    def complete(self, results: JobResults) -> None:
+        """Apply worker results (``update_connector_output``); releases finished jobs.
+
+        A job is finished when ``world_size`` workers reported it done, or one
+        reported it failed. Reports on finished jobs are ignored (duplicates, or the
+        other workers of a failed job); a job id never planned, or planned but not
+        sent yet, raises ValueError (checked before anything changes).
+        """
+        for job_id in (*results.failed, *results.done):
+            pending = self._jobs.get(job_id)
+            if not 0 <= job_id < self._next_job_id or (pending is not None and not pending.sent):
+                raise ValueError(f"vllm-bidkv: worker reported job {job_id}, which was never sent")
+        for job_id in sorted(results.failed):
+            pending = self._jobs.get(job_id)
+            if pending is not None:
+                self._finish(pending, ok=False)
+        for job_id, count in results.done.items():
+            pending = self._jobs.get(job_id)
+            if pending is None:
+                continue
+            pending.acks += count
+            if pending.acks >= self._world_size:
+                self._finish(pending, ok=True)
+
+    def _finish(self, pending: _Pending, *, ok: bool) -> None:
+        job = pending.job
+        del self._jobs[job.job_id]
+        self._held_gpu_blocks -= len(job.gpu_block_ids)
+        if job.kind == "store":
+            commit = ok and not pending.stale
+            for slot in job.cpu_slots:
+                if commit:
+                    self._tier.commit(slot)
+                else:
+                    self._tier.abort(slot)
+            self._counts["stored_blocks" if commit else "aborted_store_blocks"] += len(job.cpu_slots)
+        else:
+            for slot in job.cpu_slots:
+                self._tier.unpin(slot, drop=not ok)  # a failed load's data is suspect
+            self._counts["loaded_blocks" if ok else "failed_load_blocks"] += len(job.cpu_slots)
+            if ok:
+                self._counts["loaded_tokens"] += pending.tokens
+        # Last block first, as vLLM frees a request's blocks: where the context lets vLLM
+        # place a block (it was held when touched), the request's tail is evicted first.
+        self._ctx.free_blocks(job.gpu_block_ids[::-1])
+
+    # -- misc --------------------------------------------------------------------
+    def reset(self) -> None:
+        """vLLM's ``reset_prefix_cache``: no block stored before it is a hit after it.
+
+        READY entries are dropped (pinned ones when their loads finish) and stores in
+        flight are aborted on completion: after a weight update, old KV in the CPU
+        tier would silently poison new requests.
+        """
+        self._tier.reset()
+        for pending in self._jobs.values():
+            if pending.job.kind == "store":
+                pending.stale = True
+
+    def restorable(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> tuple[int, int]:
+        """``(cpu_tokens, offloadable_tokens)`` of a running request, for the victim policy.
+
+        Walks the request's full blocks in order: a leading run of shared blocks
+        (ref_cnt > 1, they stay on GPU) is skipped; then each block counts as
+        ``cpu`` if the tier holds (or is storing) its hash, else as ``offloadable``
+        if it is private, computed and offload is on (the lazy walk or the eager
+        preemption store parks it); the first block that is neither ends the run
+        (a resume restores a prefix only). Offloadable is capped by the tier size.
+        O(blocks).
+        """
+        cpu = offloadable = 0
+        parks = self._mode != "off"
+        leading_shared = True
+        for block_id, block_hash in zip(block_ids, block_hashes, strict=False):
+            view = self._ctx.get_block(block_id)
+            if leading_shared and view.ref_cnt > 1:
+                continue
+            leading_shared = False
+            if self._tier.contains(block_hash):
+                cpu += 1
+            elif parks and view.ref_cnt == 1 and view.block_hash == block_hash:
+                offloadable += 1
+            else:
+                break
+        offloadable = min(offloadable, max(0, self._tier.num_slots - cpu))
+        return cpu * self._block_size, offloadable * self._block_size
+
+    def pending_jobs(self) -> list[TransferJob]:
+        """Jobs planned and not finished (queued or sent), oldest first."""
+        return [pending.job for pending in self._jobs.values()]
+
+    @property
+    def held_gpu_blocks(self) -> int:
+        """GPU blocks touched by pending jobs (store sources return to the free queue on completion)."""
+        return self._held_gpu_blocks
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counters plus the current holdings."""
+        stats = dict(self._counts)
+        stats["stored_bytes"] = stats["stored_blocks"] * self._block_bytes
+        stats["loaded_bytes"] = stats["loaded_blocks"] * self._block_bytes
+        stats["cpu_evictions"] = self._tier.evictions
+        stats["cpu_blocks_used"] = self._tier.num_used
+        stats["pending_jobs"] = len(self._jobs)
+        stats["pins_held"] = self._tier.num_pins
+        stats["gpu_blocks_held"] = self._held_gpu_blocks
+        return stats
+
+    def _new_job(
+        self,
+        kind: JobKind,
+        gpu_ids: list[int],
+        slots: list[int],
+        request_id: str | None,
+        unavailable: list[int] | None = None,
+    ) -> _Pending:
+        job = TransferJob(self._next_job_id, kind, gpu_ids, slots, request_id, unavailable or [])
+        self._next_job_id += 1
+        pending = _Pending(job)
+        self._jobs[job.job_id] = pending
+        self._held_gpu_blocks += len(gpu_ids)
+        return pending
