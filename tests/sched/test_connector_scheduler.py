@@ -1,0 +1,150 @@
+"""BidKVConnector's scheduler side on vLLM's real Scheduler, with a delayed copy backend.
+
+No model runs here, so a stand-in worker plays the copy backend: it keeps every
+job the connector plans "in flight" for ``delay`` steps before reporting it done
+(or failed) through the real ``update_connector_output`` path. While a job is in
+flight no block it reads or writes may be handed out by vLLM, and no load may read
+a CPU slot whose store has not completed. Start-up refusals are tested here too.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any
+
+import pytest
+import torch
+
+from tests.sched.conftest import add_requests
+from tests.sched.test_victim import assert_drained, connector_config, patched  # noqa: F401
+from vllm_bidkv.connectors.bidkv_connector import BidKVConnector, BidKVWorkerMetadata
+from vllm_bidkv.offload import JobResults
+from vllm_bidkv.patches.standalone import model_output
+
+pytestmark = pytest.mark.sched
+
+
+class DelayedCopyWorker:
+    """Stand-in for the worker's copy backend (a real one needs the model runner)."""
+
+    def __init__(self, delay: int, fail_rate: float = 0.0, seed: int = 0) -> None:
+        self.delay = delay
+        self.fail_rate = fail_rate
+        self.rng = random.Random(seed)
+        self.in_flight: deque[tuple[int, Any]] = deque()  # (step due, job)
+        self.step = 0
+        self.ready_slots: set[int] = set()  # CPU slots whose data a completed store wrote
+        self.loads = 0
+
+    def submit(self, meta: Any) -> None:
+        for job in meta.plan.pre_forward_loads:
+            assert set(job.cpu_slots) <= self.ready_slots, "load reads a slot no completed store wrote"
+            self.loads += 1
+        for job in [*meta.plan.pre_forward_loads, *meta.plan.post_forward_stores]:
+            self.in_flight.append((self.step + self.delay, job))
+
+    def busy_gpu_blocks(self) -> dict[int, str]:
+        return {b: job.kind for _, job in self.in_flight for b in job.gpu_block_ids}
+
+    def finish_due(self) -> Any:
+        self.step += 1
+        results = JobResults()
+        while self.in_flight and self.in_flight[0][0] <= self.step:
+            _, job = self.in_flight.popleft()
+            if self.rng.random() < self.fail_rate:
+                results.failed.add(job.job_id)
+                continue
+            results.done[job.job_id] = 1
+            if job.kind == "store":
+                self.ready_slots.update(job.cpu_slots)
+        return BidKVWorkerMetadata(results)
+
+
+@pytest.mark.parametrize(("mode", "delay", "fail_rate"), [("lazy", 3, 0.0), ("eager", 2, 0.0), ("lazy", 2, 0.2)])
+def test_no_block_reused_or_read_while_a_copy_is_in_flight(
+    make_scheduler: Any, patched: None, mode: str, delay: int, fail_rate: float
+) -> None:
+    from vllm.v1.outputs import KVConnectorOutput
+
+    scheduler = make_scheduler(
+        num_gpu_blocks=40,
+        max_num_seqs=8,
+        kv_transfer_config=connector_config(offload_mode=mode, cpu_bytes=64 * 1024 * 1024),
+    )
+    pool = scheduler.kv_cache_manager.block_pool
+    worker = DelayedCopyWorker(delay, fail_rate)
+    requests = add_requests(scheduler, 24, seed=7, prefix_len=48, lo=40, hi=160, max_out=120)
+    steps = 0
+    while scheduler.has_requests() or worker.in_flight:
+        # A block a store reads must keep its content (hash) and a load's destination its
+        # owner until the copy completes: neither may be free, so vLLM cannot reuse it.
+        busy = worker.busy_gpu_blocks()
+        before = {b: pool.blocks[b].block_hash for b, kind in busy.items() if kind == "store"}
+        out = scheduler.schedule()
+        for block_id in busy:
+            assert pool.blocks[block_id].ref_cnt > 0, f"in-flight block {block_id} is free"
+        for block_id, block_hash in before.items():
+            assert pool.blocks[block_id].block_hash == block_hash, f"block {block_id} reused mid-store"
+        worker.submit(out.kv_connector_metadata)
+        meta = worker.finish_due()
+        kwargs = {"kv_connector_output": KVConnectorOutput(kv_connector_worker_meta=meta)}
+        scheduler.update_from_output(out, model_output(out, requests, **kwargs))
+        steps += 1
+        if steps == 40:  # resend 8 prompts: by now their prefixes live only in the CPU tier
+            for req in list(requests.values())[:8]:
+                clone = add_again(scheduler, req)
+                requests[clone.request_id] = clone
+        assert steps < 5000
+    stats = scheduler.connector.planner_stats()
+    assert worker.loads > 0 and stats["loaded_blocks"] > 0
+    assert stats["pending_jobs"] == 0 and stats["gpu_blocks_held"] == 0
+    assert_drained(scheduler, requests)
+
+
+def add_again(scheduler: Any, request: Any) -> Any:
+    from vllm_bidkv.patches.standalone import make_request
+
+    clone = make_request(
+        request.request_id + "-again", request.prompt_token_ids, request.max_tokens, block_size=scheduler.block_size
+    )
+    scheduler.add_request(clone)
+    return clone
+
+
+def test_cpu_bytes_too_small_for_one_block(make_scheduler: Any) -> None:
+    with pytest.raises(ValueError, match="cpu_bytes"):
+        make_scheduler(kv_transfer_config=connector_config(cpu_bytes=1024))
+
+
+def test_prefix_caching_off_is_refused(make_scheduler: Any) -> None:
+    with pytest.raises(ValueError, match="prefix caching is off"):
+        make_scheduler(enable_prefix_caching=False, kv_transfer_config=connector_config())
+    # Victim selection alone does not need the hashes.
+    scheduler = make_scheduler(enable_prefix_caching=False, kv_transfer_config=connector_config(offload_mode="off"))
+    assert scheduler.connector.config.offload_mode == "off"
+
+
+def test_hybrid_model_is_refused(make_scheduler: Any) -> None:
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+
+    scheduler = make_scheduler(kv_transfer_config=connector_config(offload_mode="off"))
+    full = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+    window = SlidingWindowSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16, sliding_window=64)
+    config = KVCacheConfig(
+        num_blocks=64,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["a"], full), KVCacheGroupSpec(["b"], window)],
+    )
+    scheduler.vllm_config.kv_transfer_config.kv_connector_extra_config = {"offload_mode": "lazy"}
+    with pytest.raises(ValueError, match="one full-attention KV cache group.*SlidingWindowSpec"):
+        BidKVConnector(scheduler.vllm_config, scheduler.connector._role, config)
+
+
+def test_unsupported_kv_layout_is_refused_at_registration(make_scheduler: Any) -> None:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    scheduler = make_scheduler(kv_transfer_config=connector_config(cpu_bytes=64 * 1024 * 1024))
+    worker = BidKVConnector(scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
+    with pytest.raises(ValueError, match="unsupported KV cache layout for layer layers.0.attn"):
+        worker.register_kv_caches({"layers.0.attn": torch.zeros(3, 5)})  # no dim of size num_blocks (64)
