@@ -36,21 +36,74 @@ class _Field:
 
 
 _FIELDS: dict[str, _Field] = {
-    "enabled": _Field(bool, True, "Master switch. False (or `BIDKV_DISABLE=1`): no patch is applied, vLLM runs stock."),
-    "kill_switch": _Field(bool, False, "Patches stay applied but act as stock vLLM: vLLM's victim, no offload. For A/B runs."),
+    "enabled": _Field(
+        bool, True, "Master switch. False (or `BIDKV_DISABLE=1`): no patch is applied, vLLM runs stock."
+    ),
+    "kill_switch": _Field(
+        bool, False, "Patches stay applied but act as stock vLLM: vLLM's victim, no offload. For A/B runs."
+    ),
     "victim_policy": _Field(str, "bidkv", "Who is preempted when KV memory runs out.", VICTIM_POLICIES),
-    "admission": _Field(str, "fcfs", "Order of the waiting queue: vLLM's (`fcfs`) or shortest prompt first (`sjf`).", ADMISSIONS),
-    "offload_mode": _Field(str, "lazy", "`lazy`: park free GPU blocks in the CPU tier just before vLLM reuses them; `eager`: store a request's blocks when it finishes or is preempted; `off`: no CPU tier.", OFFLOAD_MODES),
-    "cpu_bytes": _Field(int, 4 * 2**30, "CPU tier size in bytes (per worker); accepts `8GiB`, `512MiB`.", minimum=1),
-    "cpu_eviction": _Field(str, "lru", "CPU tier eviction: `lru`, or `bid` (keep blocks of preempted requests that will resume).", CPU_EVICTIONS),
-    "copy_backend": _Field(str, "auto", "Block copies: `triton` kernel, batched `torch`, or `auto` (triton on CUDA, torch on CPU).", COPY_BACKENDS),
-    "lazy_lookahead_steps": _Field(float, 2.0, "Lazy offload keeps this many steps' worth of block consumption clean ahead of reuse.", minimum=0.5),
+    "admission": _Field(
+        str,
+        "fcfs",
+        "Order of the waiting queue: vLLM's (`fcfs`) or shortest prompt first (`sjf`).",
+        ADMISSIONS,
+    ),
+    "offload_mode": _Field(
+        str,
+        "lazy",
+        "`lazy`: park free GPU blocks in the CPU tier just before vLLM reuses them; `eager`: store a request's blocks when it finishes or is preempted; `off`: no CPU tier.",
+        OFFLOAD_MODES,
+    ),
+    "cpu_bytes": _Field(
+        int, 4 * 2**30, "CPU tier size in bytes (per worker); accepts `8GiB`, `512MiB`.", minimum=1
+    ),
+    "cpu_eviction": _Field(
+        str,
+        "lru",
+        "CPU tier eviction: `lru`, or `bid` (keep blocks of preempted requests that will resume).",
+        CPU_EVICTIONS,
+    ),
+    "copy_backend": _Field(
+        str,
+        "auto",
+        "Block copies: `triton` kernel, batched `torch`, or `auto` (triton on CUDA, torch on CPU).",
+        COPY_BACKENDS,
+    ),
+    "lazy_lookahead_steps": _Field(
+        float,
+        2.0,
+        "Lazy offload keeps this many steps' worth of block consumption clean ahead of reuse.",
+        minimum=0.5,
+    ),
     "seed": _Field(int, 0, "Seed of the `random` victim policy.", minimum=0),
-    "bid_recompute_cost": _Field(float, 1.0, "δ: cost of recomputing one token (the unit of δ).", minimum=0.0),
-    "bid_attention_cost": _Field(float, 3.3e-5, "δ: extra recompute cost per token per token of context before it (attention's length term; 4·layers·hidden / 2·params for Llama-3-8B).", minimum=0.0),
-    "bid_load_cost": _Field(float, 0.135, "δ: cost of loading one token from the CPU tier (H100: 128 KiB at 50 GB/s vs 16 GFLOP at 800 TFLOP/s).", minimum=0.0),
-    "bid_progress_weight": _Field(float, 64.0, "δ: added per unit of output progress (output/max tokens), so near-finished requests are kept.", minimum=0.0),
-    "bid_starvation_weight": _Field(float, 256.0, "δ: added per earlier preemption of the same request, so no request is starved.", minimum=0.0),
+    "bid_recompute_cost": _Field(
+        float, 1.0, "δ: cost of recomputing one token (the unit of δ).", minimum=0.0
+    ),
+    "bid_attention_cost": _Field(
+        float,
+        3.3e-5,
+        "δ: extra recompute cost per token per token of context before it (attention's length term; 4·layers·hidden / 2·params for Llama-3-8B).",
+        minimum=0.0,
+    ),
+    "bid_load_cost": _Field(
+        float,
+        0.135,
+        "δ: cost of loading one token from the CPU tier (H100: 128 KiB at 50 GB/s vs 16 GFLOP at 800 TFLOP/s).",
+        minimum=0.0,
+    ),
+    "bid_progress_weight": _Field(
+        float,
+        64.0,
+        "δ: added per unit of output progress (output/max tokens), so near-finished requests are kept.",
+        minimum=0.0,
+    ),
+    "bid_starvation_weight": _Field(
+        float,
+        256.0,
+        "δ: added per earlier preemption of the same request, so no request is starved.",
+        minimum=0.0,
+    ),
     "bid_epsilon": _Field(float, 1e-6, "ε in U = r / (δ + ε).", minimum=1e-12),
 }
 
@@ -173,5 +226,6 @@ def markdown_table() -> str:
         values = ", ".join(f"`{c}`" for c in field.choices) if field.choices else field.type.__name__
         if field.minimum is not None:
             values += f" ≥ {field.minimum:g}"
-        rows.append(f"| `{key}` | `BIDKV_{key.upper()}` | `{field.default}` | {values} | {field.doc} |")
+        default = f"{field.default / 2**30:g}GiB" if key == "cpu_bytes" else field.default
+        rows.append(f"| `{key}` | `BIDKV_{key.upper()}` | `{default}` | {values} | {field.doc} |")
     return "\n".join(rows)

@@ -9,17 +9,60 @@ with and without the connector". head_dim 64: the CPU attention backend rejects 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 from pathlib import Path
 
-_WORDS = (
-    "the a kv cache block token prefix request scheduler memory offload load store swap preempt "
-    "victim bid cost gpu cpu tier hash queue free pool step batch decode prefill latency throughput "
-    "system prompt user assistant answer question model layer head attention value key order time"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "kv",
+    "cache",
+    "block",
+    "token",
+    "prefix",
+    "request",
+    "scheduler",
+    "memory",
+    "offload",
+    "load",
+    "store",
+    "swap",
+    "preempt",
+    "victim",
+    "bid",
+    "cost",
+    "gpu",
+    "cpu",
+    "tier",
+    "hash",
+    "queue",
+    "free",
+    "pool",
+    "step",
+    "batch",
+    "decode",
+    "prefill",
+    "latency",
+    "throughput",
+    "system",
+    "prompt",
+    "user",
+    "assistant",
+    "answer",
+    "question",
+    "model",
+    "layer",
+    "head",
+    "attention",
+    "value",
+    "key",
+    "order",
+    "time",
+]
 
 
 def _corpus(seed: int, lines: int = 2000) -> list[str]:
@@ -57,10 +100,8 @@ def tiny_model_dir(
     tmp = root / f".tmp-{digest}-{os.getpid()}"
     _build(tmp, spec)
     (tmp / "done").write_text("ok\n")
-    try:
+    with contextlib.suppress(OSError):  # another process finished first; theirs is identical
         tmp.rename(path)
-    except OSError:  # another process finished first; theirs is identical
-        pass
     return path
 
 
@@ -76,7 +117,9 @@ def _build(path: Path, spec: dict[str, int]) -> None:
         vocab_size=spec["vocab_size"], special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
     )
     tokenizer.train_from_iterator(_corpus(spec["seed"]), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     fast.save_pretrained(path)
 
     torch.manual_seed(spec["seed"])

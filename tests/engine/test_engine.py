@@ -25,7 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def connector(extra: dict[str, Any], by_module_path: bool = False) -> dict[str, Any]:
-    config: dict[str, Any] = {"kv_connector": "BidKVConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+    config: dict[str, Any] = {
+        "kv_connector": "BidKVConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra,
+    }
     if by_module_path:
         config["kv_connector_module_path"] = "vllm_bidkv"
     return config
@@ -52,7 +56,9 @@ def run_engine(spec_json: str, env_json: str = "{}") -> dict[str, Any]:
         return result
 
 
-def engine(kv_transfer_config: dict[str, Any] | None = None, env: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+def engine(
+    kv_transfer_config: dict[str, Any] | None = None, env: dict[str, str] | None = None, **spec: Any
+) -> dict[str, Any]:
     spec["kv_transfer_config"] = kv_transfer_config
     return run_engine(json.dumps(spec, sort_keys=True), json.dumps(env or {}, sort_keys=True))
 
@@ -99,7 +105,9 @@ def test_offload_serves_loads_and_keeps_outputs(stock: dict[str, Any], mode: str
 
 @pytest.mark.parametrize("admission", ADMISSIONS)
 @pytest.mark.parametrize("policy", VICTIM_POLICIES)
-def test_every_strategy_and_admission_keeps_outputs(stock: dict[str, Any], policy: str, admission: str) -> None:
+def test_every_strategy_and_admission_keeps_outputs(
+    stock: dict[str, Any], policy: str, admission: str
+) -> None:
     result = engine(connector({"victim_policy": policy, "admission": admission, "offload_mode": "off"}))
     assert result["outputs"] == stock["outputs"]
     assert result["metrics"]["vllm:bidkv_preemptions"] == result["metrics"]["vllm:num_preemptions"]
@@ -111,4 +119,6 @@ def test_disabled_connector_is_stock(stock: dict[str, Any]) -> None:
     # preemption count may differ from a run without kv_transfer_config; outputs may not.)
     assert result["outputs"] == stock["outputs"]
     assert result["metrics"]["vllm:num_preemptions"] > 0
-    assert "vllm:bidkv_preemptions" not in result["metrics"] or result["metrics"]["vllm:bidkv_preemptions"] == 0
+    assert (
+        "vllm:bidkv_preemptions" not in result["metrics"] or result["metrics"]["vllm:bidkv_preemptions"] == 0
+    )

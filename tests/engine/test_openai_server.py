@@ -46,7 +46,9 @@ def get(url: str) -> str:
 
 
 def counter(metrics: str, name: str) -> float:
-    values = [float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", metrics, re.M)]
+    values = [
+        float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", metrics, re.M)
+    ]
     assert values, f"{name} missing from /metrics"
     return sum(values)
 

@@ -1,14 +1,23 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from vllm_bidkv import patches
 from vllm_bidkv.patches.standalone import build_scheduler, make_request, model_output
 
 BLOCK_SIZE = 16
+
+
+@pytest.fixture
+def patched() -> Iterator[None]:
+    """The runtime patches applied for one test (the plugin does this in real processes)."""
+    patches.apply()
+    yield
+    patches.revert()
 
 
 @pytest.fixture
@@ -30,13 +39,17 @@ def add_requests(
     requests = {}
     for i in range(n):
         prompt = prefix + [rng.randrange(1, 500) for _ in range(rng.randint(lo, hi))]
-        req = make_request(f"req-{seed}-{i}", prompt, rng.randint(4, max_out), block_size=scheduler.block_size)
+        req = make_request(
+            f"req-{seed}-{i}", prompt, rng.randint(4, max_out), block_size=scheduler.block_size
+        )
         requests[req.request_id] = req
         scheduler.add_request(req)
     return requests
 
 
-def run_to_completion(scheduler: Any, requests: dict[str, Any], max_steps: int = 10_000, on_step: Any = None) -> int:
+def run_to_completion(
+    scheduler: Any, requests: dict[str, Any], max_steps: int = 10_000, on_step: Any = None
+) -> int:
     steps = 0
     while scheduler.has_requests():
         out = scheduler.schedule()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.sched.conftest import add_requests
-from tests.sched.test_victim import assert_drained, connector_config, patched  # noqa: F401
+from tests.sched.test_victim import assert_drained, connector_config
 from vllm_bidkv.connectors.bidkv_connector import BidKVConnector, BidKVWorkerMetadata
 from vllm_bidkv.offload import JobResults
 from vllm_bidkv.patches.standalone import model_output
@@ -61,7 +61,9 @@ class DelayedCopyWorker:
         return BidKVWorkerMetadata(results)
 
 
-@pytest.mark.parametrize(("mode", "delay", "fail_rate"), [("lazy", 3, 0.0), ("eager", 2, 0.0), ("lazy", 2, 0.2)])
+@pytest.mark.parametrize(
+    ("mode", "delay", "fail_rate"), [("lazy", 3, 0.0), ("eager", 2, 0.0), ("lazy", 2, 0.2)]
+)
 def test_no_block_reused_or_read_while_a_copy_is_in_flight(
     make_scheduler: Any, patched: None, mode: str, delay: int, fail_rate: float
 ) -> None:
@@ -106,7 +108,10 @@ def add_again(scheduler: Any, request: Any) -> Any:
     from vllm_bidkv.patches.standalone import make_request
 
     clone = make_request(
-        request.request_id + "-again", request.prompt_token_ids, request.max_tokens, block_size=scheduler.block_size
+        request.request_id + "-again",
+        request.prompt_token_ids,
+        request.max_tokens,
+        block_size=scheduler.block_size,
     )
     scheduler.add_request(clone)
     return clone
@@ -121,16 +126,25 @@ def test_prefix_caching_off_is_refused(make_scheduler: Any) -> None:
     with pytest.raises(ValueError, match="prefix caching is off"):
         make_scheduler(enable_prefix_caching=False, kv_transfer_config=connector_config())
     # Victim selection alone does not need the hashes.
-    scheduler = make_scheduler(enable_prefix_caching=False, kv_transfer_config=connector_config(offload_mode="off"))
+    scheduler = make_scheduler(
+        enable_prefix_caching=False, kv_transfer_config=connector_config(offload_mode="off")
+    )
     assert scheduler.connector.config.offload_mode == "off"
 
 
 def test_hybrid_model_is_refused(make_scheduler: Any) -> None:
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        SlidingWindowSpec,
+    )
 
     scheduler = make_scheduler(kv_transfer_config=connector_config(offload_mode="off"))
     full = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
-    window = SlidingWindowSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16, sliding_window=64)
+    window = SlidingWindowSpec(
+        block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16, sliding_window=64
+    )
     config = KVCacheConfig(
         num_blocks=64,
         kv_cache_tensors=[],

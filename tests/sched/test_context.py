@@ -89,7 +89,9 @@ def test_touch_then_free_restores_ref_counts_and_queue_order(busy_scheduler: Any
 
 @settings(max_examples=40, deadline=None)
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 47)), max_size=60), seed=st.integers(0, 3))
-def test_random_touch_free_sequences_keep_pool_consistent(tiny_model: str, ops: list[tuple[bool, int]], seed: int) -> None:
+def test_random_touch_free_sequences_keep_pool_consistent(
+    tiny_model: str, ops: list[tuple[bool, int]], seed: int
+) -> None:
     """Property: any interleaving of touches and frees ends with stock ref counts and queue order."""
     from vllm_bidkv.patches.standalone import build_scheduler
 

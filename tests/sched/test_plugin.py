@@ -64,7 +64,10 @@ def test_apply_and_revert_are_idempotent() -> None:
 
 def test_doctor_json() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "vllm_bidkv.cli", "doctor", "--json"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "vllm_bidkv.cli", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     report = json.loads(out.stdout)
     assert {"vllm_version", "capabilities", "patches", "supported"} <= report.keys()

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.sched.conftest import add_requests, run_to_completion
-from vllm_bidkv import patches
 from vllm_bidkv.config import VICTIM_POLICIES
 from vllm_bidkv.patches import hooks
 from vllm_bidkv.patches.standalone import model_output
 
 pytestmark = pytest.mark.sched
-
-
-@pytest.fixture
-def patched() -> Iterator[None]:
-    patches.apply()
-    yield
-    patches.revert()
 
 
 def connector_config(**extra: Any) -> dict[str, Any]:
@@ -36,7 +27,9 @@ def run_recording(scheduler: Any, requests: dict[str, Any]) -> list[tuple[list[s
     """Run to completion; per step: (scheduled request ids, preempted request ids)."""
     trace: list[tuple[list[str], set[str]]] = []
     run_to_completion(
-        scheduler, requests, on_step=lambda out: trace.append((sorted(out.num_scheduled_tokens), set(out.preempted_req_ids)))
+        scheduler,
+        requests,
+        on_step=lambda out: trace.append((sorted(out.num_scheduled_tokens), set(out.preempted_req_ids))),
     )
     return trace
 
@@ -49,9 +42,13 @@ def assert_drained(scheduler: Any, requests: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("policy", VICTIM_POLICIES)
-def test_strategy_chooses_every_victim_and_run_completes(make_scheduler: Any, patched: None, policy: str) -> None:
+def test_strategy_chooses_every_victim_and_run_completes(
+    make_scheduler: Any, patched: None, policy: str
+) -> None:
     scheduler = make_scheduler(
-        num_gpu_blocks=28, max_num_seqs=8, kv_transfer_config=connector_config(victim_policy=policy, offload_mode="off")
+        num_gpu_blocks=28,
+        max_num_seqs=8,
+        kv_transfer_config=connector_config(victim_policy=policy, offload_mode="off"),
     )
     connector = scheduler.connector
     assert connector.scheduler_context is not None
@@ -84,9 +81,13 @@ def test_strategy_chooses_every_victim_and_run_completes(make_scheduler: Any, pa
 
 def test_vllm_default_schedules_exactly_like_stock(make_scheduler: Any, patched: None) -> None:
     stock = make_scheduler(num_gpu_blocks=28, max_num_seqs=8)
-    stock_trace = run_recording(stock, add_requests(stock, 24, seed=5, prefix_len=32, lo=40, hi=160, max_out=120))
+    stock_trace = run_recording(
+        stock, add_requests(stock, 24, seed=5, prefix_len=32, lo=40, hi=160, max_out=120)
+    )
     ours = make_scheduler(
-        num_gpu_blocks=28, max_num_seqs=8, kv_transfer_config=connector_config(victim_policy="vllm-default", offload_mode="off")
+        num_gpu_blocks=28,
+        max_num_seqs=8,
+        kv_transfer_config=connector_config(victim_policy="vllm-default", offload_mode="off"),
     )
     requests = add_requests(ours, 24, seed=5, prefix_len=32, lo=40, hi=160, max_out=120)
     assert run_recording(ours, requests) == stock_trace
@@ -106,15 +107,21 @@ def test_largest_first_differs_from_lifo(make_scheduler: Any, patched: None) -> 
     traces = {}
     for policy in ("vllm-default", "largest-first"):
         scheduler = make_scheduler(
-            num_gpu_blocks=28, max_num_seqs=8, kv_transfer_config=connector_config(victim_policy=policy, offload_mode="off")
+            num_gpu_blocks=28,
+            max_num_seqs=8,
+            kv_transfer_config=connector_config(victim_policy=policy, offload_mode="off"),
         )
-        traces[policy] = run_recording(scheduler, add_requests(scheduler, 24, seed=3, prefix_len=32, lo=40, hi=160, max_out=120))
+        traces[policy] = run_recording(
+            scheduler, add_requests(scheduler, 24, seed=3, prefix_len=32, lo=40, hi=160, max_out=120)
+        )
     assert traces["vllm-default"] != traces["largest-first"]
 
 
 def test_sjf_admission_orders_waiting_by_prompt_length(make_scheduler: Any, patched: None) -> None:
     scheduler = make_scheduler(
-        num_gpu_blocks=200, max_num_seqs=2, kv_transfer_config=connector_config(admission="sjf", offload_mode="off")
+        num_gpu_blocks=200,
+        max_num_seqs=2,
+        kv_transfer_config=connector_config(admission="sjf", offload_mode="off"),
     )
     requests = add_requests(scheduler, 10, seed=9, lo=10, hi=200)
     waiting = list(scheduler.connector.scheduler_context.waiting())

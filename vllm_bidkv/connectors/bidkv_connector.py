@@ -78,7 +78,11 @@ def _check_offload(vllm_config: Any, kv_cache_config: Any, caps: Capabilities, c
         raise ValueError("vllm-bidkv: offload needs the KV cache config (vLLM >= 0.13)")
     groups = kv_cache_config.kv_cache_groups
     spec = groups[0].kv_cache_spec if groups else None
-    if len(groups) != 1 or type(spec).__name__ != "FullAttentionSpec" or getattr(spec, "sliding_window", None):
+    if (
+        len(groups) != 1
+        or type(spec).__name__ != "FullAttentionSpec"
+        or getattr(spec, "sliding_window", None)
+    ):
         kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
         raise ValueError(
             f"vllm-bidkv: the CPU tier supports one full-attention KV cache group; this model has [{kinds}] "
@@ -104,7 +108,9 @@ class BidKVConnector(KVConnectorBase_V1):
             transfer = vllm_config.kv_transfer_config
             if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
                 # A CPU tier is a cache: a block that fails to load is recomputed, never fatal.
-                logger.warning("vllm-bidkv: kv_load_failure_policy=%r -> 'recompute'", transfer.kv_load_failure_policy)
+                logger.warning(
+                    "vllm-bidkv: kv_load_failure_policy=%r -> 'recompute'", transfer.kv_load_failure_policy
+                )
                 transfer.kv_load_failure_policy = "recompute"
         self._block_size = vllm_config.cache_config.block_size
         # scheduler role
@@ -276,7 +282,9 @@ class BidKVConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete on the compute stream before the forward starts
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         return  # stores run once per step, after the forward (wait_for_save)
 
     def wait_for_save(self) -> None:
@@ -322,13 +330,15 @@ def _resumed_req_ids(cached: Any) -> Sequence[str]:
     if resumed is not None:
         return list(resumed)
     flags = getattr(cached, "resumed_from_preemption", ())
-    return [req_id for req_id, flag in zip(cached.req_ids, flags) if flag]
+    return [req_id for req_id, flag in zip(cached.req_ids, flags, strict=True) if flag]
 
 
 class _CopyWorker:
     """The worker's CPU tier bytes and the copies of one step's jobs."""
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], num_gpu_blocks: int, num_slots: int, config: BidKVConfig):
+    def __init__(
+        self, kv_caches: dict[str, torch.Tensor], num_gpu_blocks: int, num_slots: int, config: BidKVConfig
+    ):
         from vllm_bidkv.kernels import allocate_like, block_views
 
         seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -352,10 +362,15 @@ class _CopyWorker:
         self._inflight: list[tuple[list[int], Any]] = []
         self._store_stream = torch.cuda.Stream() if self._cuda else None
         logger.info(
-            "vllm-bidkv: CPU tier %d blocks x %d B = %.2f GiB", num_slots, self._row_bytes, num_slots * self._row_bytes / 2**30
+            "vllm-bidkv: CPU tier %d blocks x %d B = %.2f GiB",
+            num_slots,
+            self._row_bytes,
+            num_slots * self._row_bytes / 2**30,
         )
 
-    def _copy(self, src: list[torch.Tensor], dst: list[torch.Tensor], src_ids: list[int], dst_ids: list[int]) -> None:
+    def _copy(
+        self, src: list[torch.Tensor], dst: list[torch.Tensor], src_ids: list[int], dst_ids: list[int]
+    ) -> None:
         from vllm_bidkv.kernels import copy_blocks
 
         copy_blocks(src, dst, src_ids, dst_ids, backend=self._backend)
