@@ -1,0 +1,50 @@
+"""The copy benchmark's output format, and that importing the kernels does not import triton."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_bidkv.kernels import bench
+
+pytestmark = pytest.mark.kernels
+
+
+def test_run_copy_bench_writes_results_and_machine(tmp_path: Path) -> None:
+    json_path = tmp_path / "copy.json"
+    report = bench.run_copy_bench(
+        str(json_path), block_counts=[4], block_sizes_bytes=[4096], layers=2, repeats=2, verbose=False
+    )
+    assert json.loads(json_path.read_text()) == report
+    (row,) = report["results"]
+    assert row["backend"] == "torch" and row["blocks"] == 4 and row["block_bytes"] == 4096
+    assert row["gbps"] > 0 and row["ratio_to_memcpy"] > 0 and row["memcpy_gbps"] > 0
+    assert report["machine"]["torch"] and report["machine"]["device"] == "cpu"
+
+
+def test_cli_arguments_reach_the_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_cli_args(parser)
+    json_path = tmp_path / "copy.json"
+    args = parser.parse_args(
+        ["--json", str(json_path), "--blocks", "2", "--block-kib", "4", "--layers", "1", "--repeats", "1"]
+    )
+    assert bench.main(args) == 0
+    assert "ratio" in capsys.readouterr().out
+    assert [row["blocks"] for row in json.loads(json_path.read_text())["results"]] == [2]
+
+
+def test_importing_and_copying_on_cpu_does_not_import_triton() -> None:
+    code = (
+        "import sys, torch\n"
+        "from vllm_bidkv.kernels import block_views, copy_blocks\n"
+        "views = block_views(torch.zeros(5, 4, 8), 5)\n"
+        "copy_blocks(views, views, [0], [1])\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
