@@ -24,7 +24,11 @@ def doctor_report() -> dict[str, Any]:
         import vllm  # noqa: F401
     except ImportError as err:
         report.update(
-            vllm_version=None, capabilities={}, patches=[], supported=False, verdict=f"vLLM not importable: {err}"
+            vllm_version=None,
+            capabilities={},
+            patches=[],
+            supported=False,
+            verdict=f"vLLM not importable: {err}",
         )
         return report
     from vllm_bidkv import patches

@@ -4,6 +4,8 @@
 victim hook and admission queue are per-instance, see ``hooks``), ``revert()``
 removes them, ``applied()`` lists what is in place. All are idempotent. With
 ``BIDKV_DISABLE=1`` / ``enabled: false`` nothing is applied and vLLM is stock.
+On a vLLM built with the source patch (top-level ``patches/``) nothing is
+applied either: vLLM binds the connector and asks it for victims itself.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ def apply(config: BidKVConfig | None = None) -> list[str]:
     config = config or BidKVConfig.from_sources()
     if not config.enabled:
         return []
-    require_supported()
+    if require_supported().vllm_binds_context:
+        # A vLLM carrying patches/vllm-*-scheduler-context.patch binds the connector itself.
+        return []
     from vllm_bidkv.patches import hooks
 
     hooks.install_bind_hook()

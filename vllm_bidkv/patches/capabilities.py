@@ -17,8 +17,8 @@ from typing import Any
 
 logger = logging.getLogger("vllm_bidkv")
 
-# Releases the CI matrix runs (ci/releases.txt); keep the two lists equal.
-TESTED_RELEASES = ("0.32.0",)
+# Releases the CI matrix runs (ci/releases.toml; tests/sched/test_capabilities.py keeps them equal).
+TESTED_RELEASES = ("0.13.0", "0.15.1", "0.19.1", "0.22.1", "0.25.1", "0.28.0", "0.32.0", "0.33.0")
 
 
 class UnsupportedVLLMError(RuntimeError):
@@ -34,14 +34,24 @@ class Capabilities:
     scheduler_running_list: bool  # Scheduler keeps `running` as a list and `kv_cache_manager`
     allocate_slots: bool  # KVCacheManager.allocate_slots (the victim hook wraps it)
     free_queue_linked_list: bool  # FreeKVCacheBlockQueue with fake_free_list_head (LRU walk)
+    connector_prom_metrics: bool  # KVConnectorPromMetrics (0.13+): the connector's metrics subclass it
     # Shape differences the adapter handles.
     touch_takes_group_tuple: bool  # BlockPool.touch((blocks,)) up to 0.13; flat list after
     free_queue_iter_blocks_after: bool  # iter_blocks_after (0.28+); else walk the links by hand
+    # BlockPool.free_blocks puts unhashed blocks at the LRU head (0.25+); before, every freed
+    # block goes to the MRU tail. Only tests that predict vLLM's free order need it.
+    free_blocks_prepends_unhashed: bool
     bind_hook: str  # "bind_kv_cache_manager" (0.30+), "bind_gpu_block_pool" (0.19+), "" before
     preempt_drop_stale_output: bool  # _preempt_request(..., drop_stale_output) (0.28+)
-    request_blocks_can_be_freed: bool  # Scheduler._request_blocks_can_be_freed guard (0.25+)
+    request_blocks_can_be_freed: bool  # Scheduler._request_blocks_can_be_freed guard (0.30+)
     connector_worker_meta: bool  # build_connector_worker_meta (0.19+): async store completions
     connector_takes_kv_cache_config: bool  # __init__(vllm_config, role, kv_cache_config) (0.13+)
+    # A vLLM carrying patches/vllm-*-scheduler-context.patch binds the connector itself
+    # (and asks it for victims and admission order): the runtime patches stand down.
+    vllm_binds_context: bool
+    # Only the standalone Scheduler driver needs these.
+    request_takes_eos_token_id: bool  # Request(..., eos_token_id) is required up to 0.15
+    model_output_needs_logprobs: bool  # ModelRunnerOutput(logprobs=, ...) has no defaults up to 0.13
 
     REQUIRED = (
         "connector_base_v1",
@@ -49,6 +59,7 @@ class Capabilities:
         "scheduler_running_list",
         "allocate_slots",
         "free_queue_linked_list",
+        "connector_prom_metrics",
     )
 
     def missing(self) -> list[str]:
@@ -80,6 +91,14 @@ def _params(fn: Any) -> list[str]:
         return []
 
 
+def _has_no_default(cls: Any, field: str) -> bool:
+    try:
+        param = inspect.signature(cls).parameters.get(field)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
 @functools.cache
 def probe() -> Capabilities:
     """Probe the installed vLLM once per process."""
@@ -96,13 +115,21 @@ def probe() -> Capabilities:
         has_register = hasattr(KVConnectorFactory, "register_connector")
     except ImportError:
         has_register = False
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics  # noqa: F401
+
+        has_prom_metrics = True
+    except ImportError:
+        has_prom_metrics = False
     from vllm.v1.core import kv_cache_utils
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
 
     queue_cls = kv_cache_utils.FreeKVCacheBlockQueue
-    init_src = inspect.getsource(Scheduler.__init__)
+    init_src = inspect.getsource(inspect.unwrap(Scheduler.__init__))  # vLLM's, not our bind hook
     schedule_src = inspect.getsource(Scheduler.schedule)
     touch_src = inspect.getsource(BlockPool.touch)
     base = KVConnectorBase_V1
@@ -115,15 +142,21 @@ def probe() -> Capabilities:
         allocate_slots=hasattr(KVCacheManager, "allocate_slots")
         and "kv_cache_manager.allocate_slots" in schedule_src,
         free_queue_linked_list="fake_free_list_head" in inspect.getsource(queue_cls.__init__),
+        connector_prom_metrics=has_prom_metrics,
         touch_takes_group_tuple="tuple[" in touch_src.split(")")[0] or "for blocks_per_group in" in touch_src,
         free_queue_iter_blocks_after=hasattr(queue_cls, "iter_blocks_after"),
+        free_blocks_prepends_unhashed="prepend_n" in inspect.getsource(BlockPool.free_blocks),
         bind_hook=next(
             (name for name in ("bind_kv_cache_manager", "bind_gpu_block_pool") if f".{name}(" in init_src), ""
         ),
-        preempt_drop_stale_output="drop_stale_output" in _params(getattr(Scheduler, "_preempt_request", None)),
+        preempt_drop_stale_output="drop_stale_output"
+        in _params(getattr(Scheduler, "_preempt_request", None)),
         request_blocks_can_be_freed=hasattr(Scheduler, "_request_blocks_can_be_freed"),
         connector_worker_meta=base is not None and hasattr(base, "build_connector_worker_meta"),
         connector_takes_kv_cache_config=base is not None and "kv_cache_config" in _params(base.__init__),
+        vllm_binds_context=hasattr(base, "bind_scheduler_context") and ".bind_scheduler_context(" in init_src,
+        request_takes_eos_token_id="eos_token_id" in _params(Request.__init__),
+        model_output_needs_logprobs=_has_no_default(ModelRunnerOutput, "logprobs"),
     )
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from vllm_bidkv.patches.adapter import BlockPoolContext
+from vllm_bidkv.patches.capabilities import probe
 
 logger = logging.getLogger("vllm_bidkv")
 
@@ -95,6 +96,8 @@ def install_victim_hook(scheduler: Any, choose: VictimChooser) -> bool:
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
     from vllm.v1.request import RequestStatus
 
+    if probe().vllm_binds_context:  # the source-patched Scheduler asks connector.choose_victim
+        return False
     if scheduler.policy != SchedulingPolicy.FCFS:
         logger.warning("vllm-bidkv: scheduling policy %s keeps vLLM's own victims", scheduler.policy)
         return False
@@ -122,7 +125,7 @@ def _reorder_for_victim(running: list[Any], request: Any, choose: VictimChooser,
     if not preemptible:
         return
     victim = choose(preemptible)
-    if victim is running[-1]:
+    if victim is None or victim is running[-1]:  # None: keep vLLM's choice
         return
     index = next(i for i in range(len(running) - 1, start - 1, -1) if running[i] is victim)
     running.append(running.pop(index))

@@ -13,6 +13,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vllm_bidkv.patches.capabilities import probe
+
 
 def build_scheduler(
     model_dir: str,
@@ -98,6 +100,7 @@ def make_request(
         init_none_hash(sha256_cbor)
         _HASHERS[block_size] = get_request_block_hasher(block_size, sha256_cbor)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    version_args = {"eos_token_id": None} if probe().request_takes_eos_token_id else {}
     return Request(
         request_id=request_id,
         prompt_token_ids=list(prompt_token_ids),
@@ -106,6 +109,7 @@ def make_request(
         arrival_time=time.time() if arrival_time is None else arrival_time,
         priority=priority,
         block_hasher=_HASHERS[block_size],
+        **version_args,
     )
 
 
@@ -119,6 +123,8 @@ def model_output(scheduler_output: Any, requests: Mapping[str, Any], token_id: i
         req = requests[req_id]
         done = req.num_computed_tokens >= req.num_tokens  # already advanced by schedule()
         sampled.append([token_id] if done else [])
+    if probe().model_output_needs_logprobs:
+        kwargs = {"logprobs": None, "prompt_logprobs_dict": {}, "pooler_output": [], **kwargs}
     return ModelRunnerOutput(
         req_ids=req_ids,
         req_id_to_index={r: i for i, r in enumerate(req_ids)},

@@ -1,0 +1,475 @@
+"""The vLLM release matrix: one environment per release in ci/releases.toml, its tiers, docs/COMPAT.md.
+
+    .venv/bin/python ci/matrix.py [--jobs N] [--only VERSION ...] [--render-only]
+
+Environments and downloads are cached under ``$BIDKV_CI_CACHE`` (default
+``~/.cache/vllm-bidkv-ci``), outside the work tree because CI runs in a fresh clone on
+the same machine. Each release's result (per tier: counts, seconds, failures; the
+capability table; setup and test wall time) goes to ``<cache>/results.json``;
+docs/COMPAT.md and docs/SUPPORTED.txt are rendered from it. Exit status 1 if any
+listed release could not be installed or any of its tiers failed (or ran no test).
+Releases with the engine tier run one at a time (an engine uses both cores);
+Scheduler-level ones run ``--jobs`` at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+CI_DIR = REPO / "ci"
+TIER_ORDER = ("unit", "sched", "engine", "kernels")
+# Installed into `venv` releases at the main .venv's versions, so every release runs the same tests.
+TEST_TOOLS = ("pytest", "hypothesis", "matplotlib")
+# Long enough for the slowest healthy run with margin; a hang must not eat CI's budget.
+TIMEOUT_S = {"full": 1800, "sched": 900}
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    package: str
+    version: str
+    install: str
+    tiers: tuple[str, ...]
+    extra: tuple[str, ...] = ()
+    uninstall: tuple[str, ...] = ()
+    source_patch: str = ""
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.package}-{self.version}" + ("-patched" if self.source_patch else "")
+
+    @property
+    def label(self) -> str:
+        return f"{self.package} {self.version}" + (" + source patch" if self.source_patch else "")
+
+    @property
+    def full(self) -> bool:
+        return "engine" in self.tiers
+
+    def spec_hash(self) -> str:
+        """Changes whenever the environment must be rebuilt."""
+        spec = dataclasses.asdict(self)
+        if self.source_patch:
+            spec["patch_sha"] = hashlib.sha256((REPO / self.source_patch).read_bytes()).hexdigest()
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: Path = CI_DIR / "releases.toml") -> tuple[list[Release], dict[str, Any]]:
+    data = tomllib.loads(path.read_text())
+    releases = [
+        Release(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+        for entry in data["release"]
+    ]
+    return releases, data["floor"]
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+# -- environments -----------------------------------------------------------------
+@dataclasses.dataclass
+class Env:
+    python: str
+    env: dict[str, str]
+
+
+class SetupError(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], log: Path, **kwargs: Any) -> None:
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kwargs)
+    if proc.returncode != 0:
+        raise SetupError(f"`{' '.join(cmd[:6])} ...` failed ({proc.returncode}); see {log}")
+
+
+def _pip(python: str, command: str, *args: str) -> list[str]:
+    progress = ["--progress-bar", "off"] if command in ("install", "download") else []
+    return [python, "-m", "pip", command, "--disable-pip-version-check", *progress, *args]
+
+
+def build_env(release: Release, cache: Path, log: Path) -> Env:
+    base = dict(os.environ, PIP_CACHE_DIR=str(cache / "pip"))
+    if release.install == "main":
+        found = importlib.metadata.version(release.package)
+        if found != release.version:
+            raise SetupError(
+                f"main .venv has {release.package} {found}, releases.toml says {release.version}"
+            )
+        return Env(sys.executable, base)
+    root = cache / "envs" / release.key
+    tools = (
+        [f"{name}=={importlib.metadata.version(name)}" for name in TEST_TOOLS]
+        if release.install == "venv"
+        else []
+    )
+    spec = release.spec_hash() + "".join(f" {t}" for t in tools)
+    stamp = root / ".ci-spec"
+    fresh = not (stamp.exists() and stamp.read_text() == spec)
+    if release.install == "venv":
+        python = str(root / "bin" / "python")
+        if fresh:
+            shutil.rmtree(root, ignore_errors=True)
+            _run([sys.executable, "-m", "venv", str(root)], log)
+            _run(_pip(python, "install", f"{release.package}=={release.version}", *tools), log, env=base)
+            if release.uninstall:
+                _run(_pip(python, "uninstall", "-y", *release.uninstall), log, env=base)
+            stamp.write_text(spec)
+        # Editable, every run: the cached venv must test this checkout, wherever it is.
+        _run(_pip(python, "install", "--no-deps", "--no-build-isolation", "-e", str(REPO)), log, env=base)
+        return Env(python, base)
+    if release.install != "target":
+        raise SetupError(f"unknown install kind {release.install!r}")
+    if fresh:
+        wheels = cache / "wheels"
+        reqs = [f"{release.package}=={release.version}", *release.extra]
+        _run(_pip(sys.executable, "download", "--no-deps", "-d", str(wheels), *reqs), log, env=base)
+        shutil.rmtree(root, ignore_errors=True)
+        _run(
+            _pip(
+                sys.executable,
+                "install",
+                "--no-deps",
+                "--no-index",
+                "--find-links",
+                str(wheels),
+                "--target",
+                str(root),
+                *reqs,
+            ),
+            log,
+            env=base,
+        )
+        if release.source_patch:
+            # The ceiling keeps git from finding an enclosing repository (the cache may sit in one).
+            git_env = dict(base, GIT_CEILING_DIRECTORIES=str(root.parent))
+            _run(["git", "apply", "--verbose", str(REPO / release.source_patch)], log, cwd=root, env=git_env)
+        stamp.write_text(spec)
+    pythonpath = os.pathsep.join(p for p in (str(root), base.get("PYTHONPATH", "")) if p)
+    return Env(sys.executable, dict(base, PYTHONPATH=pythonpath))
+
+
+# -- tiers ---------------------------------------------------------------------------
+def run_tiers(release: Release, env: Env, out: Path, log: Path, single_thread: bool) -> dict[str, Any]:
+    if release.tiers == ("refused",):
+        return _check_refused(release, env, log)
+    report = out / f"{release.key}.tiers.json"
+    report.unlink(missing_ok=True)
+    run_env = dict(
+        env.env,
+        BIDKV_TIER_REPORT=str(report),
+        PYTHONPATH=os.pathsep.join(p for p in (str(CI_DIR), env.env.get("PYTHONPATH", "")) if p),
+    )
+    if single_thread:  # two releases share the two cores
+        run_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [
+        env.python,
+        "-m",
+        "pytest",
+        "-m",
+        " or ".join(release.tiers),
+        "-p",
+        "tier_report",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+    ]
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            subprocess.run(
+                cmd,
+                cwd=REPO,
+                env=run_env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=TIMEOUT_S["full" if release.full else "sched"],
+            )
+        except subprocess.TimeoutExpired:
+            return {"tiers": {t: _failed_tier("timed out") for t in release.tiers}}
+    if not report.exists():
+        return {"tiers": {t: _failed_tier("pytest wrote no report (crashed?)") for t in release.tiers}}
+    data = json.loads(report.read_text())
+    tiers: dict[str, Any] = {}
+    for name in release.tiers:
+        tier = data["tiers"].get(name) or _failed_tier("no test ran")
+        if data["exitstatus"] not in (0, 1):  # 2: collection error or interrupted; tests may be missing
+            tier.update(ok=False, reason=f"pytest exit status {data['exitstatus']}")
+        elif "ok" not in tier:
+            tier["ok"] = tier["failed"] == tier["error"] == 0 and tier["passed"] > 0
+            tier["reason"] = "" if tier["ok"] else ("failures" if tier["failures"] else "no test passed")
+        tiers[name] = tier
+    return {"tiers": tiers, "capabilities": data.get("capabilities")}
+
+
+def _failed_tier(reason: str) -> dict[str, Any]:
+    return {
+        "passed": 0,
+        "failed": 0,
+        "error": 0,
+        "skipped": 0,
+        "seconds": 0.0,
+        "failures": [],
+        "ok": False,
+        "reason": reason,
+    }
+
+
+def _check_refused(release: Release, env: Env, log: Path) -> dict[str, Any]:
+    """Below the floor: doctor must answer "unsupported" and name the missing capability."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [env.python, "-m", "vllm_bidkv.cli", "doctor"],
+        cwd=REPO,
+        env=env.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    with log.open("a") as f:
+        f.write(proc.stdout + proc.stderr)
+    verdict = next((ln.split(": ", 1)[1] for ln in proc.stdout.splitlines() if ln.startswith("vLLM ")), "")
+    ok = proc.returncode == 1 and verdict.startswith(f"unsupported: vLLM {release.version} lacks ")
+    tier = {
+        "passed": int(ok),
+        "failed": int(not ok),
+        "error": 0,
+        "skipped": 0,
+        "failures": [] if ok else ["doctor"],
+    }
+    tier.update(seconds=round(time.monotonic() - start, 2), ok=ok, reason=verdict or "no verdict")
+    return {"tiers": {"refused": tier}, "capabilities": {"verdict": verdict}}
+
+
+def run_release(release: Release, cache: Path, single_thread: bool) -> dict[str, Any]:
+    out = cache / "results"
+    log = out / f"{release.key}.log"
+    log.write_text("")
+    result: dict[str, Any] = {"key": release.key, "label": release.label, **dataclasses.asdict(release)}
+    start = time.monotonic()
+    try:
+        env = build_env(release, cache, log)
+    except (SetupError, OSError, importlib.metadata.PackageNotFoundError) as err:
+        result.update(
+            setup_error=str(err), ok=False, tiers={t: _failed_tier("not installed") for t in release.tiers}
+        )
+        result["setup_seconds"] = round(time.monotonic() - start, 1)
+        return result
+    result["setup_seconds"] = round(time.monotonic() - start, 1)
+    start = time.monotonic()
+    result.update(run_tiers(release, env, out, log, single_thread))
+    result["test_seconds"] = round(time.monotonic() - start, 1)
+    if release.source_patch and not (result.get("capabilities") or {}).get("vllm_binds_context"):
+        # Else the tests would pass on stock sources and prove nothing about the patch.
+        for tier in result["tiers"].values():
+            tier.update(ok=False, reason="the source patch is not in effect")
+    result["ok"] = all(t["ok"] for t in result["tiers"].values())
+    return result
+
+
+# -- rendering -------------------------------------------------------------------------
+def _cell(tier: dict[str, Any] | None) -> str:
+    if tier is None:
+        return "–"
+    if tier["ok"]:
+        return f"✅ {tier['passed']} ({tier['seconds']:.0f} s)"
+    bad = tier["failed"] + tier["error"]
+    return f"❌ {bad}/{tier['passed'] + bad} ({tier['reason']})"
+
+
+def supported_line(results: list[dict[str, Any]], floor: dict[str, Any]) -> str:
+    passing = [r for r in results if r["ok"] and r["tiers"].keys() != {"refused"}]
+    versions = sorted({r["version"] for r in passing}, key=_version_key)
+    engine = sorted({r["version"] for r in passing if "engine" in r["tiers"]}, key=_version_key)
+    if not versions:
+        return "Supported vLLM versions: none passed CI."
+    return (
+        f"Supported vLLM versions: {floor['version']} – {versions[-1]} "
+        f"(CI runs the Scheduler-level tests on {', '.join(versions)} and the CPU engine on "
+        f"{', '.join(engine)}; other releases are probed at start-up and refused if a capability is missing)."
+    )
+
+
+def render_compat(results: list[dict[str, Any]], floor: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        "# vLLM compatibility",
+        "",
+        "<!-- Generated by ci/matrix.py from its results.json; do not edit by hand. -->",
+        "",
+        supported_line(results, floor),
+        "",
+        f"Last matrix run: {meta['date']}, commit `{meta['commit']}`, {meta['total_seconds'] / 60:.1f} min "
+        f"on {meta['cpus']} cores (`{meta['argv']}`).",
+        "",
+        "| release | install | " + " | ".join(TIER_ORDER) + " | setup | tests | verdict |",
+        "|---|---|" + "---|" * len(TIER_ORDER) + "---|---|---|",
+    ]
+    for r in results:
+        tiers = r["tiers"]
+        cells = [_cell(tiers.get(t)) for t in TIER_ORDER]
+        if "refused" in tiers:
+            cells = [_cell(tiers["refused"])] + ["–"] * (len(TIER_ORDER) - 1)
+        verdict = (r.get("capabilities") or {}).get("verdict", r.get("setup_error", "?"))
+        note = f" — {r['note']}" if r.get("note") else ""
+        lines.append(
+            f"| {r['label']} | {r['install']} | {' | '.join(cells)} | {r.get('setup_seconds', 0):.0f} s "
+            f"| {r.get('test_seconds', 0):.0f} s | {verdict}{note} |"
+        )
+    lines += [
+        "",
+        "Install kinds: `main` = the project's .venv; `venv` = its own virtualenv with its real "
+        "dependencies; `target` = `pip install --no-deps --target` over the main .venv (Python "
+        "sources only, so Scheduler-level tiers only). The `unit` tier never imports vLLM and runs "
+        "where the engine does. For `refused`, `vllm-bidkv doctor` must answer *unsupported*.",
+        "",
+        "## The floor",
+        "",
+        floor["why"].strip(),
+        "",
+    ]
+    lines += _capability_table(results)
+    failures = [(r["label"], f) for r in results for t in r["tiers"].values() for f in t["failures"]]
+    failures += [(r["label"], r["setup_error"]) for r in results if r.get("setup_error")]
+    if failures:
+        lines += ["", "## Failures", ""] + [f"- {label}: `{what}`" for label, what in failures]
+    return "\n".join(lines) + "\n"
+
+
+def _capability_table(results: list[dict[str, Any]]) -> list[str]:
+    probed = [
+        (r["label"], r["capabilities"])
+        for r in results
+        if r.get("capabilities") and len(r["capabilities"]) > 1
+    ]
+    if not probed:
+        return []
+    names = [n for n in probed[0][1] if n not in ("vllm_version", "verdict")]
+    lines = [
+        "## Capabilities per release",
+        "",
+        "Probed from the live classes by `vllm_bidkv.patches.capabilities` in each environment.",
+        "",
+        "| capability | " + " | ".join(label for label, _ in probed) + " |",
+        "|---|" + "---|" * len(probed),
+    ]
+    for name in names:
+        lines.append(f"| `{name}` | " + " | ".join(_fmt(caps.get(name)) for _, caps in probed) + " |")
+    return lines
+
+
+def _fmt(value: Any) -> str:
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    return f"`{value}`" if value else "–"
+
+
+def _meta(argv: list[str], total_seconds: float) -> dict[str, Any]:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit.strip() or "unknown",
+        "cpus": os.cpu_count(),
+        "argv": " ".join(["ci/matrix.py", *argv]),
+        "total_seconds": round(total_seconds, 1),
+    }
+
+
+def write_docs(results: list[dict[str, Any]], floor: dict[str, Any], meta: dict[str, Any]) -> None:
+    (REPO / "docs").mkdir(exist_ok=True)
+    (REPO / "docs" / "COMPAT.md").write_text(render_compat(results, floor, meta))
+    (REPO / "docs" / "SUPPORTED.txt").write_text(supported_line(results, floor) + "\n")
+
+
+# -- main ------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="Scheduler-level releases at once"
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="KEY", help="run only these (release keys or versions); no docs"
+    )
+    parser.add_argument(
+        "--render-only", action="store_true", help="re-render the docs from the last results.json"
+    )
+    args = parser.parse_args(argv)
+
+    cache = Path(os.environ.get("BIDKV_CI_CACHE") or Path.home() / ".cache" / "vllm-bidkv-ci")
+    (cache / "results").mkdir(parents=True, exist_ok=True)
+    results_path = cache / "results.json"
+    releases, floor = load_config()
+    if args.render_only:
+        saved = json.loads(results_path.read_text())
+        write_docs(saved["results"], floor, saved["meta"])
+        return 0 if all(r["ok"] for r in saved["results"]) else 1
+    if args.only:
+        releases = [r for r in releases if r.key in args.only or r.version in args.only]
+        if not releases:
+            parser.error(f"no release matches {args.only}")
+
+    start = time.monotonic()
+    # Build the tiny model once, before parallel runs would each build it.
+    subprocess.run(
+        [sys.executable, "-c", "from vllm_bidkv.tiny_model import tiny_model_dir; tiny_model_dir()"],
+        check=True,
+    )
+    results: dict[str, dict[str, Any]] = {}
+
+    def run(release: Release, single_thread: bool) -> None:
+        print(f"[matrix] {release.label}: start", flush=True)
+        result = run_release(release, cache, single_thread)
+        results[release.key] = result
+        summary = ", ".join(f"{t} {'ok' if v['ok'] else 'FAIL'}" for t, v in result["tiers"].items())
+        where = "" if result["ok"] else f"  log: {cache / 'results' / release.key}.log"
+        seconds = f"setup {result['setup_seconds']:.0f} s, tests {result.get('test_seconds', 0):.0f} s"
+        print(f"[matrix] {release.label}: {summary} ({seconds}){where}", flush=True)
+
+    for release in (r for r in releases if r.full):
+        run(release, single_thread=False)
+    light = [r for r in releases if not r.full]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(lambda r: run(r, args.jobs > 1), light))
+
+    ordered = [results[r.key] for r in releases]
+    total = time.monotonic() - start
+    print(f"[matrix] total {total / 60:.1f} min")
+    if not args.only:
+        meta = _meta(argv, total)
+        results_path.write_text(json.dumps({"meta": meta, "results": ordered}, indent=2))
+        write_docs(ordered, floor, meta)
+        print(supported_line(ordered, floor))
+    failed = [r["label"] for r in ordered if not r["ok"]]
+    if failed:
+        print(f"[matrix] FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

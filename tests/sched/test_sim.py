@@ -1,0 +1,179 @@
+"""The simulator on small traces, the cost model, and workload / JSONL trace handling."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vllm_bidkv.bench.configs import CONFIGS, parse_configs
+from vllm_bidkv.bench.costmodel import H100_LLAMA3_8B
+from vllm_bidkv.bench.metrics import summarize
+from vllm_bidkv.bench.presets import get_preset
+from vllm_bidkv.bench.sim import simulate
+from vllm_bidkv.bench.workloads import (
+    WORKLOADS,
+    TraceRequest,
+    Workload,
+    load_jsonl,
+    make_workload,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.sched
+
+# Small enough to run in a second, tight enough to preempt: 48 blocks of 16 for 8 slots.
+SMALL = replace(
+    get_preset("h100-llama3-8b"), num_gpu_blocks=48, max_num_seqs=8, max_model_len=2048, cpu_bytes=2**30
+)
+
+
+def small_trace(n: int = 24, seed: int = 0) -> Workload:
+    return make_workload("bursty", n, 40.0, seed, length_scale=0.8)
+
+
+@pytest.mark.parametrize("config", ["stock", "unbounded", "bidkv", "bidkv-0.1", "offload", "bidkv+offload"])
+def test_every_request_finishes_with_its_token_count(config: str) -> None:
+    workload = small_trace()
+    result = simulate(workload, CONFIGS[config], SMALL, H100_LLAMA3_8B)
+    assert [t.num_output_tokens for t in result.timings] == [r.output_len for r in workload.requests]
+    for timing in result.timings:
+        assert timing.arrival_s <= timing.first_token_s <= timing.finish_s  # type: ignore[operator]
+    # Every block is back in the free pool: every load and store job was reported done.
+    assert result.free_blocks_at_end == result.num_gpu_blocks
+    s = summarize(
+        config, 0, 0, 0, result.timings, result.counters, block_size=16, block_bytes=result.block_bytes
+    )
+    assert s.completed == len(workload.requests) and s.wrong_token_counts == 0
+    if config == "unbounded":
+        assert s.preemptions == 0 and s.recomputed_prefill_tokens == 0
+    if config == "stock":  # the trace really exercises preemption
+        assert s.preemptions > 0 and s.recomputed_prefill_tokens > 0
+    if "offload" not in config:
+        assert s.loaded_tokens == 0 and s.stored_tokens == 0
+
+
+def test_offload_loads_instead_of_recomputing() -> None:
+    workload = small_trace()
+    runs = {c: simulate(workload, CONFIGS[c], SMALL, H100_LLAMA3_8B) for c in ("stock", "offload")}
+    stock, offload = (runs[c].counters for c in ("stock", "offload"))
+    assert offload.loaded_blocks > 0 and offload.stored_blocks > 0
+    assert offload.recomputed_prefill_tokens < stock.recomputed_prefill_tokens
+    assert runs["offload"].load_s > 0 and runs["offload"].store_s > 0
+
+
+def test_sim_is_deterministic() -> None:
+    a = simulate(small_trace(), CONFIGS["stock"], SMALL, H100_LLAMA3_8B)
+    b = simulate(small_trace(), CONFIGS["stock"], SMALL, H100_LLAMA3_8B)
+    assert a.timings == b.timings and a.counters == b.counters
+
+
+def test_cost_model_shape() -> None:
+    cost = H100_LLAMA3_8B
+    assert cost.kv_bytes_per_token == 128 * 1024  # COST_FACTS: 128 KiB per token
+    decode_1, decode_32 = cost.forward_s([(1000, 1)]), cost.forward_s([(1000, 1)] * 32)
+    assert decode_32 < 3 * decode_1  # memory bound: weights are read once per step
+    short, long = cost.forward_s([(0, 2048)]), cost.forward_s([(6144, 2048)])
+    assert long > short  # attention's length term
+    # Restoring 1000 tokens from host memory is ~an order of magnitude cheaper than recomputing them.
+    load = cost.copy_s(1000 * cost.kv_bytes_per_token, to_device=True, duplex=False)
+    assert 5 * load < cost.forward_s([(0, 1000)])
+
+
+# -- workloads -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_workloads_are_seeded_and_share_prefixes(name: str) -> None:
+    a, b = make_workload(name, 60, 3.0, 7), make_workload(name, 60, 3.0, 7)
+    assert a.requests == b.requests and len(a.requests) == 60
+    assert [a.prompt_token_ids(i, 512) for i in range(60)] == [b.prompt_token_ids(i, 512) for i in range(60)]
+    assert make_workload(name, 60, 3.0, 8).requests != a.requests
+    arrivals = [r.arrival_s for r in a.requests]
+    assert arrivals == sorted(arrivals)
+    for i, req in enumerate(a.requests):
+        ids = a.prompt_token_ids(i, 512)
+        assert len(ids) == req.prompt_len
+        for j, other in enumerate(a.requests[:i]):
+            if req.prefix_group is not None and other.prefix_group == req.prefix_group:
+                common = min(req.prefix_len, other.prefix_len)
+                assert ids[:common] == a.prompt_token_ids(j, 512)[:common]
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    workload = make_workload("mixed", 30, 2.0, 3)
+    path = tmp_path / "trace.jsonl"
+    write_jsonl(workload, path)
+    loaded = load_jsonl(path, seed=3)
+    assert loaded.name == "trace" and loaded.requests == workload.requests
+    assert [loaded.prompt_token_ids(i, 512) for i in range(30)] == [
+        workload.prompt_token_ids(i, 512) for i in range(30)
+    ]
+
+
+def test_jsonl_explicit_tokens_and_sorting(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    rows = [
+        {"arrival_s": 1.5, "prompt_tokens": [5, 6, 7], "output_len": 4},
+        {},  # blank lines are skipped, see below
+        {"arrival_s": 0, "prompt_len": 40, "output_len": 2, "prefix_group": 3, "prefix_len": 16},
+    ]
+    path.write_text("\n".join(json.dumps(r) if r else "" for r in rows) + "\n")
+    workload = load_jsonl(path)
+    assert workload.requests == [
+        TraceRequest(0.0, 40, 2, "3", 16),
+        TraceRequest(1.5, 3, 4, prompt_tokens=(5, 6, 7)),
+    ]
+    assert workload.prompt_token_ids(1, 512) == [5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"arrival_s": 0, "prompt_len": 4}', "missing key 'output_len'"),
+        ('{"arrival_s": 0, "output_len": 4}', "missing key 'prompt_len'"),
+        ('{"arrival_s": -1, "prompt_len": 4, "output_len": 4}', "arrival_s=-1"),
+        ('{"arrival_s": 0, "prompt_len": 0, "output_len": 4}', "prompt_len=0"),
+        ('{"arrival_s": 0, "prompt_len": 4.5, "output_len": 4}', "prompt_len=4.5"),
+        ('{"arrival_s": 0, "prompt_len": 4, "output_len": true}', "output_len=True"),
+        ('{"arrival_s": 0, "prompt_len": 4, "output_len": 4, "prompt_lenn": 4}', "unknown key 'prompt_lenn'"),
+        (
+            '{"arrival_s": 0, "prompt_len": 4, "output_len": 4, "prefix_group": "a"}',
+            "prefix_group and prefix_len",
+        ),
+        (
+            '{"arrival_s": 0, "prompt_len": 4, "output_len": 4, "prefix_group": "a", "prefix_len": 9}',
+            "prefix_len=9",
+        ),
+        ('{"arrival_s": 0, "prompt_tokens": [1, -2], "output_len": 4}', "prompt_tokens[1]=-2"),
+        ('{"arrival_s": 0, "prompt_tokens": [1], "prompt_len": 2, "output_len": 4}', "prompt_len=2"),
+    ],
+)
+def test_jsonl_errors_name_the_line_and_key(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"arrival_s": 0, "prompt_len": 4, "output_len": 4}\n\n' + line + "\n")
+    with pytest.raises(ValueError) as err:
+        load_jsonl(path)
+    assert f"{path}:3:" in str(err.value) and message in str(err.value)
+
+
+def test_empty_trace_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no requests"):
+        load_jsonl(path)
+
+
+def test_config_names() -> None:
+    names = [c.name for c in parse_configs("stock,bidkv+offload")]
+    assert names == ["stock", "bidkv+offload", "unbounded"]
+    with pytest.raises(ValueError, match="unknown config 'bidk'"):
+        parse_configs("bidk")
+    assert CONFIGS["stock"].kv_transfer_config("fcfs", 1) is None
+    assert CONFIGS["stock"].connector_extra("sjf", 1) == {
+        "victim_policy": "vllm-default",
+        "offload_mode": "off",
+        "admission": "sjf",
+    }

@@ -1,0 +1,232 @@
+"""``vllm-bidkv bench ...`` and ``vllm-bidkv demo`` argument wiring."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PRESET = {"sim": "h100-llama3-8b", "engine": "cpu-tiny"}
+
+
+def _quiet() -> None:
+    """vLLM and the connector log their config at every Scheduler build: hundreds per matrix."""
+    import logging
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # engine child processes
+    for name in ("vllm", "vllm_bidkv"):  # this process, where vLLM may already be imported
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def add_commands(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that write JSON")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+
+    from vllm_bidkv.kernels import bench as copy_bench
+
+    copy = kinds.add_parser("copy", help="block-copy bandwidth per backend vs one contiguous copy")
+    copy_bench.add_cli_args(copy)
+    copy.set_defaults(func=copy_bench.main)
+
+    from vllm_bidkv.policy import bench as select_bench
+
+    select = kinds.add_parser("select", help="victim-selection cost per preemption vs running requests")
+    select_bench.add_cli_args(select)
+    select.set_defaults(func=select_bench.main)
+
+    for kind, text in (
+        ("sim", "vLLM's real Scheduler + BidKVConnector, timed by an H100 cost model"),
+        ("engine", "the real vLLM engine on this machine (tiny model), one process per config"),
+    ):
+        parser = kinds.add_parser(kind, help=text)
+        _matrix_args(parser, kind)
+        parser.set_defaults(func=_run_matrix, kind=kind)
+
+    calibrate = kinds.add_parser(
+        "calibrate", help="fit the cost model's efficiency to bidkv's stock calibration"
+    )
+    calibrate.add_argument("--preset", default="h100-llama3-8b")
+    calibrate.add_argument("--seeds", type=int, default=3, help="workload seeds per point (median)")
+    calibrate.add_argument("--json", metavar="FILE")
+    calibrate.set_defaults(func=_calibrate)
+
+    trace = kinds.add_parser("trace", help="write a generated workload as a JSONL trace")
+    trace.add_argument("workload", help="mixed, multi-turn, long-context or bursty")
+    trace.add_argument("--rate", type=float, required=True, help="requests per second")
+    trace.add_argument("--num-requests", type=int, required=True)
+    trace.add_argument("--seed", type=int, default=0)
+    trace.add_argument("--length-scale", type=float, default=1.0)
+    trace.add_argument("--out", required=True, metavar="FILE")
+    trace.set_defaults(func=_trace)
+
+    report = kinds.add_parser("report", help="run every benchmark and write docs/RESULTS.md")
+    report.add_argument("--out", default="docs", help="docs directory (RESULTS.md, PNGs, results/)")
+    report.add_argument("--from-json", action="store_true", help="re-render from existing results/*.json")
+    report.add_argument("--only", metavar="NAMES", help="rerun only these sections (comma-separated)")
+    report.add_argument("--no-progress", action="store_true")
+    report.set_defaults(func=_report)
+
+    demo = sub.add_parser(
+        "demo", help="stock vLLM vs BidKV on the real engine: a bursty shared-prefix workload"
+    )
+    demo.add_argument("--plot", default="vllm-bidkv-demo", metavar="DIR", help="where plots and JSON go")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=_demo)
+
+
+def _matrix_args(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--preset", help=f"benchmark preset (default {DEFAULT_PRESET[kind]})")
+    parser.add_argument("--workload", metavar="FILE|NAME", help="a JSONL trace, or a generator name")
+    parser.add_argument("--configs", help="comma-separated configs (unbounded is always added)")
+    parser.add_argument("--rates", help="comma-separated request rates (req/s)")
+    parser.add_argument("--runs", type=int, help="runs per (config, rate); medians are reported")
+    parser.add_argument("--num-requests", type=int)
+    parser.add_argument(
+        "--admission", choices=("fcfs", "sjf"), default="fcfs", help="the same for every config"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="workload seed of run 0 (run r uses seed + r)")
+    parser.add_argument("--json", metavar="FILE", help='write {"results": [...]}')
+    parser.add_argument("--csv", metavar="FILE")
+    parser.add_argument("--markdown", metavar="FILE", help="write the table of medians")
+    parser.add_argument("--plot", metavar="DIR", help="write TTFT CDF and p99-TTFT/throughput-vs-rate PNGs")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def matrix_from_args(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from vllm_bidkv.bench.configs import parse_configs
+    from vllm_bidkv.bench.presets import get_preset
+    from vllm_bidkv.bench.runner import Matrix
+    from vllm_bidkv.bench.workloads import WORKLOADS
+
+    preset = get_preset(args.preset or DEFAULT_PRESET[args.kind])
+    trace = None
+    if args.workload in WORKLOADS:
+        preset = replace(preset, workload=args.workload)
+    elif args.workload is not None:
+        if not Path(args.workload).is_file():
+            raise SystemExit(
+                f"--workload {args.workload!r}: no such file and not one of {', '.join(WORKLOADS)}"
+            )
+        trace = args.workload
+    if args.num_requests is not None:
+        preset = replace(preset, num_requests=args.num_requests)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else list(preset.rates)
+    return Matrix(
+        kind=args.kind,
+        preset=preset,
+        configs=parse_configs(args.configs or list(preset.configs)),
+        rates=rates,
+        runs=args.runs or preset.runs,
+        admission=args.admission,
+        seed=args.seed,
+        trace=trace,
+    )
+
+
+def write_outputs(
+    records: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str, Any], prefix: str
+) -> str:
+    from vllm_bidkv.bench import report
+
+    table = report.markdown_table(records)
+    if args.json:
+        report.write_json(records, args.json, meta)
+    if getattr(args, "csv", None):
+        report.write_csv(records, args.csv)
+    if getattr(args, "markdown", None):
+        Path(args.markdown).write_text(table + "\n")
+    if args.plot:
+        for path in report.plot(records, args.plot, prefix):
+            print(f"wrote {path}")
+    return table
+
+
+def _run_matrix(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from vllm_bidkv.bench.report import machine_meta
+    from vllm_bidkv.bench.runner import run_matrix
+
+    _quiet()
+    matrix = matrix_from_args(args)
+    records = run_matrix(matrix, progress=not args.no_progress)
+    meta = {
+        **machine_meta(),
+        "preset": asdict(matrix.preset),
+        "admission": matrix.admission,
+        "seed": matrix.seed,
+    }
+    meta["trace"] = matrix.trace
+    print(write_outputs(records, args, meta, f"{args.kind}-{matrix.preset.name}"))
+    return 1 if any("error" in r for r in records) else 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from vllm_bidkv.bench.calibrate import FITTED_RATE, FITTED_THROUGHPUT, fit
+    from vllm_bidkv.bench.costmodel import PRESETS as COST_MODELS
+    from vllm_bidkv.bench.presets import get_preset
+
+    _quiet()
+    preset = get_preset(args.preset)
+    result = fit(COST_MODELS[preset.cost_model], preset, seeds=args.seeds)
+    print(
+        f"{'efficiency':>10} {'loss':>8}  req/s and p99 TTFT ms at {FITTED_RATE} req/s "
+        f"(target {FITTED_THROUGHPUT} req/s)"
+    )
+    for g in result["grid"]:
+        cells = "  ".join(f"{r['throughput_rps']:.2f} {r['ttft_p99_ms']:.0f}" for r in g["rows"])
+        print(f"{g['efficiency']:>10.2f} {g['loss']:>8.4f}  {cells}")
+    print(f"best efficiency: {result['best']['efficiency']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from vllm_bidkv.bench.workloads import make_workload, write_jsonl
+
+    workload = make_workload(args.workload, args.num_requests, args.rate, args.seed, args.length_scale)
+    write_jsonl(workload, args.out)
+    print(f"wrote {len(workload.requests)} requests to {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vllm_bidkv.bench.resultsdoc import SECTIONS, build_results
+
+    _quiet()
+    rerun = (
+        set() if args.from_json else set(args.only.split(",")) if args.only else {s.name for s in SECTIONS}
+    )
+    path = build_results(Path(args.out), rerun=rerun, progress=not args.no_progress)
+    print(f"wrote {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from vllm_bidkv.bench.configs import parse_configs
+    from vllm_bidkv.bench.presets import get_preset
+    from vllm_bidkv.bench.report import machine_meta
+    from vllm_bidkv.bench.runner import Matrix, run_matrix
+
+    _quiet()
+    preset = get_preset("demo")
+    matrix = Matrix("engine", preset, parse_configs(list(preset.configs)), list(preset.rates), preset.runs)
+    print(
+        f"vllm-bidkv demo: {preset.num_requests} requests in bursts sharing system prompts, "
+        "real vLLM engine on CPU "
+        f"(tiny model, {preset.num_gpu_blocks} KV blocks of {preset.block_size}); "
+        f"configs {', '.join(c.name for c in matrix.configs)}; one engine start each (~20-40 s)"
+    )
+    records = run_matrix(matrix, progress=not args.no_progress)
+    args.json = str(Path(args.plot) / "demo.json")
+    meta = {**machine_meta(), "preset": asdict(preset), "admission": "fcfs", "seed": 0}
+    print(write_outputs(records, args, meta, "demo"))
+    return 1 if any("error" in r for r in records) else 0

@@ -1,0 +1,118 @@
+"""Benchmark presets: workload, rates, configs and the scheduler/KV shape of one benchmark.
+
+``h100-llama3-8b*`` are simulator presets in bidkv's testbed shape (COST_FACTS "bidkv's
+testbed": Llama-3.1-8B, 600 GPU blocks of 16 tokens, max_num_seqs 32; mixed at 2.0 / 3.8 /
+5.7 req/s and long-context at 0.35 / 0.5 / 0.7 req/s, 3 runs). ``max_num_batched_tokens``
+8192 is vLLM's default for the OpenAI server on an H100 (``EngineArgs`` in vLLM 0.32).
+The CPU tier gets 16 GiB of host memory (8192 blocks of 2 MiB, ~14× the GPU pool): the
+testbed does not say, and a dedicated 16 GiB is modest for a host serving an H100.
+
+``cpu-*`` and ``demo`` are real-engine presets for this machine: the tiny model, blocks of
+32 tokens (the CPU attention backend needs multiples of 32), and a pool of 36 blocks that
+preempts (ENGINE_NOTES "Engine knobs that mattered").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+H100_CONFIGS = ("stock", "bidkv-0.1", "bidkv", "offload", "bidkv+offload")
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    name: str
+    workload: str
+    num_requests: int
+    rates: tuple[float, ...]
+    configs: tuple[str, ...]
+    runs: int
+    num_gpu_blocks: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    cpu_bytes: int
+    length_scale: float = 1.0
+    cost_model: str = "h100-llama3-8b"
+    """Simulator only: the ``costmodel.PRESETS`` entry that times each step."""
+
+    @property
+    def unbounded_blocks(self) -> int:
+        """Every running request at full length fits: nothing is ever preempted."""
+        return self.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
+
+
+_H100 = BenchPreset(
+    name="h100-llama3-8b",
+    workload="mixed",
+    num_requests=1000,
+    rates=(2.0, 3.8, 5.7),
+    configs=H100_CONFIGS,
+    runs=3,
+    num_gpu_blocks=600,
+    block_size=16,
+    max_num_seqs=32,
+    max_num_batched_tokens=8192,
+    max_model_len=8192,
+    cpu_bytes=16 * 2**30,
+)
+_CPU = BenchPreset(
+    name="cpu-tiny",
+    workload="mixed",
+    num_requests=48,
+    rates=(8.0,),
+    configs=("stock", "bidkv-0.1", "bidkv", "offload", "bidkv+offload"),
+    runs=1,
+    num_gpu_blocks=36,
+    block_size=32,
+    max_num_seqs=16,
+    max_num_batched_tokens=4096,
+    max_model_len=1024,
+    cpu_bytes=256 * 2**20,
+    length_scale=0.25,
+    cost_model="",
+)
+
+PRESETS: dict[str, BenchPreset] = {
+    p.name: p
+    for p in (
+        _H100,
+        replace(
+            _H100,
+            name="h100-llama3-8b-long",
+            workload="long-context",
+            num_requests=500,
+            rates=(0.35, 0.5, 0.7),
+        ),
+        replace(_H100, name="h100-llama3-8b-multiturn", workload="multi-turn"),
+        # Connector cost with 256 running requests: max_num_seqs 256 and a pool that lets 256 run
+        # yet keeps preempting (28 blocks per slot; the testbed's 18.75 never reaches 256 running).
+        replace(
+            _H100,
+            name="h100-llama3-8b-256",
+            num_requests=3000,
+            rates=(40.0,),
+            configs=("stock", "bidkv", "bidkv+offload"),
+            runs=1,
+            num_gpu_blocks=7200,
+            max_num_seqs=256,
+        ),
+        _CPU,
+        replace(
+            _CPU,
+            name="demo",
+            workload="bursty",
+            num_requests=32,
+            rates=(4.0,),
+            configs=("stock", "bidkv+offload"),
+            length_scale=1.0,
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> BenchPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]

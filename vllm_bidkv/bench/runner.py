@@ -1,0 +1,191 @@
+"""The benchmark matrix: every (rate, run, config) through the simulator or the real engine.
+
+Run ``r`` of a rate uses workload seed ``seed + r`` (the simulator is deterministic, so
+repeating one trace would repeat one number); with a trace file every run replays the
+file. Every config of one (rate, run) sees the same requests. A config that fails is
+recorded with its error and the matrix goes on: a missing row says so, it is not
+silently absent. After the matrix, every record gets its distance to ``unbounded`` of
+the same (rate, run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_bidkv.bench.configs import RunConfig
+from vllm_bidkv.bench.metrics import RequestTiming, StepCounters, summarize
+from vllm_bidkv.bench.presets import BenchPreset
+from vllm_bidkv.bench.workloads import Workload, load_jsonl, make_workload
+
+
+@dataclass(frozen=True)
+class Matrix:
+    kind: str  # "sim" | "engine"
+    preset: BenchPreset
+    configs: list[RunConfig]
+    rates: list[float]
+    runs: int
+    admission: str = "fcfs"
+    seed: int = 0
+    trace: str | None = None
+    """A JSONL trace replacing the preset's workload; ``rate`` then names the trace."""
+
+    def workloads(self) -> list[tuple[float | str, int, Workload]]:
+        out: list[tuple[float | str, int, Workload]] = []
+        if self.trace is not None:
+            trace = load_jsonl(self.trace, seed=self.seed)
+            return [(trace.name, run, trace) for run in range(self.runs)]
+        for rate in self.rates:
+            for run in range(self.runs):
+                p = self.preset
+                out.append(
+                    (
+                        rate,
+                        run,
+                        make_workload(p.workload, p.num_requests, rate, self.seed + run, p.length_scale),
+                    )
+                )
+        return out
+
+
+def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    jobs = matrix.workloads()
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(jobs) * len(matrix.configs), desc=f"bench {matrix.kind}", disable=not progress)
+    reference = _reference(matrix.configs)
+    for rate, run, workload in jobs:
+        reference_outputs: dict[str, list[int]] | None = None
+        for config in sorted(matrix.configs, key=lambda c: c is not reference):
+            bar.set_postfix_str(f"{config.name} @ {rate} run {run}")
+            try:
+                if matrix.kind == "sim":
+                    record = _sim_record(matrix, workload, config, rate, run, progress)
+                else:
+                    record, outputs = _engine_record(matrix, workload, config, rate, run)
+                    if config is reference:
+                        reference_outputs = outputs
+                    # None when the reference run failed: nothing to compare with.
+                    record["outputs_match"] = (
+                        None if reference_outputs is None else outputs == reference_outputs
+                    )
+            except Exception as err:  # noqa: BLE001 - recorded, shown in every report
+                record = {
+                    "config": config.name,
+                    "rate": rate,
+                    "run": run,
+                    "seed": workload.seed,
+                    "error": repr(err),
+                }
+            records.append(record)
+            bar.update()
+    bar.close()
+    add_unbounded_distance(records)
+    order = {c.name: i for i, c in enumerate(matrix.configs)}
+    return sorted(records, key=lambda r: (str(r["rate"]), r["run"], order[r["config"]]))
+
+
+def _reference(configs: list[RunConfig]) -> RunConfig:
+    """Stock (else unbounded, also stock vLLM): run first; every other config's outputs must equal its."""
+    by_name = {c.name: c for c in configs}
+    return by_name.get("stock", by_name["unbounded"])
+
+
+def _sim_record(
+    matrix: Matrix, workload: Workload, config: RunConfig, rate: float | str, run: int, progress: bool
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from vllm_bidkv.bench.costmodel import PRESETS as COST_MODELS
+    from vllm_bidkv.bench.sim import simulate
+
+    cost = COST_MODELS[matrix.preset.cost_model]
+    with tqdm(total=len(workload.requests), desc=config.name, leave=False, disable=not progress) as bar:
+        result = simulate(
+            workload,
+            config,
+            matrix.preset,
+            cost,
+            admission=matrix.admission,
+            busy_threshold=matrix.preset.max_num_seqs,
+            progress=lambda n: bar.update(n - bar.n),
+        )
+    extra = {
+        "wall_s": result.wall_s,
+        "virtual_s": result.virtual_s,
+        "load_wait_s": result.load_s,
+        "store_busy_s": result.store_s,
+        "scheduler_s": result.scheduler_s,
+        "connector_s": result.connector_s,
+        "connector_share": result.connector_s / result.scheduler_s if result.scheduler_s else 0.0,
+        "max_running": result.max_running,
+        "full_batch_scheduler_s": result.busy_scheduler_s,
+        "full_batch_connector_share": (
+            result.busy_connector_s / result.busy_scheduler_s if result.busy_scheduler_s else None
+        ),
+    }
+    summary = summarize(
+        config.name,
+        rate,
+        run,
+        workload.seed,
+        result.timings,
+        result.counters,
+        block_size=matrix.preset.block_size,
+        block_bytes=result.block_bytes,
+        extra=extra,
+    )
+    record = summary.as_record()
+    record["ttft_ms"] = _ttfts(result.timings)
+    return record
+
+
+def _engine_record(
+    matrix: Matrix, workload: Workload, config: RunConfig, rate: float | str, run: int
+) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    from vllm_bidkv.bench.engine import run_config
+
+    raw = run_config(workload, config, matrix.preset, admission=matrix.admission)
+    timings = [RequestTiming(**t) for t in raw["timings"]]
+    extra = {
+        "engine_start_s": raw["start_s"],
+        "engine_warmup_s": raw["warmup_s"],
+        "engine_run_s": raw["run_s"],
+        "load_avg_1m": raw["load_avg"],
+    }
+    extra.update({"metric_" + k.split(":", 1)[1]: v for k, v in raw["metrics"].items()})
+    summary = summarize(
+        config.name,
+        rate,
+        run,
+        workload.seed,
+        timings,
+        StepCounters(**raw["counters"]),
+        block_size=matrix.preset.block_size,
+        block_bytes=raw["block_bytes"],
+        extra=extra,
+    )
+    record = summary.as_record()
+    record["ttft_ms"] = _ttfts(timings)
+    return record, raw["outputs"]
+
+
+def _ttfts(timings: list[RequestTiming]) -> list[float]:
+    return [
+        round(1e3 * (t.first_token_s - t.arrival_s), 2)  # type: ignore[operator]
+        for t in timings
+        if t.first_token_s is not None
+    ]
+
+
+def add_unbounded_distance(records: list[dict[str, Any]]) -> None:
+    """``*_vs_unbounded`` = this config's value / unbounded's, same (rate, run)."""
+    bound = {(r["rate"], r["run"]): r for r in records if r["config"] == "unbounded" and "error" not in r}
+    for r in records:
+        ref = bound.get((r["rate"], r["run"]))
+        if ref is None or "error" in r:
+            continue
+        for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms", "throughput_rps"):
+            r[f"{key}_vs_unbounded"] = r[key] / ref[key] if ref[key] else None

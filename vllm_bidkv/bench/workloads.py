@@ -1,0 +1,296 @@
+"""Workloads: seeded request traces, the same for the simulator and the real engine.
+
+A workload is a list of ``TraceRequest`` (arrival time, prompt length, output length,
+optionally a prefix group) sorted by arrival. Token ids are made on demand by
+``Workload.prompt_token_ids``: the first ``prefix_len`` tokens come from the group's
+own seeded stream (so every request of a group shares them, whatever its length) and
+the rest from the request's own stream. Same name, rate, seed and scale: same bytes.
+
+Generators (``WORKLOADS``), lengths in tokens before ``length_scale``:
+
+* ``mixed`` — Poisson arrivals; each request drawn from ``MIXED_CLASSES``
+  (chat 55%: prompt 64–512, output 64–256; long-input 25%: prompt 512–1536, output
+  32–128; long-output 20%: prompt 32–256, output 256–512, all uniform). 40% of requests
+  start with one of 8 system prompts of 128–512 tokens (prefix groups ``sys0``..``sys7``).
+  Our own mix (bidkv's ShareGPT pool is not available here), chosen to be at least as
+  KV-hungry as a chat trace: ~630 tokens per request against 600×16 GPU slots.
+* ``multi-turn`` — chat sessions start as a Poisson process (request rate / mean turns);
+  2–6 turns each; every turn resends the session's whole history (earlier prompts and
+  outputs) plus a new message of 32–256 tokens (the first 64–512), output 32–256; the
+  next turn arrives 2–20 s (uniform "think time") after the previous one, open loop.
+  The resent outputs are the session stream's tokens, not the model's actual output, so
+  they are recomputed (as a prompt) rather than hit in the prefix cache: a lower bound
+  on reuse.
+* ``long-context`` — Poisson arrivals; 70% standalone prompts of 2048–6144 tokens, 30%
+  questions (32–256 tokens) over one of 4 shared documents of 2048–4096 tokens; output
+  64–256.
+* ``bursty`` — bursts of 8 requests (burst starts Poisson at rate/8, requests within a
+  burst 50 ms apart on average); each burst shares one of 3 system prompts of 96–256
+  tokens; bodies 32–224, outputs 64–192 tokens. The demo's workload.
+
+Trace files (``load_jsonl``): one JSON object per line with ``arrival_s``, ``prompt_len``
+or ``prompt_tokens``, ``output_len``, optionally ``prefix_group`` with ``prefix_len``.
+Every problem raises ``ValueError`` naming the file, the line and the key; unknown keys
+are errors too (a misspelt key silently ignored would be a different experiment).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Token ids below this are the tiny tokenizer's special tokens (<unk>, <s>, </s>).
+FIRST_TOKEN_ID = 3
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    prefix_group: str | None = None
+    prefix_len: int = 0
+    prompt_tokens: tuple[int, ...] | None = None  # explicit ids (trace files); else generated
+
+
+@dataclass
+class Workload:
+    name: str
+    seed: int
+    requests: list[TraceRequest]
+    _streams: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    def request_id(self, index: int) -> str:
+        return f"{self.name}-{index}"
+
+    def prompt_token_ids(self, index: int, vocab_size: int) -> list[int]:
+        req = self.requests[index]
+        if req.prompt_tokens is not None:
+            return list(req.prompt_tokens)
+        prefix = self._group_stream(req.prefix_group, req.prefix_len, vocab_size) if req.prefix_group else []
+        rng = random.Random(f"{self.seed}/req/{index}")
+        body = [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(req.prompt_len - req.prefix_len)]
+        return prefix + body
+
+    def _group_stream(self, group: str, length: int, vocab_size: int) -> list[int]:
+        # One stream per group, extended on demand: a longer prefix extends a shorter one.
+        stream = self._streams.setdefault(group, [])
+        if len(stream) < length:
+            rng = random.Random(f"{self.seed}/group/{group}/{vocab_size}")
+            stream[:] = [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(length)]
+        return stream[:length]
+
+    @property
+    def duration_s(self) -> float:
+        return self.requests[-1].arrival_s if self.requests else 0.0
+
+
+def _scaled(rng: random.Random, lo: int, hi: int, scale: float) -> int:
+    return max(1, round(rng.randint(lo, hi) * scale))
+
+
+# (class, weight, prompt range, output range) of the ``mixed`` workload.
+MIXED_CLASSES: tuple[tuple[str, float, tuple[int, int], tuple[int, int]], ...] = (
+    ("chat", 0.55, (64, 512), (64, 256)),
+    ("long-input", 0.25, (512, 1536), (32, 128)),
+    ("long-output", 0.20, (32, 256), (256, 512)),
+)
+
+
+def _prefixes(rng: random.Random, n: int, lo: int, hi: int, scale: float) -> list[int]:
+    return [_scaled(rng, lo, hi, scale) for _ in range(n)]
+
+
+def mixed(num_requests: int, rate: float, seed: int, length_scale: float = 1.0) -> Workload:
+    rng = random.Random(f"mixed/{seed}")
+    system = _prefixes(rng, 8, 128, 512, length_scale)
+    weights = [w for _, w, _, _ in MIXED_CLASSES]
+    out, clock = [], 0.0
+    for _ in range(num_requests):
+        clock += rng.expovariate(rate)
+        _, _, (plo, phi), (olo, ohi) = rng.choices(MIXED_CLASSES, weights)[0]
+        body = _scaled(rng, plo, phi, length_scale)
+        output = _scaled(rng, olo, ohi, length_scale)
+        if rng.random() < 0.4:
+            group = rng.randrange(len(system))
+            out.append(TraceRequest(clock, system[group] + body, output, f"sys{group}", system[group]))
+        else:
+            out.append(TraceRequest(clock, body, output))
+    return Workload("mixed", seed, out)
+
+
+def multi_turn(num_requests: int, rate: float, seed: int, length_scale: float = 1.0) -> Workload:
+    rng = random.Random(f"multi-turn/{seed}")
+    mean_turns = 4.0
+    out: list[TraceRequest] = []
+    session, start = 0, 0.0
+    while True:
+        start += rng.expovariate(rate / mean_turns)
+        # Stop once no later session can arrive among the first num_requests requests.
+        if len(out) >= num_requests and start > sorted(r.arrival_s for r in out)[num_requests - 1]:
+            break
+        history, arrival = 0, start
+        for turn in range(rng.randint(2, 6)):
+            message = (
+                _scaled(rng, 64, 512, length_scale) if turn == 0 else _scaled(rng, 32, 256, length_scale)
+            )
+            output = _scaled(rng, 32, 256, length_scale)
+            prompt = history + message
+            out.append(TraceRequest(arrival, prompt, output, f"session{session}", prompt))
+            history = prompt + output
+            arrival += rng.uniform(2.0, 20.0)
+        session += 1
+    out.sort(key=lambda r: r.arrival_s)
+    return Workload("multi-turn", seed, out[:num_requests])
+
+
+def long_context(num_requests: int, rate: float, seed: int, length_scale: float = 1.0) -> Workload:
+    rng = random.Random(f"long-context/{seed}")
+    documents = _prefixes(rng, 4, 2048, 4096, length_scale)
+    out, clock = [], 0.0
+    for _ in range(num_requests):
+        clock += rng.expovariate(rate)
+        output = _scaled(rng, 64, 256, length_scale)
+        if rng.random() < 0.3:
+            doc = rng.randrange(len(documents))
+            question = _scaled(rng, 32, 256, length_scale)
+            out.append(TraceRequest(clock, documents[doc] + question, output, f"doc{doc}", documents[doc]))
+        else:
+            out.append(TraceRequest(clock, _scaled(rng, 2048, 6144, length_scale), output))
+    return Workload("long-context", seed, out)
+
+
+def bursty(num_requests: int, rate: float, seed: int, length_scale: float = 1.0) -> Workload:
+    rng = random.Random(f"bursty/{seed}")
+    burst_size = 8
+    system = _prefixes(rng, 3, 96, 256, length_scale)
+    out: list[TraceRequest] = []
+    burst_start = 0.0
+    while len(out) < num_requests:
+        group = rng.randrange(len(system))
+        arrival = burst_start
+        for _ in range(min(burst_size, num_requests - len(out))):
+            body = _scaled(rng, 32, 224, length_scale)
+            output = _scaled(rng, 64, 192, length_scale)
+            out.append(TraceRequest(arrival, system[group] + body, output, f"sys{group}", system[group]))
+            arrival += rng.expovariate(20.0)
+        burst_start += rng.expovariate(rate / burst_size)
+    out.sort(key=lambda r: r.arrival_s)
+    return Workload("bursty", seed, out)
+
+
+Generator = Callable[[int, float, int, float], Workload]
+WORKLOADS: dict[str, Generator] = {
+    "mixed": mixed,
+    "multi-turn": multi_turn,
+    "long-context": long_context,
+    "bursty": bursty,
+}
+
+
+def make_workload(
+    name: str, num_requests: int, rate: float, seed: int, length_scale: float = 1.0
+) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    if num_requests < 1 or not rate > 0 or not length_scale > 0:
+        raise ValueError(f"workload {name}: need num_requests >= 1, rate > 0, length_scale > 0")
+    return WORKLOADS[name](num_requests, rate, seed, length_scale)
+
+
+# -- JSONL traces ----------------------------------------------------------------
+_KEYS = {"arrival_s", "prompt_len", "prompt_tokens", "output_len", "prefix_group", "prefix_len"}
+
+
+def _int(where: str, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}: {key}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def _parse_line(where: str, obj: Any) -> TraceRequest:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - _KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_KEYS))}")
+    for key in ("arrival_s", "output_len"):
+        if key not in obj:
+            raise ValueError(f"{where}: missing key {key!r}")
+    arrival = obj["arrival_s"]
+    if (
+        isinstance(arrival, bool)
+        or not isinstance(arrival, int | float)
+        or not math.isfinite(arrival)
+        or arrival < 0
+    ):
+        raise ValueError(f"{where}: arrival_s={arrival!r} must be a finite number >= 0")
+    output_len = _int(where, "output_len", obj["output_len"], 1)
+    tokens = obj.get("prompt_tokens")
+    if tokens is not None:
+        if not isinstance(tokens, list) or not tokens:
+            raise ValueError(f"{where}: prompt_tokens must be a non-empty list of token ids")
+        for i, token in enumerate(tokens):
+            _int(where, f"prompt_tokens[{i}]", token, 0)
+        if "prompt_len" in obj and obj["prompt_len"] != len(tokens):
+            raise ValueError(
+                f"{where}: prompt_len={obj['prompt_len']!r} but prompt_tokens has {len(tokens)} ids"
+            )
+        if "prefix_group" in obj or "prefix_len" in obj:
+            raise ValueError(
+                f"{where}: prefix_group/prefix_len cannot be combined with explicit prompt_tokens"
+            )
+        return TraceRequest(float(arrival), len(tokens), output_len, prompt_tokens=tuple(tokens))
+    if "prompt_len" not in obj:
+        raise ValueError(f"{where}: missing key 'prompt_len' (or 'prompt_tokens')")
+    prompt_len = _int(where, "prompt_len", obj["prompt_len"], 1)
+    group, prefix_len = obj.get("prefix_group"), obj.get("prefix_len")
+    if (group is None) != (prefix_len is None):
+        raise ValueError(f"{where}: prefix_group and prefix_len must be given together")
+    if group is None:
+        return TraceRequest(float(arrival), prompt_len, output_len)
+    if isinstance(group, bool) or not isinstance(group, str | int) or group == "":
+        raise ValueError(f"{where}: prefix_group={group!r} must be a non-empty string or an integer")
+    prefix_len = _int(where, "prefix_len", prefix_len, 1)
+    if prefix_len > prompt_len:
+        raise ValueError(f"{where}: prefix_len={prefix_len} exceeds prompt_len={prompt_len}")
+    return TraceRequest(float(arrival), prompt_len, output_len, str(group), prefix_len)
+
+
+def load_jsonl(path: str | Path, seed: int = 0) -> Workload:
+    """A trace file as a workload named after the file; sorted by arrival (stable)."""
+    path = Path(path)
+    requests = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            requests.append(_parse_line(where, obj))
+    if not requests:
+        raise ValueError(f"{path}: no requests (empty trace)")
+    requests.sort(key=lambda r: r.arrival_s)
+    return Workload(path.stem, seed, requests)
+
+
+def write_jsonl(workload: Workload, path: str | Path) -> None:
+    """The workload as a trace file ``load_jsonl`` reads back to the same requests."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        for req in workload.requests:
+            row: dict[str, Any] = {"arrival_s": req.arrival_s, "output_len": req.output_len}
+            if req.prompt_tokens is not None:
+                row["prompt_tokens"] = list(req.prompt_tokens)
+            else:
+                row["prompt_len"] = req.prompt_len
+            if req.prefix_group is not None:
+                row["prefix_group"], row["prefix_len"] = req.prefix_group, req.prefix_len
+            f.write(json.dumps(row) + "\n")
