@@ -35,6 +35,15 @@ def add_commands(sub: Any) -> None:
     select_bench.add_cli_args(select)
     select.set_defaults(func=select_bench.main)
 
+    from vllm_bidkv.bench import selection
+
+    select_e2e = kinds.add_parser(
+        "select-e2e",
+        help="victim-selection cost per preemption on vLLM's real Scheduler (candidates included)",
+    )
+    selection.add_cli_args(select_e2e)
+    select_e2e.set_defaults(func=selection.main)
+
     for kind, text in (
         ("sim", "vLLM's real Scheduler + BidKVConnector, timed by an H100 cost model"),
         ("engine", "the real vLLM engine on this machine (tiny model), one process per config"),

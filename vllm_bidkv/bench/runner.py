@@ -167,6 +167,19 @@ def _engine_record(
         block_bytes=raw["block_bytes"],
         extra=extra,
     )
+    # The same metrics on the engine process's CPU clock: immune to other load on the box.
+    cpu = summarize(
+        config.name,
+        rate,
+        run,
+        workload.seed,
+        [RequestTiming(**t) for t in raw["cpu_timings"]],
+        StepCounters(),
+        block_size=1,
+        block_bytes=0,
+    )
+    for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms", "throughput_rps"):
+        summary.extra[f"cpu_{key}"] = getattr(cpu, key)
     record = summary.as_record()
     record["ttft_ms"] = _ttfts(timings)
     return record, raw["outputs"]
