@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -127,25 +127,24 @@ def _child(job_path: str, result_path: str) -> None:
     # Warm-up: replay the trace once unmeasured. The first steps of each batch shape pay for
     # torch.compile on this backend, which would otherwise land on whichever config meets the
     # shape first. Then every cache (GPU prefix cache and the connector's CPU tier) is reset.
-    warmup = _replay(engine, workload, "warmup-")
+    _, _, warmup_s = _replay(engine, workload, "warmup-")
     if not llm.reset_prefix_cache(reset_connector=True):
         raise RuntimeError("engine: could not reset the prefix cache after the warm-up pass")
     before = _metrics(llm)
     probe = SchedulerProbe(scheduler)
-    measured = _replay(engine, workload, "")
+    timings, outputs, run_s = _replay(engine, workload, "")
     after = _metrics(llm)
     Path(result_path).write_text(
         json.dumps(
             {
-                "timings": measured.timings,
-                "cpu_timings": measured.cpu_timings,
+                "timings": timings,
                 "counters": asdict(probe.counters),
-                "outputs": measured.outputs,
+                "outputs": outputs,
                 "metrics": {name: after[name] - before.get(name, 0) for name in after},
                 "block_bytes": block_bytes,
                 "start_s": start_s,
-                "warmup_s": warmup.run_s,
-                "run_s": measured.run_s,
+                "warmup_s": warmup_s,
+                "run_s": run_s,
                 # The 1-minute load average at the end of the measured pass: a shared 2-core box
                 # makes wall-clock latencies noisy, so every record says how busy it was.
                 "load_avg": os.getloadavg()[0],
@@ -158,33 +157,18 @@ def _metrics(llm: Any) -> dict[str, float]:
     return {m.name: m.value for m in llm.get_metrics() if m.name in ENGINE_METRICS}
 
 
-@dataclass
-class _Pass:
-    timings: list[dict[str, Any]]
-    """From vLLM's RequestOutput metrics (wall clock)."""
-    cpu_timings: list[dict[str, Any]]
-    """The same events on this process's CPU clock (see ``_replay``)."""
-    outputs: dict[str, list[int]]
-    run_s: float
-
-
-def _replay(engine: Any, workload: Workload, prefix: str) -> _Pass:
-    """Add the trace's requests at their arrival times and step the engine until all finish.
-
-    Besides vLLM's wall-clock metrics, each request's arrival, first token and finish are
-    stamped with ``time.process_time()``: the engine core, scheduler and model all run in
-    this process (one compute thread on the CPU backend), so its CPU clock advances with
-    the engine's own work only, not with whatever else the machine runs meanwhile.
-    """
+def _replay(
+    engine: Any, workload: Workload, prefix: str
+) -> tuple[list[dict[str, Any]], dict[str, list[int]], float]:
+    """Add the trace's requests at their arrival times and step the engine until all finish."""
     from vllm import SamplingParams
 
     vocab = engine.model_config.get_vocab_size()
     reqs = workload.requests
     index = {prefix + workload.request_id(i): i for i in range(len(reqs))}
     timings: dict[int, dict[str, Any]] = {}
-    cpu = [RequestTiming(0.0, expected_output_tokens=r.output_len) for r in reqs]
     outputs: dict[str, list[int]] = {}
-    wall0, clock0, cpu0 = time.time(), time.monotonic(), time.process_time()
+    wall0, clock0 = time.time(), time.monotonic()
     added = 0
     while len(timings) < len(reqs):
         now = time.monotonic() - clock0
@@ -194,25 +178,16 @@ def _replay(engine: Any, workload: Workload, prefix: str) -> _Pass:
             # vLLM measures latencies from arrival_time: the trace's, as a server would see it.
             arrival = wall0 + reqs[added].arrival_s
             engine.add_request(prefix + workload.request_id(added), prompt, params, arrival_time=arrival)
-            cpu[added].arrival_s = time.process_time() - cpu0
             added += 1
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, reqs[added].arrival_s - (time.monotonic() - clock0)))
             continue
-        step_outputs = engine.step()
-        now_cpu = time.process_time() - cpu0
-        for out in step_outputs:
-            i = index[out.request_id]
-            tokens = out.outputs[0].token_ids
-            if tokens and cpu[i].first_token_s is None:
-                cpu[i].first_token_s = now_cpu
+        for out in engine.step():
             if out.finished:
-                cpu[i].finish_s, cpu[i].num_output_tokens = now_cpu, len(tokens)
-                outputs[workload.request_id(i)] = list(tokens)
+                i = index[out.request_id]
+                outputs[workload.request_id(i)] = list(out.outputs[0].token_ids)
                 timings[i] = _timing(out, wall0, reqs[i])
-    return _Pass(
-        [timings[i] for i in range(len(reqs))], [asdict(t) for t in cpu], outputs, time.monotonic() - clock0
-    )
+    return [timings[i] for i in range(len(reqs))], outputs, time.monotonic() - clock0
 
 
 def _timing(out: Any, wall0: float, spec: Any) -> dict[str, Any]:

@@ -3,9 +3,7 @@
 JSON is ``{"results": [one record per (config, rate, run)], "meta": {...}}``; records
 keep the per-request TTFTs (``ttft_ms``) so plots can be redrawn from the file. CSV has
 the same records without that list. The markdown table shows the median over runs of
-each (rate, config), and each config's distance to ``unbounded``. Engine records add the
-same latencies on the engine process's CPU clock (``cpu_*``), which other load on the
-machine does not inflate.
+each (rate, config), and each config's distance to ``unbounded``.
 """
 
 from __future__ import annotations
@@ -42,9 +40,6 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("bytes_moved", "moved MiB", "mib"),
     ("ttft_p99_ms_vs_unbounded", "p99 TTFT ×unb", "{:.2f}"),
     ("throughput_rps_vs_unbounded", "req/s ×unb", "{:.2f}"),
-    ("cpu_ttft_p50_ms", "TTFT p50 CPU-ms", "{:.0f}"),
-    ("cpu_ttft_p99_ms", "TTFT p99 CPU-ms", "{:.0f}"),
-    ("cpu_throughput_rps", "req per CPU-s", "{:.2f}"),
     ("outputs_match", "outputs = stock", "{}"),
     ("load_avg_1m", "load avg", "{:.1f}"),
 )

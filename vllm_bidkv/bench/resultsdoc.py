@@ -252,14 +252,14 @@ def render(
 def _sim_costs(records: list[dict[str, Any]]) -> str:
     """Where the time went: loads (critical path), stores (overlapped), the connector's CPU cost."""
     lines = [
-        "| config | rate | load wait s (critical path) | store stream busy s (overlapped) | "
-        "connector share of schedule()+update() | sim wall s |",
-        "|---|---|---|---|---|---|",
+        "| config | rate | running (mean / max) | load wait s (critical path) | "
+        "store stream busy s (overlapped) | connector share of schedule()+update() | sim wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report.medians(records):
         if "load_wait_s" in r:
             lines.append(
-                f"| {r['config']} | {r['rate']} | {r['load_wait_s']:.2f} | {r['store_busy_s']:.2f} | "
-                f"{r['connector_share']:.1%} | {r['wall_s']:.1f} |"
+                f"| {r['config']} | {r['rate']} | {r.get('mean_running', float('nan')):.1f} / {r['max_running']:.0f} | "
+                f"{r['load_wait_s']:.2f} | {r['store_busy_s']:.2f} | {r['connector_share']:.1%} | {r['wall_s']:.1f} |"
             )
     return "\n".join(lines)

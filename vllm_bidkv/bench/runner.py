@@ -121,6 +121,7 @@ def _sim_record(
         "connector_s": result.connector_s,
         "connector_share": result.connector_s / result.scheduler_s if result.scheduler_s else 0.0,
         "max_running": result.max_running,
+        "mean_running": result.mean_running,
         "full_batch_scheduler_s": result.busy_scheduler_s,
         "full_batch_connector_share": (
             result.busy_connector_s / result.busy_scheduler_s if result.busy_scheduler_s else None
@@ -167,19 +168,6 @@ def _engine_record(
         block_bytes=raw["block_bytes"],
         extra=extra,
     )
-    # The same metrics on the engine process's CPU clock: immune to other load on the box.
-    cpu = summarize(
-        config.name,
-        rate,
-        run,
-        workload.seed,
-        [RequestTiming(**t) for t in raw["cpu_timings"]],
-        StepCounters(),
-        block_size=1,
-        block_bytes=0,
-    )
-    for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms", "throughput_rps"):
-        summary.extra[f"cpu_{key}"] = getattr(cpu, key)
     record = summary.as_record()
     record["ttft_ms"] = _ttfts(timings)
     return record, raw["outputs"]

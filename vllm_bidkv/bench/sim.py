@@ -65,6 +65,8 @@ class SimResult:
     store_s: float
     """Virtual time the store stream was busy (overlapped)."""
     max_running: int
+    mean_running: float
+    """Running requests averaged over the time steps took (idle gaps excluded)."""
     busy_scheduler_s: float
     busy_connector_s: float
     """The two above restricted to steps with at least ``busy_threshold`` running requests."""
@@ -204,6 +206,7 @@ class _Simulator:
         finished = 0
         sched_s = busy_sched_s = busy_conn_s = 0.0
         max_running = 0
+        running_s = busy_s = 0.0  # sum of running × step time, sum of step time
         wall_start = time.perf_counter()
         while finished < len(reqs):
             next_arrival = self._add_arrivals(next_arrival)
@@ -222,6 +225,9 @@ class _Simulator:
             max_running = max(max_running, running)
 
             step_end, done = self._execute(out, next_arrival)
+            if out.total_num_scheduled_tokens:
+                running_s += running * (step_end - self.clock)
+                busy_s += step_end - self.clock
             self.clock = step_end
             kwargs = {}
             if done or self.load_errors:
@@ -258,6 +264,7 @@ class _Simulator:
             load_s=self.load_s,
             store_s=self.store_s,
             max_running=max_running,
+            mean_running=running_s / busy_s if busy_s else 0.0,
             busy_scheduler_s=busy_sched_s,
             busy_connector_s=busy_conn_s,
             free_blocks_at_end=pool.get_num_free_blocks(),

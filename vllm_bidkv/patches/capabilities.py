@@ -78,7 +78,7 @@ class Capabilities:
             return f"unsupported: vLLM {self.vllm_version} lacks {', '.join(self.missing())}"
         if not self.tested:
             return f"supported (untested release {self.vllm_version}; every required capability found)"
-        return f"supported (vLLM {self.vllm_version} is tested in CI)"
+        return f"supported (vLLM {self.vllm_version} is in the CI matrix; results: docs/COMPAT.md)"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
