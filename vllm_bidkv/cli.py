@@ -11,8 +11,11 @@ from typing import Any
 
 def doctor_report() -> dict[str, Any]:
     """What this vLLM supports, which patches are applied, and a verdict."""
+    import os
+
     from vllm_bidkv.config import BidKVConfig
 
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep --json stdout clean
     report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
     try:
         config = BidKVConfig.from_sources()

@@ -171,6 +171,8 @@ class BidKVConnector(KVConnectorBase_V1):
 
     def choose_victim(self, requests: list[Any]) -> Any:
         """Pick the victim among vLLM's preemptible running requests (last = vLLM's pick)."""
+        if not self.config.active:  # a patched fork calls this directly: keep vLLM's choice
+            return None
         start = time.perf_counter()
         candidates = [self._candidate(order, req) for order, req in enumerate(requests)]
         chosen = self._strategy.choose(candidates)
