@@ -70,6 +70,10 @@ def run_config(
             )
         )
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+        # vLLM's CPU backend pins its compute thread to a core chosen the same way by every
+        # engine on the box; two engines then share one core while the other idles, and a run
+        # takes 1 ms or 200 ms a step depending on who else runs. Unpinned, the OS spreads them.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         if config.kv_transfer_config(admission, preset.cpu_bytes) is None:
             env["BIDKV_DISABLE"] = "1"
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

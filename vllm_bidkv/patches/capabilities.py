@@ -45,6 +45,9 @@ class Capabilities:
     preempt_drop_stale_output: bool  # _preempt_request(..., drop_stale_output) (0.28+)
     request_blocks_can_be_freed: bool  # Scheduler._request_blocks_can_be_freed guard (0.30+)
     connector_worker_meta: bool  # build_connector_worker_meta (0.19+): async store completions
+    # A step that schedules no tokens still calls the worker's wait_for_save (0.30+); up to
+    # 0.28 it does not, so work queued for wait_for_save waits for the next forward.
+    no_forward_step_saves: bool
     connector_takes_kv_cache_config: bool  # __init__(vllm_config, role, kv_cache_config) (0.13+)
     # A vLLM carrying patches/vllm-*-scheduler-context.patch binds the connector itself
     # (and asks it for victims and admission order): the runtime patches stand down.
@@ -97,6 +100,14 @@ def _has_no_default(cls: Any, field: str) -> bool:
     except (TypeError, ValueError):
         return False
     return param is not None and param.default is inspect.Parameter.empty
+
+
+def _no_forward_step_saves() -> bool:
+    try:
+        from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
+    except ImportError:
+        return False
+    return "wait_for_save=False" not in inspect.getsource(KVConnectorModelRunnerMixin.kv_connector_no_forward)
 
 
 @functools.cache
@@ -153,6 +164,7 @@ def probe() -> Capabilities:
         in _params(getattr(Scheduler, "_preempt_request", None)),
         request_blocks_can_be_freed=hasattr(Scheduler, "_request_blocks_can_be_freed"),
         connector_worker_meta=base is not None and hasattr(base, "build_connector_worker_meta"),
+        no_forward_step_saves=_no_forward_step_saves(),
         connector_takes_kv_cache_config=base is not None and "kv_cache_config" in _params(base.__init__),
         vllm_binds_context=hasattr(base, "bind_scheduler_context") and ".bind_scheduler_context(" in init_src,
         request_takes_eos_token_id="eos_token_id" in _params(Request.__init__),
