@@ -20,9 +20,22 @@ from tests.sched.conftest import add_requests
 from tests.sched.test_victim import assert_drained, connector_config
 from vllm_bidkv.connectors.bidkv_connector import BidKVConnector, BidKVWorkerMetadata
 from vllm_bidkv.offload import JobResults
+from vllm_bidkv.patches.capabilities import probe
 from vllm_bidkv.patches.standalone import model_output
 
 pytestmark = pytest.mark.sched
+# Every test here but the next needs a CPU tier.
+offload_only = pytest.mark.usefixtures("offload_supported")
+
+
+def test_offload_needs_worker_meta(make_scheduler: Any) -> None:
+    """Offload where vLLM reports copy completions; elsewhere a refusal naming what is missing."""
+    config = connector_config(offload_mode="lazy", cpu_bytes=64 * 1024 * 1024)
+    if probe().connector_worker_meta:
+        assert make_scheduler(kv_transfer_config=config).connector.config.offload_mode == "lazy"
+    else:
+        with pytest.raises(ValueError, match="offload_mode='lazy' needs build_connector_worker_meta"):
+            make_scheduler(kv_transfer_config=config)
 
 
 class DelayedCopyWorker:
@@ -61,6 +74,7 @@ class DelayedCopyWorker:
         return BidKVWorkerMetadata(results)
 
 
+@offload_only
 @pytest.mark.parametrize(
     ("mode", "delay", "fail_rate"), [("lazy", 3, 0.0), ("eager", 2, 0.0), ("lazy", 2, 0.2)]
 )
@@ -117,11 +131,13 @@ def add_again(scheduler: Any, request: Any) -> Any:
     return clone
 
 
+@offload_only
 def test_cpu_bytes_too_small_for_one_block(make_scheduler: Any) -> None:
     with pytest.raises(ValueError, match="cpu_bytes"):
         make_scheduler(kv_transfer_config=connector_config(cpu_bytes=1024))
 
 
+@offload_only
 def test_prefix_caching_off_is_refused(make_scheduler: Any) -> None:
     with pytest.raises(ValueError, match="prefix caching is off"):
         make_scheduler(enable_prefix_caching=False, kv_transfer_config=connector_config())
@@ -132,6 +148,7 @@ def test_prefix_caching_off_is_refused(make_scheduler: Any) -> None:
     assert scheduler.connector.config.offload_mode == "off"
 
 
+@offload_only
 def test_hybrid_model_is_refused(make_scheduler: Any) -> None:
     from vllm.v1.kv_cache_interface import (
         FullAttentionSpec,
@@ -155,6 +172,7 @@ def test_hybrid_model_is_refused(make_scheduler: Any) -> None:
         BidKVConnector(scheduler.vllm_config, scheduler.connector._role, config)
 
 
+@offload_only
 def test_unsupported_kv_layout_is_refused_at_registration(make_scheduler: Any) -> None:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 

@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
+from vllm_bidkv.patches.capabilities import probe
+
 pytestmark = pytest.mark.sched
+
+
+def expected_patches() -> list[str]:
+    """A vLLM carrying the source patch binds the connector itself: no runtime patch."""
+    return [] if probe().vllm_binds_context else ["scheduler_bind_hook"]
+
 
 PROBE = r"""
 import json, sys
@@ -39,7 +47,8 @@ def run_probe(**env: str) -> dict[str, object]:
 def test_plugin_registers_connector_and_patches_only_scheduler_init() -> None:
     result = run_probe()
     assert result["registered"] and not result["registered_before"]
-    assert result["changed"] == ["Scheduler.__init__", "Scheduler._bidkv_original_init"]
+    patched = ["Scheduler.__init__", "Scheduler._bidkv_original_init"]
+    assert result["changed"] == (patched if expected_patches() else [])
 
 
 def test_disable_leaves_every_vllm_attribute_untouched() -> None:
@@ -52,13 +61,13 @@ def test_apply_and_revert_are_idempotent() -> None:
 
     from vllm_bidkv import patches
 
-    original = Scheduler.__init__
+    original, expected = Scheduler.__init__, expected_patches()
     try:
-        assert patches.apply() == ["scheduler_bind_hook"]
+        assert patches.apply() == expected
         patched = Scheduler.__init__
-        assert patches.apply() == ["scheduler_bind_hook"] and Scheduler.__init__ is patched
+        assert patches.apply() == expected and Scheduler.__init__ is patched
     finally:
-        assert patches.revert() == ["scheduler_bind_hook"]
+        assert patches.revert() == expected
     assert patches.revert() == [] and Scheduler.__init__ is original and patches.applied() == []
 
 
@@ -71,5 +80,5 @@ def test_doctor_json() -> None:
     )
     report = json.loads(out.stdout)
     assert {"vllm_version", "capabilities", "patches", "supported"} <= report.keys()
-    assert report["supported"] is True and report["patches"] == ["scheduler_bind_hook"]
-    assert report["capabilities"]["free_queue_iter_blocks_after"] is True
+    assert report["supported"] is True and report["patches"] == expected_patches()
+    assert report["capabilities"] == probe().as_dict()

@@ -35,7 +35,9 @@ def small_trace(n: int = 24, seed: int = 0) -> Workload:
 
 
 @pytest.mark.parametrize("config", ["stock", "unbounded", "bidkv", "bidkv-0.1", "offload", "bidkv+offload"])
-def test_every_request_finishes_with_its_token_count(config: str) -> None:
+def test_every_request_finishes_with_its_token_count(config: str, request: pytest.FixtureRequest) -> None:
+    if "offload" in config:
+        request.getfixturevalue("offload_supported")
     workload = small_trace()
     result = simulate(workload, CONFIGS[config], SMALL, H100_LLAMA3_8B)
     assert [t.num_output_tokens for t in result.timings] == [r.output_len for r in workload.requests]
@@ -55,6 +57,7 @@ def test_every_request_finishes_with_its_token_count(config: str) -> None:
         assert s.loaded_tokens == 0 and s.stored_tokens == 0
 
 
+@pytest.mark.usefixtures("offload_supported")
 def test_offload_loads_instead_of_recomputing() -> None:
     workload = small_trace()
     runs = {c: simulate(workload, CONFIGS[c], SMALL, H100_LLAMA3_8B) for c in ("stock", "offload")}

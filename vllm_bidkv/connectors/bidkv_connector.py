@@ -127,6 +127,7 @@ class BidKVConnector(KVConnectorBase_V1):
             self._unbound_scheduler = hooks.find_scheduler_under_construction()
         # worker role
         self._worker: _CopyWorker | None = None
+        self._saves_without_forward = caps.no_forward_step_saves
         logger.info("vllm-bidkv: %s role, config %s", role.name, self.config)
 
     # ---------------------------------------------------------------- scheduler
@@ -294,6 +295,11 @@ class BidKVConnector(KVConnectorBase_V1):
             self._worker.run_stores(self._get_connector_metadata().plan, self._stats)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if not self._saves_without_forward and _step_has_no_forward():
+            # Up to 0.28 a step that runs no forward skips wait_for_save: its stores would never
+            # run and their blocks would stay pinned (the eager engine run hangs). Nothing to
+            # wait for, so they run now.
+            self.wait_for_save()
         return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -325,6 +331,14 @@ class BidKVConnector(KVConnectorBase_V1):
         per_engine_labelvalues: dict[int, list[object]],
     ) -> BidKVPromMetrics:
         return BidKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _step_has_no_forward() -> bool:
+    """vLLM calls ``get_finished`` inside the step's forward context, which has no attention
+    metadata when the step schedules no tokens (``kv_connector_no_forward``)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return is_forward_context_available() and get_forward_context().attn_metadata is None
 
 
 def _resumed_req_ids(cached: Any) -> Sequence[str]:
