@@ -34,6 +34,7 @@ import tomllib
 REPO = Path(__file__).resolve().parent.parent
 CI_DIR = REPO / "ci"
 TIER_ORDER = ("unit", "sched", "engine", "kernels")
+SUPPORTED_PREFIX = "Supported vLLM versions:"
 # Installed into `venv` releases at the main .venv's versions, so every release runs the same tests.
 TEST_TOOLS = ("pytest", "hypothesis", "matplotlib")
 # Long enough for the slowest healthy run with margin; a hang must not eat CI's budget.
@@ -48,6 +49,7 @@ class Release:
     tiers: tuple[str, ...]
     extra: tuple[str, ...] = ()
     uninstall: tuple[str, ...] = ()
+    deselect: tuple[str, ...] = ()
     source_patch: str = ""
     note: str = ""
 
@@ -195,6 +197,7 @@ def run_tiers(release: Release, env: Env, out: Path, log: Path, single_thread: b
         "no:cacheprovider",
         "-q",
         "--durations=10",  # the log names what to trim when the budget gets tight
+        *(arg for test in release.deselect for arg in ("--deselect", test)),
     ]
     timeout = TIMEOUT_S["full" if release.full else "sched"]
     with log.open("a") as f:
@@ -295,19 +298,23 @@ def _cell(tier: dict[str, Any] | None) -> str:
     if tier is None:
         return "–"
     if tier["ok"]:
-        return f"✅ {tier['passed']} ({tier['seconds']:.0f} s)"
+        skipped = f" +{tier['skipped']} skipped" if tier["skipped"] else ""
+        return f"✅ {tier['passed']}{skipped} ({tier['seconds']:.0f} s)"
     bad = tier["failed"] + tier["error"]
     return f"❌ {bad}/{tier['passed'] + bad} ({tier['reason']})"
 
 
 def supported_line(results: list[dict[str, Any]]) -> str:
-    passing = [r for r in results if r["ok"] and r["tiers"].keys() != {"refused"}]
+    tested = [r for r in results if r["tiers"].keys() != {"refused"}]
+    # A version is listed only if every row of it passed (e.g. 0.33.0 with and without the patch).
+    failed = {r["version"] for r in tested if not r["ok"]}
+    passing = [r for r in tested if r["version"] not in failed]
     versions = sorted({r["version"] for r in passing}, key=_version_key)
     engine = sorted({r["version"] for r in passing if "engine" in r["tiers"]}, key=_version_key)
     if not versions:
-        return "Supported vLLM versions: none passed CI."
+        return f"{SUPPORTED_PREFIX} none passed CI."
     return (
-        f"Supported vLLM versions: {versions[0]} – {versions[-1]} "
+        f"{SUPPORTED_PREFIX} {versions[0]} – {versions[-1]} "
         f"(CI runs the Scheduler-level tests on {', '.join(versions)} and the CPU engine on "
         f"{', '.join(engine)}; other releases are probed at start-up and refused if a capability is missing)."
     )
@@ -344,8 +351,17 @@ def render_compat(results: list[dict[str, Any]], floor: dict[str, Any], meta: di
         "Install kinds: `main` = the project's .venv; `venv` = its own virtualenv with its real "
         "dependencies; `target` = `pip install --no-deps --target` over the main .venv (Python "
         "sources only, so Scheduler-level tiers only). The `unit` tier never imports vLLM and runs "
-        "where the engine does. For `refused`, `vllm-bidkv doctor` must answer *unsupported*.",
+        "where the engine does. For `refused`, `vllm-bidkv doctor` must answer *unsupported*. "
+        "Skipped tests need a capability the release lacks (each skip names it; "
+        "`test_offload_needs_worker_meta` checks the refusal instead).",
         "",
+    ]
+    trimmed = [(r["label"], test) for r in results for test in r.get("deselect", ())]
+    if trimmed:
+        lines += ["Not run, to keep CI within its time budget (why: `ci/releases.toml`):", ""]
+        lines += [f"- {label}: `{test}`" for label, test in trimmed]
+        lines += [""]
+    lines += [
         "## The floor",
         "",
         floor["why"].strip(),
@@ -405,7 +421,13 @@ def _meta(argv: list[str], total_seconds: float) -> dict[str, Any]:
 def write_docs(results: list[dict[str, Any]], floor: dict[str, Any], meta: dict[str, Any]) -> None:
     (REPO / "docs").mkdir(exist_ok=True)
     (REPO / "docs" / "COMPAT.md").write_text(render_compat(results, floor, meta))
-    (REPO / "docs" / "SUPPORTED.txt").write_text(supported_line(results) + "\n")
+    line = supported_line(results)
+    (REPO / "docs" / "SUPPORTED.txt").write_text(line + "\n")
+    # The README's line is SUPPORTED.txt's (tests/sched/test_capabilities.py checks they agree).
+    readme = REPO / "README.md"
+    readme.write_text(
+        "\n".join(line if ln.startswith(SUPPORTED_PREFIX) else ln for ln in readme.read_text().split("\n"))
+    )
 
 
 # -- main ------------------------------------------------------------------------------

@@ -40,10 +40,22 @@ def unknown_release(monkeypatch: pytest.MonkeyPatch, fresh_probe: None) -> None:
     monkeypatch.setattr(vllm, "__version__", FAKE_VERSION)
 
 
+REPO = Path(__file__).parents[2]
+
+
 def test_tested_releases_are_the_ones_ci_runs() -> None:
-    config = tomllib.loads((Path(__file__).parents[2] / "ci" / "releases.toml").read_text())
+    config = tomllib.loads((REPO / "ci" / "releases.toml").read_text())
     ci_runs = {r["version"] for r in config["release"] if r["tiers"] != ["refused"]}
     assert set(TESTED_RELEASES) == ci_runs
+
+
+def test_readme_states_what_the_last_matrix_run_passed() -> None:
+    """docs/SUPPORTED.txt (ci/matrix.py) lists the releases whose every row passed; the README
+    repeats it and names no release the matrix does not run."""
+    supported = (REPO / "docs" / "SUPPORTED.txt").read_text().strip()
+    assert supported in (REPO / "README.md").read_text().splitlines()
+    passed = supported.split("Scheduler-level tests on ", 1)[1].split(" and ", 1)[0].split(", ")
+    assert set(passed) <= set(TESTED_RELEASES)
 
 
 def test_untested_release_with_every_capability_runs_with_a_warning(
