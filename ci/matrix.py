@@ -221,6 +221,8 @@ def run_tiers(release: Release, env: Env, out: Path, log: Path, single_thread: b
         tier = data["tiers"].get(name) or _failed_tier("no test ran")
         if data["exitstatus"] not in (0, 1):  # 2: collection error or interrupted; tests may be missing
             tier.update(ok=False, reason=f"pytest exit status {data['exitstatus']}")
+        elif data["unmarked"]:  # `-m` left them out: no tier would ever run them
+            tier.update(ok=False, reason="tests without a tier marker", failures=data["unmarked"])
         elif "ok" not in tier:
             tier["ok"] = tier["failed"] == tier["error"] == 0 and tier["passed"] > 0
             tier["reason"] = "" if tier["ok"] else ("failures" if tier["failures"] else "no test passed")

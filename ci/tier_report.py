@@ -22,6 +22,7 @@ _outcome: dict[str, str] = {}
 _duration: dict[str, float] = defaultdict(float)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: a test with no tier would vanish silently
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         marks = [m.name for m in item.iter_markers() if m.name in TIERS]
@@ -52,7 +53,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         tier["seconds"] = round(tier["seconds"] + _duration[nodeid], 2)
         if outcome in ("failed", "error"):
             tier["failures"].append(nodeid)
-    report = {"exitstatus": int(exitstatus), "tiers": tiers, "capabilities": _capabilities()}
+    report = {
+        "exitstatus": int(exitstatus),
+        "tiers": tiers,
+        "unmarked": sorted(n for n, tier in _tier_of.items() if tier == "unmarked"),
+        "capabilities": _capabilities(),
+    }
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
 
