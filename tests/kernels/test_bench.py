@@ -21,10 +21,27 @@ def test_run_copy_bench_writes_results_and_machine(tmp_path: Path) -> None:
         str(json_path), block_counts=[4], block_sizes_bytes=[4096], layers=2, repeats=2, verbose=False
     )
     assert json.loads(json_path.read_text()) == report
-    (row,) = report["results"]
-    assert row["backend"] == "torch" and row["blocks"] == 4 and row["block_bytes"] == 4096
-    assert row["gbps"] > 0 and row["ratio_to_memcpy"] > 0 and row["memcpy_gbps"] > 0
+    rows = report["results"]
+    assert [(row["ids"], row["direction"]) for row in rows] == [
+        ("tier", "store"),
+        ("tier", "load"),
+        ("random", "store"),
+        ("random", "load"),
+    ]
+    for row in rows:
+        assert row["backend"] == "torch" and row["blocks"] == 4 and row["block_bytes"] == 4096
+        assert row["gbps"] > 0 and row["ratio_to_memcpy"] > 0 and row["memcpy_gbps"] > 0
     assert report["machine"]["torch"] and report["machine"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("direction", ["store", "load"])
+def test_tier_ids_are_random_cache_ids_and_one_run_of_slots(direction: str) -> None:
+    src_ids, dst_ids = bench._ids("tier", direction, 64)
+    cache_ids, slots = (dst_ids, src_ids) if direction == "load" else (src_ids, dst_ids)
+    assert slots == list(range(slots[0], slots[0] + 64)) and 0 <= slots[0] <= 64
+    assert sorted(cache_ids) == list(range(0, 128, 2))
+    random_sides = {tuple(sorted(ids)) for ids in bench._ids("random", direction, 64)}
+    assert random_sides == {tuple(range(0, 128, 2)), tuple(range(1, 128, 2))}, "no two ids adjacent"
 
 
 def test_cli_arguments_reach_the_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,10 +50,15 @@ def test_cli_arguments_reach_the_sweep(tmp_path: Path, capsys: pytest.CaptureFix
     json_path = tmp_path / "copy.json"
     args = parser.parse_args(
         ["--json", str(json_path), "--blocks", "2", "--block-kib", "4", "--layers", "1", "--repeats", "1"]
+        + ["--ids", "random"]
     )
     assert bench.main(args) == 0
     assert "ratio" in capsys.readouterr().out
-    assert [row["blocks"] for row in json.loads(json_path.read_text())["results"]] == [2]
+    rows = json.loads(json_path.read_text())["results"]
+    assert [(row["blocks"], row["ids"], row["direction"]) for row in rows] == [
+        (2, "random", "store"),
+        (2, "random", "load"),
+    ]
 
 
 def test_importing_and_copying_on_cpu_does_not_import_triton() -> None:

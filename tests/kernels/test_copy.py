@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -268,6 +269,28 @@ def test_property_runs_and_jobs_split_correctly(
     copy_blocks(src, dst, src_ids, dst_ids, "torch")
     for got, want in zip(dst, expected, strict=True):
         assert torch.equal(got, want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), count=st.integers(1, 60), min_run=st.integers(2, 8), load=st.booleans())
+def test_property_a_run_of_tier_slots_is_one_pass_whatever_the_cache_ids(
+    data: st.DataObject, count: int, min_run: int, load: bool
+) -> None:
+    """A store's destinations and a load's sources are consecutive tier slots: no pair is
+    staged (two passes), even where the cache's random ids hold chance runs of ``min_run``."""
+    first = data.draw(st.integers(0, 100))
+    slots = np.arange(first, first + count)[data.draw(st.permutations(range(count)))]
+    cache_ids = np.array(data.draw(st.permutations(range(2 * count)))[:count])
+    src_ids, dst_ids = (slots, cache_ids) if load else (cache_ids, slots)
+    plan = torch_copy._RunPlan(src_ids, dst_ids, min_run)
+    assert plan.staged[0].size == 0
+    assert all(src_start is not None or dst_start is not None for _, src_start, _, dst_start in plan.runs)
+    pairs = {
+        (int(s), int(d))
+        for run_src, _, run_dst, _ in plan.runs
+        for s, d in zip(run_src, run_dst, strict=True)
+    }
+    assert pairs == {(int(s), int(d)) for s, d in zip(src_ids, dst_ids, strict=True)}
 
 
 def test_cross_device_path_runs_with_meta_standing_in_for_cuda() -> None:

@@ -1,9 +1,9 @@
-"""CpuBlockTier: states, pins, LRU / bid eviction, errors; a stateful test against a list model."""
+"""CpuBlockTier: states, pins, LRU / bid eviction, errors, slot runs; a stateful test against a list model."""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -184,6 +184,44 @@ def test_errors_name_the_slot() -> None:
         CpuBlockTier(0)
 
 
+@given(num_slots=st.integers(1, 64), data=st.data())
+def test_property_a_burst_on_a_fresh_tier_is_one_run(num_slots: int, data: st.DataObject) -> None:
+    tier = CpuBlockTier(num_slots)
+    burst = data.draw(st.integers(1, num_slots))
+    assert [tier.reserve(h(i)) for i in range(burst)] == list(range(burst))
+
+
+@given(
+    num_slots=st.integers(1, 32),
+    history=st.lists(st.tuples(st.sampled_from(["store", "drop", "abort", "use"]), st.integers(0, 40))),
+    defragment=st.booleans(),
+    data=st.data(),
+)
+def test_property_a_burst_takes_the_free_slots_in_order(
+    num_slots: int, history: list[tuple[str, int]], defragment: bool, data: st.DataObject
+) -> None:
+    """After any history a burst of reserves walks the free slots lowest first, so it is
+    consecutive wherever the free slots are; once the tier is emptied it is 0, 1, 2, ..."""
+    tier = CpuBlockTier(num_slots)
+    for action, i in history:
+        if action in ("store", "abort") and not tier.contains(h(i)):
+            slot = tier.reserve(h(i))
+            if slot is not None:
+                (tier.abort if action == "abort" else tier.commit)(slot)
+        elif action == "drop":
+            tier.drop(h(i))
+        elif action == "use" and (slot := tier.lookup(h(i))) is not None:
+            tier.mark_used(slot)
+    if defragment:
+        tier.reset()
+    free = [slot for slot in range(num_slots) if tier.hash_of(slot) is None]
+    burst = data.draw(st.integers(0, len(free)))
+    assert [tier.reserve(h(100 + i)) for i in range(burst)] == free[:burst]
+    if defragment:
+        assert free == list(range(num_slots))
+    tier.check()
+
+
 def test_num_slots_for() -> None:
     assert num_slots_for(10 * 4096 + 5, 4096) == 10
     with pytest.raises(ValueError, match="cpu_bytes=100 holds no block of 4096 bytes"):
@@ -216,14 +254,15 @@ class TierModel(RuleBasedStateMachine):
     @rule()
     def reserve(self) -> None:
         self.next_hash += 1
+        free = [s for s in range(self.tier.num_slots) if self.tier.hash_of(s) is None and s not in self.pins]
         had_free = self.tier.num_free > 0
-        expect = None if had_free else self._expected_victim()
+        expect = free[0] if had_free else self._expected_victim()  # the lowest free slot first
         slot = self.tier.reserve(h(self.next_hash))
         if slot is None:
             assert not had_free and expect is None
             return
+        assert slot == expect
         if not had_free:
-            assert slot == expect
             self.order.remove(slot)
         self.pending.add(slot)
 

@@ -1,13 +1,20 @@
 """Copy benchmark: GB/s of ``copy_blocks`` against one contiguous ``copy_`` of the same bytes.
 
-Each case copies ``blocks`` random, non-contiguous block ids (no two adjacent, random order, so
-no run can be coalesced) of ``block_bytes`` in each of ``layers`` regions. Each repeat times the
-memcpy reference and then the backend, back to back, so their ratio sees the same machine load;
-reported numbers are medians over repeats.
+Each case copies ``blocks`` blocks of ``block_bytes`` in each of ``layers`` regions, in one
+direction, with one id pattern:
+
+* ``store``: the KV cache -> the CPU tier; ``load``: the tier -> the cache. On CUDA the tier is
+  pinned host memory; on CPU both are host memory. CUDA also has ``d2d`` (cache -> cache).
+* ``tier``: what the system produces. Cache block ids are random (no two adjacent, random
+  order), tier slots one run of consecutive ids, as ``CpuBlockTier`` hands them out.
+* ``random``: random ids on both sides (no two adjacent, so no run can be coalesced): the
+  worst case, e.g. a tier fragmented by eviction.
+
+Each repeat times the memcpy reference and then the backend, back to back, so their ratio sees
+the same machine load; reported numbers are medians over repeats.
 
 On CPU only the torch backend runs (the Triton interpreter is for correctness, not speed). On
-CUDA the directions are ``d2h`` (store: device cache -> pinned tier), ``h2d`` (load) and ``d2d``,
-and the backends are torch, triton and ``per_block`` (one ``copy_``, i.e. one
+CUDA the backends are torch, triton and ``per_block`` (one ``copy_``, i.e. one
 ``cudaMemcpyAsync``, per block and region).
 
     vllm-bidkv bench copy --json copy.json
@@ -36,6 +43,7 @@ DEFAULT_MAX_COPY_BYTES = 512 << 20
 DEFAULT_REPEATS = 15
 CPU_BACKENDS = ("torch",)
 CUDA_BACKENDS = ("torch", "triton", "per_block")
+ID_PATTERNS = ("tier", "random")
 
 
 def run_copy_bench(
@@ -47,18 +55,25 @@ def run_copy_bench(
     backends: Sequence[str] | None = None,
     device: str | None = None,
     max_copy_bytes: int = DEFAULT_MAX_COPY_BYTES,
+    id_patterns: Sequence[str] = ID_PATTERNS,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Run the sweep; return (and write to ``json_path`` if given) ``{"results", "machine"}``.
 
-    One result per (backend, direction, blocks, block_bytes) with ``gbps``, ``memcpy_gbps`` and
-    ``ratio_to_memcpy`` (median of per-repeat ratios). Cases copying more than
-    ``max_copy_bytes`` are skipped (each case allocates about 6x the copied bytes).
+    One result per (backend, ids, direction, blocks, block_bytes) with ``gbps``,
+    ``memcpy_gbps`` and ``ratio_to_memcpy`` (median of per-repeat ratios). Cases copying more
+    than ``max_copy_bytes`` are skipped (each case allocates about 6x the copied bytes).
     """
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = torch_device.type == "cuda"
     chosen_backends = tuple(backends or (CUDA_BACKENDS if on_cuda else CPU_BACKENDS))
-    directions = ("d2h", "h2d", "d2d") if on_cuda else ("host",)
+    # d2d involves no tier, so it has no tier pattern.
+    cases = [
+        (ids, direction)
+        for ids in id_patterns
+        for direction in ("store", "load", "d2d")
+        if direction != "d2d" or (on_cuda and ids == "random")
+    ]
     load_average_start = list(os.getloadavg())
     results = []
     for block_bytes in block_sizes_bytes:
@@ -67,8 +82,8 @@ def run_copy_bench(
                 if verbose:
                     print(f"skip {blocks} blocks x {block_bytes} B x {layers}: over {max_copy_bytes} bytes")
                 continue
-            for direction in directions:
-                case = _Case(torch_device, direction, blocks, block_bytes, layers)
+            for ids, direction in cases:
+                case = _Case(torch_device, ids, direction, blocks, block_bytes, layers)
                 for backend in chosen_backends:
                     results.append(case.measure(backend, repeats))
                     if verbose:
@@ -86,20 +101,19 @@ def run_copy_bench(
 
 
 class _Case:
-    """Source and destination block views, random ids and the memcpy reference for one case."""
+    """Source and destination block views, their ids and the memcpy reference for one case."""
 
     def __init__(
-        self, device: torch.device, direction: str, blocks: int, block_bytes: int, layers: int
+        self, device: torch.device, ids: str, direction: str, blocks: int, block_bytes: int, layers: int
     ) -> None:
-        self.device, self.direction = device, direction
+        self.device, self.ids, self.direction = device, ids, direction
         self.blocks, self.block_bytes, self.layers = blocks, block_bytes, layers
         self.copy_bytes = blocks * block_bytes * layers
         src_device, dst_device = _endpoints(device, direction)
         pool = 2 * blocks
         self.src = [_filled((pool, block_bytes), src_device) for _ in range(layers)]
         self.dst = [_filled((pool, block_bytes), dst_device) for _ in range(layers)]
-        self.src_ids = (2 * torch.randperm(blocks)).tolist()
-        self.dst_ids = (2 * torch.randperm(blocks) + 1).tolist()
+        self.src_ids, self.dst_ids = _ids(ids, direction, blocks)
         self.reference_src = _filled((self.copy_bytes,), src_device)
         self.reference_dst = _filled((self.copy_bytes,), dst_device)
 
@@ -115,6 +129,7 @@ class _Case:
         ratios = [m / b for m, b in zip(memcpy_seconds, backend_seconds, strict=True)]
         return {
             "backend": backend,
+            "ids": self.ids,
             "direction": self.direction,
             "blocks": self.blocks,
             "block_bytes": self.block_bytes,
@@ -125,6 +140,7 @@ class _Case:
             "ratio_to_memcpy": statistics.median(ratios),
             "repeats": repeats,
             "device": str(self.device),
+            "load_average_1m": os.getloadavg()[0],
         }
 
     def _runner(self, backend: str) -> Callable[[], None]:
@@ -147,7 +163,9 @@ class _Case:
     def _check(self) -> None:
         for src_view, dst_view in zip(self.src, self.dst, strict=True):
             if not torch.equal(dst_view[self.dst_ids].cpu(), src_view[self.src_ids].cpu()):
-                raise AssertionError(f"copy mismatch in {self.direction} case of {self.blocks} blocks")
+                raise AssertionError(
+                    f"copy mismatch in {self.ids} {self.direction} case of {self.blocks} blocks"
+                )
 
     def _timed(self, run: Callable[[], None]) -> float:
         if self.device.type != "cuda":
@@ -163,13 +181,29 @@ class _Case:
 
 def _endpoints(device: torch.device, direction: str) -> tuple[torch.device | str, torch.device | str]:
     """(source, destination) of a direction; ``"pinned"`` is pinned host memory."""
-    if direction == "d2h":
-        return device, "pinned"
-    if direction == "h2d":
-        return "pinned", device
-    if direction == "d2d":
-        return device, device
-    return "cpu", "cpu"
+    tier = "pinned" if device.type == "cuda" else "cpu"
+    if direction == "store":
+        return device, tier
+    if direction == "load":
+        return tier, device
+    return device, device
+
+
+def _ids(ids: str, direction: str, blocks: int) -> tuple[list[int], list[int]]:
+    """(source ids, destination ids) into pools of ``2 * blocks`` rows.
+
+    Random ids are even on one side and odd on the other, in random order: no two adjacent.
+    Tier slots are one run starting at a random slot, in order (the tier's reserve order).
+    """
+    cache_ids = (2 * torch.randperm(blocks)).tolist()
+    if ids == "random":
+        other_ids = (2 * torch.randperm(blocks) + 1).tolist()
+    elif ids == "tier":
+        first = int(torch.randint(blocks + 1, ()))
+        other_ids = list(range(first, first + blocks))
+    else:
+        raise ValueError(f"unknown id pattern {ids!r}; expected one of {ID_PATTERNS}")
+    return (other_ids, cache_ids) if direction == "load" else (cache_ids, other_ids)
 
 
 def _filled(shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
@@ -214,7 +248,7 @@ def _print_row(row: dict[str, Any]) -> None:
     speeds = (
         f"{row['gbps']:7.2f} GB/s  memcpy {row['memcpy_gbps']:7.2f} GB/s  ratio {row['ratio_to_memcpy']:.2f}"
     )
-    print(f"{row['backend']:>9} {row['direction']:>4} {case} : {speeds}", flush=True)
+    print(f"{row['backend']:>9} {row['ids']:>6} {row['direction']:>5} {case} : {speeds}", flush=True)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +269,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", help="default: torch on CPU; torch triton per_block on CUDA")
     parser.add_argument("--device", help="cpu or cuda[:N]; default cuda when available")
     parser.add_argument(
+        "--ids",
+        nargs="+",
+        choices=ID_PATTERNS,
+        default=list(ID_PATTERNS),
+        help="id patterns: tier (random cache ids <-> consecutive tier slots), random (both sides random)",
+    )
+    parser.add_argument(
         "--max-mib", type=int, default=DEFAULT_MAX_COPY_BYTES >> 20, help="skip cases copying more than this"
     )
 
@@ -250,6 +291,7 @@ def main(args: argparse.Namespace) -> int:
         backends=args.backends,
         device=args.device,
         max_copy_bytes=args.max_mib << 20,
+        id_patterns=args.ids,
     )
     return 0
 

@@ -14,8 +14,9 @@ shared with other jobs, at 256 random blocks x 64 KiB x 8 regions:
 * No GIL-free op gathers and scatters in one pass, so random pairs are copied
   ``dst[dst_ids] = src[src_ids]`` in jobs of ``_JOB_BYTES``: the gathered temporary stays in
   cache for the scatter. A run of consecutive ids on either side is a slice, which needs one
-  pass (0.77-0.83 of memcpy where random ids got 0.63, same run); a tier that hands out blocks
-  in runs thus gets faster stores and loads.
+  pass: a gather into it or a scatter from it (0.77-0.83 of memcpy where random ids got 0.63,
+  same run). ``CpuBlockTier`` hands out slots in runs, so the tier side of a store or a load is
+  one; ``vllm-bidkv bench copy`` measures both patterns (``--ids tier random``).
 * Jobs are run by ``torch.get_num_threads()`` threads (the caller plus a pool) taking the next
   job from a shared counter. Torch ops would instead parallelize each op with OpenMP, whose
   barrier waits for a descheduled thread when other processes hold the cores: under such load
@@ -46,7 +47,8 @@ _UNITS = {16: torch.complex128, 8: torch.int64, 4: torch.int32, 2: torch.int16, 
 _JOB_BYTES = 2 << 20
 # A run of consecutive ids is copied as slices when it spans at least this many bytes per
 # region (or holds every remaining pair); shorter runs are staged with the rest, so that runs
-# do not multiply jobs. Chosen, not tuned: the benchmark's ids have no runs.
+# do not multiply jobs. Chosen, not tuned: the benchmark's tier ids are one run, its random
+# ids have none.
 _MIN_RUN_BYTES = 1 << 20
 # Bytes each extra thread must have to copy before it is woken: a handoff costs about as much
 # as copying ~1 MiB, so small copies run on the caller alone.
@@ -89,29 +91,41 @@ def _as_rows(view: torch.Tensor) -> np.ndarray:
 class _RunPlan:
     """The pairs split into runs and the rest, once per call for all regions.
 
-    ``dst_runs``: (first dst id, source ids, first src id or None when the sources are not a
-    run) per run of consecutive destination ids; ``src_runs``: (first src id, destination ids)
-    per run of consecutive source ids among the other pairs; ``staged``: (source ids,
-    destination ids) of the pairs left. A run counts when it has at least ``min_run`` pairs or
-    holds every pair not yet in a run (so a single pair is one slice copy).
+    ``runs``: (source ids, first source id, destination ids, first destination id) per run of
+    pairs whose ids are consecutive on at least one side, in that side's order; a first id is
+    None where that side's ids are not consecutive. ``staged``: (source ids, destination ids)
+    of the pairs left. A run counts when it has at least ``min_run`` pairs or holds every pair
+    not yet in a run (so a single pair is one slice copy).
+
+    The side whose runs hold more pairs is split first, the other side only among the pairs
+    left: a run on one side (a tier's slots) is one pass whatever the other side's ids, and a
+    chance run among the other side's random ids cannot cut it into pieces under ``min_run``.
     """
 
     def __init__(self, src_ids: np.ndarray, dst_ids: np.ndarray, min_run: int) -> None:
-        rest = np.arange(src_ids.size)
-        dst_runs, rest = _runs(dst_ids, rest, min_run)
-        src_runs, rest = _runs(src_ids, rest, min_run)
-        self.dst_runs = [(start, src_ids[run], _run_start(src_ids[run])) for start, run in dst_runs]
-        self.src_runs = [(start, dst_ids[run]) for start, run in src_runs]
+        everything = np.arange(src_ids.size)
+        (src_runs, src_rest), (dst_runs, dst_rest) = (
+            _runs(ids, everything, min_run) for ids in (src_ids, dst_ids)
+        )
+        if src_rest.size < dst_rest.size:
+            runs, rest = src_runs, src_rest
+            other_ids = dst_ids
+        else:  # on a tie, destinations first: then one gather per run, no scatter
+            runs, rest = dst_runs, dst_rest
+            other_ids = src_ids
+        other_runs, rest = _runs(other_ids, rest, min_run)
+        self.runs = [
+            (src_ids[run], _run_start(src_ids[run]), dst_ids[run], _run_start(dst_ids[run]))
+            for run in (*runs, *other_runs)
+        ]
         self.staged = (src_ids[rest], dst_ids[rest])
 
 
-def _runs(
-    ids: np.ndarray, positions: np.ndarray, min_run: int
-) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+def _runs(ids: np.ndarray, positions: np.ndarray, min_run: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Split ``positions`` (indices into ``ids``) into runs where ``ids`` are consecutive.
 
-    Returns (first id, positions in id order) per run of at least ``min_run`` pairs or of all
-    of them, and the positions left over.
+    Returns the positions, in id order, of each run of at least ``min_run`` pairs or of all of
+    them, and the positions left over.
     """
     count = positions.size
     if count == 0:
@@ -125,10 +139,7 @@ def _runs(
     long_enough = (run_lengths >= min_run) | (run_lengths == count)
     run_starts = np.flatnonzero(starts_run)
     runs = [
-        (
-            int(sorted_ids[run_starts[run]]),
-            sorted_positions[run_starts[run] : run_starts[run] + run_lengths[run]],
-        )
+        sorted_positions[run_starts[run] : run_starts[run] + run_lengths[run]]
         for run in np.flatnonzero(long_enough)
     ]
     return runs, sorted_positions[~long_enough[run_of]]
@@ -143,21 +154,25 @@ def _run_start(ids: np.ndarray) -> int | None:
 
 def _host_jobs(src_rows: np.ndarray, dst_rows: np.ndarray, plan: _RunPlan) -> Iterator[Job]:
     """Jobs of at most ``_JOB_BYTES`` for one region (numpy rows; overlapping memory within one
-    storage is handled by numpy's own overlap checks)."""
+    storage is handled by numpy's own overlap checks). A run is one pass: a slice copy, a
+    gather into a destination slice or a scatter from a source slice."""
     per_job = max(1, _JOB_BYTES // src_rows.shape[1])
-    for dst_start, src_ids, src_start in plan.dst_runs:
+    for src_ids, src_start, dst_ids, dst_start in plan.runs:
         for first in range(0, src_ids.size, per_job):
             last = min(first + per_job, src_ids.size)
-            out = dst_rows[dst_start + first : dst_start + last]
-            if src_start is not None:
-                yield functools.partial(np.copyto, out, src_rows[src_start + first : src_start + last])
-            else:
+            if dst_start is not None and src_start is not None:
+                out, source = (
+                    dst_rows[dst_start + first : dst_start + last],
+                    src_rows[src_start + first : src_start + last],
+                )
+                yield functools.partial(np.copyto, out, source)
+            elif dst_start is not None:
+                out = dst_rows[dst_start + first : dst_start + last]
                 yield functools.partial(_gather, src_rows, src_ids[first:last], out)
-    for src_start, dst_ids in plan.src_runs:
-        for first in range(0, dst_ids.size, per_job):
-            last = min(first + per_job, dst_ids.size)
-            source = src_rows[src_start + first : src_start + last]
-            yield functools.partial(_scatter, dst_rows, dst_ids[first:last], source)
+            else:
+                assert src_start is not None  # a run is consecutive on at least one side
+                source = src_rows[src_start + first : src_start + last]
+                yield functools.partial(_scatter, dst_rows, dst_ids[first:last], source)
     staged_src, staged_dst = plan.staged
     for first in range(0, staged_src.size, per_job):
         yield functools.partial(

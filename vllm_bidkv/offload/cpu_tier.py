@@ -4,7 +4,7 @@ The bytes live on the workers (one row per slot); this class only decides which
 slot holds which block hash and which slot a store may overwrite. Every slot is
 in exactly one state:
 
-* FREE: on the free stack, no hash.
+* FREE: in the free heap, no hash.
 * PENDING: reserved for a store in flight; has a hash (``contains`` is true, so
   nobody plans a second store of it) but is not a hit and never evicted.
 * READY: data valid, a hit (``lookup``). Evictable iff its pin count is 0.
@@ -12,7 +12,7 @@ in exactly one state:
   no hash any more, becomes FREE when its last pin goes.
 
 Invariants (``check`` asserts them): the hash index is a bijection onto the
-PENDING and READY slots; the free stack holds exactly the FREE slots; pin counts
+PENDING and READY slots; the free heap holds exactly the FREE slots; pin counts
 are >= 0 and non-zero only on READY and ORPHAN slots (an ORPHAN always has one);
 the eviction queues hold exactly the READY slots with no pin, each in the queue
 its protection selects. Protection counts are kept per hash and may name hashes
@@ -24,11 +24,27 @@ Eviction is LRU over two O(1) queues (``OrderedDict``, oldest first): with
 the unprotected one is empty; with ``"lru"`` protection changes nothing. A slot
 enters its queue at the MRU end when it becomes evictable (commit, last unpin,
 change of protection), so each of those counts as a use. Everything but
-``check`` and ``reset`` is O(1) per hash or slot.
+``check`` and ``reset`` is O(1) per hash or slot, except taking and returning a
+free slot, O(log slots).
+
+Free slots are handed out lowest first (a min-heap) because the workers copy a
+job's blocks in one pass when the tier side of the job is a run of consecutive
+slots (``kernels.torch_copy``), against two passes otherwise. The reserves of one
+job come back to back with no release between them, so lowest-first gives slot
+s+1 right after s whenever s+1 is free: a burst on a fresh or emptied tier is
+0, 1, 2, ..., and elsewhere it walks the free runs in order. Lowest-first (first
+fit) also packs the used slots at the bottom, so the slots freed by drops and
+aborts refill the holes they left and the top stays one free run. A stack (LIFO)
+would hand back the last freed slots, in reverse and scattered; a structure of
+free runs (best fit for the burst) would need the burst's length, which the
+planner does not know in advance. Once the tier is full, slots come from
+eviction, in LRU order: a store's slots were committed in slot order, so they
+leave as runs too, broken where hits or loads moved entries to the MRU end.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -68,8 +84,7 @@ class CpuBlockTier:
         self._hash: list[BlockHash | None] = [None] * num_slots
         self._pins = [0] * num_slots
         self._slot_of: dict[BlockHash, int] = {}
-        # Popped from the end: slot 0 is handed out first (deterministic tests).
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(num_slots))  # a min-heap (sorted, so already one)
         self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, unprotected
         self._kept: OrderedDict[int, None] = OrderedDict()  # evictable, protected (bid only)
         self._protect: dict[BlockHash, int] = {}
@@ -102,13 +117,13 @@ class CpuBlockTier:
     def reserve(self, block_hash: BlockHash) -> int | None:
         """A PENDING slot for a store of ``block_hash``; None if every slot is pinned or pending.
 
-        Takes a free slot, else evicts the least recently used evictable entry
-        (unprotected ones first under ``eviction="bid"``).
+        Takes the lowest free slot, else evicts the least recently used evictable
+        entry (unprotected ones first under ``eviction="bid"``).
         """
         if block_hash in self._slot_of:
             raise ValueError(f"vllm-bidkv: hash {block_hash.hex()[:16]} is already in the CPU tier")
         if self._free:
-            slot = self._free.pop()
+            slot = heapq.heappop(self._free)
         else:
             queue = self._lru or self._kept
             if not queue:
@@ -216,7 +231,8 @@ class CpuBlockTier:
     # -- consistency -----------------------------------------------------------
     def check(self) -> None:
         """Assert every invariant of the module doc (O(slots); for tests and debugging)."""
-        assert len(set(self._free)) == len(self._free), "free stack has duplicates"
+        assert len(set(self._free)) == len(self._free), "free heap has duplicates"
+        assert all(self._free[(i - 1) // 2] <= self._free[i] for i in range(1, len(self._free))), "heap order"
         free = set(self._free)
         pins = 0
         for slot in range(self.num_slots):
@@ -289,4 +305,4 @@ class CpuBlockTier:
             del self._slot_of[block_hash]
         self._hash[slot] = None
         self._state[slot] = _FREE
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
