@@ -97,6 +97,10 @@ def test_offload_serves_loads_and_keeps_outputs(stock: dict[str, Any], mode: str
     assert result["outputs"] == stock["outputs"]
     assert metrics["vllm:bidkv_tokens_loaded"] > 0 and metrics["vllm:bidkv_blocks_loaded"] > 0
     assert metrics["vllm:bidkv_blocks_stored"] > 0
+    # Victims' blocks were rescued (copied before the forward that reuses them) and the
+    # outputs above are still exact; a resumed victim recomputes at most its partial last block.
+    assert metrics["vllm:bidkv_blocks_rescued"] > 0
+    assert metrics["vllm:bidkv_recomputed_tokens"] < 32 * metrics["vllm:bidkv_preemptions"]
     # vLLM counts the tokens our connector supplied to new requests too (its external hit
     # counter leaves out resumed requests, which get most of our loads).
     assert 0 < metrics["vllm:external_prefix_cache_hits"] <= metrics["vllm:bidkv_tokens_loaded"]

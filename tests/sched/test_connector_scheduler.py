@@ -48,17 +48,25 @@ class DelayedCopyWorker:
         self.in_flight: deque[tuple[int, Any]] = deque()  # (step due, job)
         self.step = 0
         self.ready_slots: set[int] = set()  # CPU slots whose data a completed store wrote
+        self.rescues: set[int] = set()
         self.loads = 0
 
     def submit(self, meta: Any) -> None:
         for job in meta.plan.pre_forward_loads:
             assert set(job.cpu_slots) <= self.ready_slots, "load reads a slot no completed store wrote"
             self.loads += 1
-        for job in [*meta.plan.pre_forward_loads, *meta.plan.post_forward_stores]:
+        self.rescues.update(job.job_id for job in meta.plan.pre_forward_stores)
+        for job in meta.plan.jobs():
             self.in_flight.append((self.step + self.delay, job))
 
     def busy_gpu_blocks(self) -> dict[int, str]:
-        return {b: job.kind for _, job in self.in_flight for b in job.gpu_block_ids}
+        """Blocks in-flight copies read or write; a rescue copied its blocks before the forward."""
+        return {
+            b: job.kind
+            for _, job in self.in_flight
+            if job.job_id not in self.rescues
+            for b in job.gpu_block_ids
+        }
 
     def finish_due(self) -> Any:
         self.step += 1

@@ -133,3 +133,25 @@ def test_sjf_admission_orders_waiting_by_prompt_length(make_scheduler: Any, patc
     scheduler.update_from_output(first, model_output(first, requests))
     run_to_completion(scheduler, requests)
     assert_drained(scheduler, requests)
+
+
+def test_pending_block_frees_wait_instead_of_preempting(make_scheduler: Any, patched: None) -> None:
+    """While the connector says blocks are coming back, vLLM (0.30+) waits and no victim is chosen."""
+    from vllm_bidkv.patches.capabilities import probe
+
+    if not probe().connector_pending_block_frees:
+        pytest.skip("this vLLM never asks has_pending_block_frees: it preempts as before")
+    preempted = {}
+    for pending in (False, True):
+        scheduler = make_scheduler(
+            num_gpu_blocks=28, max_num_seqs=8, kv_transfer_config=connector_config(offload_mode="off")
+        )
+        scheduler.connector.has_pending_block_frees = lambda pending=pending: pending
+        requests = add_requests(scheduler, 24, seed=3, prefix_len=32, lo=40, hi=160, max_out=120)
+        preempted[pending] = 0
+        for _ in range(60):
+            out = scheduler.schedule()
+            preempted[pending] += len(out.preempted_req_ids)
+            scheduler.update_from_output(out, model_output(out, requests))
+        assert scheduler.connector.victim_stats.preemptions == preempted[pending]
+    assert preempted == {False: preempted[False], True: 0} and preempted[False] > 0

@@ -91,11 +91,15 @@ class Rig:
         return ids
 
     def finish_all(self, plan: StepPlan, ok: bool = True) -> None:
-        jobs = [*plan.pre_forward_loads, *plan.post_forward_stores]
+        jobs = plan.jobs()
         if ok:
             self.planner.complete(JobResults(done={j.job_id: 1 for j in jobs}))
         else:
             self.planner.complete(JobResults(failed={j.job_id for j in jobs}))
+
+    def blocks_of(self, ids: Sequence[int]) -> list[tuple[int, BlockHash | None]]:
+        """What the victim hook records when vLLM preempts the holder of ``ids``."""
+        return [(b, self.ctx.get_block(b).block_hash) for b in ids]
 
     def idle(self) -> None:
         assert all(b.ref_cnt == 0 for b in self.ctx.blocks)
@@ -351,36 +355,70 @@ def test_eager_skips_blocks_not_computed_yet() -> None:
     assert job.gpu_block_ids == ids[:1]
 
 
-def test_eager_preempt_stores_only_blocks_still_free() -> None:
-    rig = Rig(mode="eager", eviction="bid")
-    request = SimRequest("a", tokens(1, 12))
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_preemption_rescues_a_victims_blocks_reused_or_not(mode: str) -> None:
+    rig = Rig(mode=mode, eviction="bid")
+    request = SimRequest("a", tokens(1, 14))  # 3 full blocks + a partial one
     ids = rig.run(request)
+    victim = rig.blocks_of(ids)
     rig.ctx.release("a")
     reused = rig.ctx.allocate("b", rig.ctx.num_free_blocks() - 2)  # vLLM reuses all but 2 free blocks
     assert reused is not None
-    rig.planner.on_request_preempted(request, ids)
-    (job,) = rig.planner.plan_step(0).post_forward_stores
-    still_free = [g for g in ids if g not in reused and rig.ctx.get_block(g).block_hash is not None]
-    assert sorted(job.gpu_block_ids) == sorted(still_free) and still_free
+    free_before = rig.ctx.free_order()
+    rig.planner.on_request_preempted(request, victim)
+    plan = rig.planner.plan_step(0)
+    (rescue,) = plan.pre_forward_stores
+    assert plan.post_forward_stores == [] and rescue.kind == "store" and rescue.request_id == "a"
+    assert rescue.gpu_block_ids == ids[:3]
+    assert any(g in reused for g in ids[:3]) and any(g not in reused for g in ids[:3])
+    assert rig.ctx.free_order() == free_before and rig.planner.held_gpu_blocks == 0, "rescues take no touch"
     assert all(rig.tier.is_protected(x) for x in request.block_hashes)
+    rig.finish_all(plan)
+    assert all(rig.tier.lookup(x) is not None for x in request.block_hashes), "every full block parked"
+    assert rig.ctx.free_order() == free_before, "finishing a rescue frees nothing"
     rig.planner.on_request_resumed("a")
     assert not any(rig.tier.is_protected(x) for x in request.block_hashes)
+    rig.ctx.release("b")
+    rig.idle()
 
 
-def test_lazy_mode_ignores_finish_and_preempt_stores() -> None:
+def test_preemption_skips_shared_uncomputed_and_stored_blocks() -> None:
+    prompt = tokens(1, 8)
+    rig, _ = stored_rig(prompt)  # the prompt's 2 blocks are in the tier already
+    request = SimRequest("a", prompt + tokens(2, 12))
+    ids = rig.ctx.allocate("a", 5)
+    assert ids is not None
+    for block_id, block_hash in zip(ids[:4], request.block_hashes, strict=False):
+        rig.ctx.cache(block_id, block_hash)  # block 4 is not computed yet (mid-prefill)
+    rig.ctx.acquire("c", ids[2:3])  # block 2 is shared with a running request
+    victim = rig.blocks_of(ids)
+    rig.ctx.release("a")
+    rig.planner.on_request_preempted(request, victim)
+    (rescue,) = rig.planner.plan_step(0).pre_forward_stores
+    assert rescue.gpu_block_ids == ids[3:4]
+
+
+def test_lazy_mode_ignores_finish_and_off_mode_parks_nothing() -> None:
     rig = Rig(mode="lazy")
     request = SimRequest("a", tokens(1, 8))
     ids = rig.run(request)
     rig.planner.on_request_finished(request, ids)
-    rig.planner.on_request_preempted(request, ids)
     assert rig.planner.pending_jobs() == []
+    off = Rig(mode="off")
+    off_ids = off.run(request)
+    victim = off.blocks_of(off_ids)
+    off.ctx.release("a")
+    off.planner.on_request_preempted(request, victim)
+    assert off.planner.pending_jobs() == [] and off.tier.is_protected(request.block_hashes[0])
 
 
 def test_bid_eviction_keeps_a_preempted_requests_blocks() -> None:
     rig = Rig(mode="lazy", eviction="bid", slots=4)
     victim = SimRequest("v", tokens(1, 8))
-    ids = rig.park(victim)
-    rig.planner.on_request_preempted(victim, ids)
+    ids = rig.run(victim)
+    held = rig.blocks_of(ids)
+    rig.ctx.release("v")
+    rig.planner.on_request_preempted(victim, held)
     rig.finish_all(rig.planner.plan_step(0))  # parks the victim's 2 blocks
     for i in range(3):  # 6 more blocks through a 4-slot tier
         rig.park(SimRequest(f"o{i}", tokens(10 + i, 8)))
@@ -461,6 +499,7 @@ def test_stats_and_constructor_errors() -> None:
     rig.park(SimRequest("a", tokens(1, 8)))
     plan = rig.planner.plan_step(0)
     assert rig.planner.stats()["pending_jobs"] == 1 and rig.planner.held_gpu_blocks == 2
+    assert rig.planner.held_store_blocks == 2
     rig.finish_all(plan)
     stats = rig.planner.stats()
     assert stats["stored_blocks"] == 2 and stats["stored_bytes"] == 200 and stats["gpu_blocks_held"] == 0
@@ -544,7 +583,10 @@ class PlannerMachine(RuleBasedStateMachine):
         self.waiting: list[SimRequest] = []
         self.running: list[SimRequest] = []
         self.blocks: dict[str, list[int]] = {}  # running request -> its blocks (machine's own record)
-        self.gpu: dict[int, BlockHash | None] = {}  # block -> hash whose KV it holds
+        self.gpu: dict[int, BlockHash | None] = {}  # block -> hash whose KV its bytes hold
+        self.written: set[int] = set()  # blocks whose bytes are their current owner's KV
+        self.victims: list[tuple[SimRequest, list[tuple[int, BlockHash | None]]]] = []  # this step's
+        self.rescues: set[int] = set()  # job ids of rescues (copied when emitted; no touch)
         self.cpu: dict[int, BlockHash | None] = {}  # slot -> hash whose KV it holds
         self.sent: dict[int, tuple[TransferJob, int]] = {}  # job -> acks reported so far
         self.finished_jobs: list[int] = []
@@ -560,8 +602,8 @@ class PlannerMachine(RuleBasedStateMachine):
             self.shadow.take(request_id, ids)
             self.blocks[request_id].extend(ids)
             self.allocated += n
-            for block_id in ids:
-                self.gpu[block_id] = None  # garbage until computed or loaded
+            # The bytes stay what they were (a rescue may still read them) until computed or loaded.
+            self.written.difference_update(ids)
         return ids
 
     def _release(self, request: SimRequest) -> list[int]:
@@ -609,8 +651,9 @@ class PlannerMachine(RuleBasedStateMachine):
         ids = self.blocks[request.request_id]
         for i, block_hash in enumerate(request.block_hashes):
             block_id = ids[i]
-            if self.gpu[block_id] is None:
+            if block_id not in self.written:
                 self.gpu[block_id] = block_hash
+                self.written.add(block_id)
             assert self.gpu[block_id] == block_hash, f"block {block_id} holds wrong KV"
             if self.ctx.get_block(block_id).block_hash is None:
                 self.vllm.cache(block_id, block_hash)
@@ -619,14 +662,16 @@ class PlannerMachine(RuleBasedStateMachine):
 
     def _preempt(self, request: SimRequest) -> None:
         self.running.remove(request)
-        held = self._release(request)
+        victim = [(b, self.ctx.get_block(b).block_hash) for b in self.blocks[request.request_id]]
+        self._release(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.waiting.insert(0, request)
         self.preempted.add(request.request_id)
-        self.planner.on_request_preempted(request, held)
+        self.victims.append((request, victim))  # the connector hears of it at the step's plan
 
     def _finish(self, request: SimRequest) -> None:
+        self.victims = [(r, held) for r, held in self.victims if r is not request]
         held = self.blocks.get(request.request_id, [])
         self.planner.on_request_finished(request, list(held))
         if request in self.running:
@@ -636,7 +681,20 @@ class PlannerMachine(RuleBasedStateMachine):
             self.waiting.remove(request)
         self.preempted.discard(request.request_id)
 
+    def _plan(self, allocated: int) -> StepPlan:
+        for request, victim in self.victims:
+            self.planner.on_request_preempted(request, victim)
+        self.victims = []
+        return self.planner.plan_step(allocated)
+
     def _emit(self, plan: StepPlan) -> None:
+        for job in plan.pre_forward_stores:  # rescues: the bytes must still be the victim's
+            self.rescues.add(job.job_id)
+            for block_id, slot in zip(job.gpu_block_ids, job.cpu_slots, strict=True):
+                assert self.gpu[block_id] == self.tier.hash_of(slot), (
+                    f"rescue of overwritten block {block_id}"
+                )
+                self.cpu[slot] = self.gpu[block_id]
         for job in plan.pre_forward_loads:
             ids = self.blocks[job.request_id or ""]
             request = next(r for r in self.running if r.request_id == job.request_id)
@@ -644,10 +702,11 @@ class PlannerMachine(RuleBasedStateMachine):
                 expected = request.block_hashes[ids.index(block_id)]
                 assert self.cpu.get(slot) == expected, f"load of slot {slot} into block {block_id}: wrong KV"
                 self.gpu[block_id] = self.cpu[slot]
+                self.written.add(block_id)
         for job in plan.post_forward_stores:
             for block_id, slot in zip(job.gpu_block_ids, job.cpu_slots, strict=True):
                 assert self.ctx.get_block(block_id).block_hash == self.tier.hash_of(slot)
-        for job in (*plan.pre_forward_loads, *plan.post_forward_stores):
+        for job in plan.jobs():
             self.sent[job.job_id] = (job, 0)
             self.emitted.add(job.job_id)
 
@@ -684,7 +743,7 @@ class PlannerMachine(RuleBasedStateMachine):
                     break
         while self.waiting and self._admit(self.waiting[0], lose_hit):
             self.running.append(self.waiting.pop(0))
-        plan = self.planner.plan_step(self.allocated)
+        plan = self._plan(self.allocated)
         self.allocated = 0
         self._emit(plan)
         for request in self.running:
@@ -715,7 +774,7 @@ class PlannerMachine(RuleBasedStateMachine):
         if acks + count == self.world_size:
             del self.sent[job_id]
             self.finished_jobs.append(job_id)
-            if job.kind == "store":  # the copy lands now, as late as possible
+            if job.kind == "store" and job_id not in self.rescues:  # the copy lands now, as late as possible
                 for block_id, slot in zip(job.gpu_block_ids, job.cpu_slots, strict=True):
                     assert self.gpu[block_id] == self.tier.hash_of(slot), (
                         f"store from reused block {block_id}"
@@ -766,7 +825,8 @@ class PlannerMachine(RuleBasedStateMachine):
 
     # -- invariants ------------------------------------------------------------------------
     def _touched(self) -> Counter[int]:
-        return Counter(b for job in self.planner.pending_jobs() for b in job.gpu_block_ids)
+        jobs = self.planner.pending_jobs()
+        return Counter(b for job in jobs if job.job_id not in self.rescues for b in job.gpu_block_ids)
 
     @invariant()
     def references_balance(self) -> None:
@@ -816,7 +876,7 @@ class PlannerMachine(RuleBasedStateMachine):
         for request in [*self.running, *self.waiting]:
             self._finish(request)
         for _ in range(100):
-            self._emit(self.planner.plan_step(0))
+            self._emit(self._plan(0))
             if not self.sent:
                 break
             for job_id, (_job, acks) in list(self.sent.items()):

@@ -35,14 +35,16 @@ class StepCounters:
     connector_hits: int = 0
 
 
-def plan_blocks(scheduler_output: Any) -> tuple[int, int]:
-    """(blocks to load before the forward, blocks to store after it) in this step's plan."""
+def plan_blocks(scheduler_output: Any) -> tuple[int, int, int]:
+    """Blocks this step's plan loads and rescues (before the forward) and stores (after it)."""
     plan = getattr(scheduler_output.kv_connector_metadata, "plan", None)
     if plan is None:
-        return 0, 0
-    loads = sum(len(job.gpu_block_ids) for job in plan.pre_forward_loads)
-    stores = sum(len(job.gpu_block_ids) for job in plan.post_forward_stores)
-    return loads, stores
+        return 0, 0, 0
+
+    def blocks(jobs: Any) -> int:
+        return sum(len(job.gpu_block_ids) for job in jobs)
+
+    return blocks(plan.pre_forward_loads), blocks(plan.pre_forward_stores), blocks(plan.post_forward_stores)
 
 
 class SchedulerProbe:
@@ -81,9 +83,9 @@ class SchedulerProbe:
             self._advance(req_id, start, out.num_scheduled_tokens[req_id])
         for req_id in out.finished_req_ids:
             self._high_water.pop(req_id, None)
-        loads, stores = plan_blocks(out)
+        loads, rescues, stores = plan_blocks(out)
         c.loaded_blocks += loads
-        c.stored_blocks += stores
+        c.stored_blocks += rescues + stores
 
     def _on_update(self, result: Any) -> None:
         for outputs in (result or {}).values():

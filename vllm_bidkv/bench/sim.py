@@ -279,11 +279,12 @@ class _Simulator:
         cached = out.scheduled_cached_reqs
         for req_id, start in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
             chunks.append((start, out.num_scheduled_tokens[req_id]))
-        load_blocks, store_blocks = plan_blocks(out)
+        load_blocks, rescue_blocks, store_blocks = plan_blocks(out)
         plan = getattr(out.kv_connector_metadata, "plan", None)
-        load = self.cost.copy_s(
-            load_blocks * self.block_bytes, to_device=True, duplex=self.store_free_at > self.clock
-        )
+        duplex = self.store_free_at > self.clock
+        # Rescues and loads both finish before the forward starts: both are on its critical path.
+        load = self.cost.copy_s(rescue_blocks * self.block_bytes, to_device=False, duplex=duplex)
+        load += self.cost.copy_s(load_blocks * self.block_bytes, to_device=True, duplex=duplex)
         forward = self.cost.forward_s(chunks)
         self.load_s += load
         if load + forward == 0 and not out.preempted_req_ids:
@@ -303,6 +304,8 @@ class _Simulator:
             step_end = self.clock + load + forward
         done: dict[int, int] = {}
         if plan is not None:
+            for job in plan.pre_forward_stores:
+                done[job.job_id] = 1
             for job in plan.pre_forward_loads:
                 done[job.job_id] = 1
                 self.load_errors.update(job.unavailable_gpu_block_ids)

@@ -29,7 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.connectors.stats import BidKVPromMetrics, BidKVStats
 from vllm_bidkv.context import SchedulerContext
-from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, StepPlan, num_slots_for
+from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, StepPlan, TransferJob, num_slots_for
 from vllm_bidkv.patches import hooks
 from vllm_bidkv.patches.capabilities import Capabilities, require_supported
 from vllm_bidkv.policy import Candidate, VictimStats, admission_key, make_strategy
@@ -119,7 +119,8 @@ class BidKVConnector(KVConnectorBase_V1):
         self._strategy = make_strategy(self.config.victim_policy, self.config)
         self.victim_stats = VictimStats()
         self._victim_computed: dict[str, int] = {}
-        self._victim_blocks: dict[str, list[int]] = {}  # eager mode stores what vLLM just freed
+        # Victims chosen in this schedule(): their blocks (id, hash) before vLLM frees them.
+        self._victim_blocks: dict[str, list[tuple[int, Any]]] = {}
         self._local_hit: dict[str, int] = {}  # GPU prefix hit seen by the last match, per request
         self._unbound_scheduler: Any = None
         if role == KVConnectorRole.SCHEDULER and not hooks.bind_hook_installed():
@@ -164,6 +165,10 @@ class BidKVConnector(KVConnectorBase_V1):
         """True while active: our loads cannot race an in-flight step, so frees need not wait."""
         return self.config.active
 
+    def has_pending_block_frees(self) -> bool:
+        """Stores in flight hold free blocks; vLLM (0.30+) waits for them instead of preempting."""
+        return self._planner is not None and self._planner.held_store_blocks > 0
+
     def victim_chooser(self) -> Callable[[list[Any]], Any] | None:
         return self.choose_victim if self.config.active else None
 
@@ -184,7 +189,8 @@ class BidKVConnector(KVConnectorBase_V1):
         victim = requests[chosen.order]
         if self._planner is not None and self._ctx is not None:
             groups = self._ctx.request_block_ids(victim.request_id)
-            self._victim_blocks[victim.request_id] = groups[0] if groups else []
+            ids = groups[0] if groups else []
+            self._victim_blocks[victim.request_id] = [(b, self._ctx.get_block(b).block_hash) for b in ids]
         return victim
 
     def _candidate(self, order: int, req: Any) -> Candidate:
@@ -245,11 +251,16 @@ class BidKVConnector(KVConnectorBase_V1):
         allocated += sum(len(ids[0]) for ids in cached.new_block_ids if ids)
         for req_id in _resumed_req_ids(cached):
             self._planner.on_request_resumed(req_id)
+        # Blocks the worker zeroes before the forward (0.19+, some attention backends) are lost.
+        zeroed = set(getattr(scheduler_output, "new_block_ids_to_zero", None) or ())
         for req_id in scheduler_output.preempted_req_ids or ():
             request = self._ctx.get_request(req_id) if self._ctx else None
-            block_ids = self._victim_blocks.pop(req_id, [])
+            blocks = self._victim_blocks.get(req_id, [])
             if request is not None:
-                self._planner.on_request_preempted(request, block_ids)
+                self._planner.on_request_preempted(
+                    request, [(b, None if b in zeroed else h) for b, h in blocks]
+                )
+        self._victim_blocks.clear()  # a rescue is valid only until this step's forward
         return BidKVConnectorMetadata(self._planner.plan_step(allocated))
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -277,6 +288,14 @@ class BidKVConnector(KVConnectorBase_V1):
         if not self.config.offload_enabled:
             return
         self._worker = _CopyWorker(kv_caches, self._kv_cache_config.num_blocks, self._num_slots, self.config)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # Every release binds before the forward, while start_load_kv may come after it (0.32+
+        # when the step has no load): rescues run here, before a load or the forward
+        # overwrites their blocks.
+        if self._worker is not None and isinstance(connector_metadata, BidKVConnectorMetadata):
+            self._worker.run_rescues(connector_metadata.plan, self._stats)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         if self._worker is not None and self.has_connector_metadata():
@@ -407,22 +426,35 @@ class _CopyWorker:
             stats.add("blocks_loaded", len(job.gpu_block_ids))
             stats.add("bytes_loaded", len(job.gpu_block_ids) * self._row_bytes)
 
+    def run_rescues(self, plan: StepPlan, stats: BidKVStats) -> None:
+        """Rescues copy on the compute stream: the forward that reuses their blocks waits for them."""
+        if self._store(plan.pre_forward_stores, stats, after_forward=False):
+            stats.add("blocks_rescued", sum(len(job.gpu_block_ids) for job in plan.pre_forward_stores))
+
     def run_stores(self, plan: StepPlan, stats: BidKVStats) -> None:
-        jobs = plan.post_forward_stores
+        """Stores copy on their own stream once the forward is done, overlapping the next steps."""
+        self._store(plan.post_forward_stores, stats, after_forward=True)
+
+    def _store(self, jobs: list[TransferJob], stats: BidKVStats, *, after_forward: bool) -> bool:
+        """Copy the jobs' blocks into the tier; False if there were none or the copy failed."""
         if not jobs:
-            return
+            return False
         gpu_ids = [i for job in jobs for i in job.gpu_block_ids]
         cpu_ids = [s for job in jobs for s in job.cpu_slots]
         job_ids = [job.job_id for job in jobs]
         try:
             if self._cuda:
-                assert self._store_stream is not None
-                forward_done = torch.cuda.Event()
-                forward_done.record()
-                with torch.cuda.stream(self._store_stream):
-                    self._store_stream.wait_event(forward_done)
+                copied = torch.cuda.Event()
+                if after_forward:
+                    assert self._store_stream is not None
+                    forward_done = torch.cuda.Event()
+                    forward_done.record()
+                    with torch.cuda.stream(self._store_stream):
+                        self._store_stream.wait_event(forward_done)
+                        self._copy(self._gpu, self._cpu, gpu_ids, cpu_ids)
+                        copied.record()
+                else:
                     self._copy(self._gpu, self._cpu, gpu_ids, cpu_ids)
-                    copied = torch.cuda.Event()
                     copied.record()
                 self._inflight.append((job_ids, copied))
             else:
@@ -431,9 +463,10 @@ class _CopyWorker:
         except Exception:  # noqa: BLE001 - a failed store only loses a cache entry
             logger.exception("vllm-bidkv: store of %d blocks failed", len(gpu_ids))
             self._results.failed.update(job_ids)
-            return
+            return False
         stats.add("blocks_stored", len(gpu_ids))
         stats.add("bytes_stored", len(gpu_ids) * self._row_bytes)
+        return True
 
     def _finish(self, job_ids: list[int]) -> None:
         for job_id in job_ids:

@@ -13,6 +13,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 
 COUNTERS = {
     "blocks_stored": "GPU blocks copied into the CPU tier.",
+    "blocks_rescued": "Of those, preempted requests' blocks copied before the step's forward.",
     "blocks_loaded": "CPU-tier blocks copied back into GPU blocks.",
     "bytes_stored": "Bytes copied into the CPU tier.",
     "bytes_loaded": "Bytes copied back from the CPU tier.",

@@ -10,6 +10,16 @@ it is planned until ``complete`` sees it finished, which releases each exactly
 once, whether the copy succeeded or failed and whatever happened to the request
 meanwhile (finished, aborted, preempted). A touched block cannot be handed out
 by vLLM, so no copy ever races a reuse; a PENDING or pinned slot is never evicted.
+The one exception is a rescue (below): it owns no touch, only its reservations,
+and runs before the step's forward, the first thing that may write its blocks.
+
+Victims: when vLLM preempts a request, its computed full blocks are rescued in
+every mode but ``off`` (``on_request_preempted``): copied before this step's
+forward, whether vLLM already handed them to another request in the same
+``schedule()`` (a victim's blocks are the first reused) or they are still free.
+Touching them for a store after the forward instead would take them from vLLM
+just when it is short of blocks, and cause more preemptions. So a resumed victim
+loads every full block it had.
 
 Stores:
 
@@ -20,8 +30,7 @@ Stores:
   consumption (an EMA of blocks allocated per step) "clean" ahead of reuse and
   resumes where it stopped, so its work per step follows the consumption, not
   the pool size.
-* ``eager``: a request's computed full blocks are stored when it finishes, and
-  those still free when it is preempted.
+* ``eager``: a request's computed full blocks are also stored when it finishes.
 * ``off``: no stores (loads of whatever the tier holds still work).
 
 Loads: ``match`` finds the longest run of READY hashes after the GPU prefix hit;
@@ -62,6 +71,7 @@ class _Pending:
     acks: int = 0  # workers that reported the job done
     tokens: int = 0  # loads: tokens the job saves from recompute
     stale: bool = False  # a store planned before reset(): aborted, never committed
+    touched: bool = True  # owns a touch per GPU block (all but rescues)
 
 
 class OffloadPlanner:
@@ -96,7 +106,9 @@ class OffloadPlanner:
         self._next_job_id = 0
         self._queued_loads: list[TransferJob] = []
         self._queued_stores: list[TransferJob] = []
+        self._queued_rescues: list[TransferJob] = []
         self._held_gpu_blocks = 0  # touches owned by pending jobs
+        self._held_store_blocks = 0  # of which by stores
         self._protected: dict[str, list[BlockHash]] = {}  # preempted request -> protected hashes
         # Lazy walk: where it stopped — the last visited block, and the last visited one
         # that stayed free (each with its hash, to notice reuse) —, an estimate of the free
@@ -194,9 +206,9 @@ class OffloadPlanner:
         """
         if self._mode == "lazy":
             self._walk(blocks_allocated)
-        plan = StepPlan(self._queued_loads, self._queued_stores)
-        self._queued_loads, self._queued_stores = [], []
-        for job in (*plan.pre_forward_loads, *plan.post_forward_stores):
+        plan = StepPlan(self._queued_loads, self._queued_stores, self._queued_rescues)
+        self._queued_loads, self._queued_stores, self._queued_rescues = [], [], []
+        for job in plan.jobs():
             self._jobs[job.job_id].sent = True
         return plan
 
@@ -256,23 +268,43 @@ class OffloadPlanner:
         """vLLM finished or aborted the request (``request_finished``; it still holds ``block_ids``)."""
         self._unprotect(request.request_id)
         if self._mode == "eager":
-            self._store_request(request, block_ids, free_only=False)
+            self._store_request(request, block_ids)
 
-    def on_request_preempted(self, request: RequestView, block_ids: Sequence[int] = ()) -> None:
-        """vLLM preempted the request; ``block_ids``: the group-0 blocks it held then.
+    def on_request_preempted(
+        self, request: RequestView, blocks: Sequence[tuple[int, BlockHash | None]] = ()
+    ) -> None:
+        """vLLM preempted the request in this ``schedule()``; park its blocks (see module doc).
 
-        Protects the request's hashes until it resumes or finishes (bid eviction).
-        Eager mode also stores the blocks still free with the request's hash (some
-        may be reused by now). vLLM has freed the blocks when the connector hears of
-        the preemption, so their ids must be recorded before (the victim hook sees
-        them); without ids (``()``) nothing is stored — lazy mode never needs them.
+        ``blocks``: its group-0 blocks as they were just before vLLM freed them, each
+        with the hash the GPU block carried then (None: not a computed full block).
+        vLLM has freed them by the time the connector hears of the preemption, so
+        the victim hook records them. Call before this step's ``plan_step``: a
+        rescue is only valid until the step's forward. Also protects the request's
+        hashes until it resumes or finishes (bid eviction).
         """
         self._unprotect(request.request_id)
         hashes = list(request.block_hashes)
         self._tier.protect(hashes)
         self._protected[request.request_id] = hashes
-        if self._mode == "eager":
-            self._store_request(request, block_ids, free_only=True)
+        if self._mode == "off":
+            return
+        picks: list[tuple[int, int]] = []
+        for block_id, block_hash in blocks:
+            if block_hash is None:
+                break  # blocks after the first uncomputed one are not computed either
+            if self._tier.contains(block_hash):
+                continue
+            view = self._ctx.get_block(block_id)
+            if view.block_hash == block_hash and view.ref_cnt:
+                continue  # shared with a running request: stays on the GPU
+            slot = self._tier.reserve(block_hash)
+            if slot is None:
+                break
+            picks.append((block_id, slot))
+        if picks:
+            gpu_ids, slots = [b for b, _ in picks], [s for _, s in picks]
+            pending = self._new_job("store", gpu_ids, slots, request.request_id, touched=False)
+            self._queued_rescues.append(pending.job)
 
     def on_request_resumed(self, request_id: str) -> None:
         """A preempted request was scheduled again: its blocks lose their protection."""
@@ -283,7 +315,7 @@ class OffloadPlanner:
         if hashes is not None:
             self._tier.unprotect(hashes)
 
-    def _store_request(self, request: RequestView, block_ids: Sequence[int], *, free_only: bool) -> None:
+    def _store_request(self, request: RequestView, block_ids: Sequence[int]) -> None:
         picks: list[tuple[int, int]] = []
         # zip stops at the last full block: only full blocks have a hash.
         for block_id, block_hash in zip(block_ids, request.block_hashes, strict=False):
@@ -291,7 +323,7 @@ class OffloadPlanner:
                 continue
             view = self._ctx.get_block(block_id)
             # The GPU block must still carry this hash: it is computed and not reused.
-            if view.is_null or view.block_hash != block_hash or (free_only and view.ref_cnt):
+            if view.is_null or view.block_hash != block_hash:
                 continue
             slot = self._tier.reserve(block_hash)
             if slot is None:
@@ -340,7 +372,10 @@ class OffloadPlanner:
     def _finish(self, pending: _Pending, *, ok: bool) -> None:
         job = pending.job
         del self._jobs[job.job_id]
-        self._held_gpu_blocks -= len(job.gpu_block_ids)
+        if pending.touched:
+            self._held_gpu_blocks -= len(job.gpu_block_ids)
+            if job.kind == "store":
+                self._held_store_blocks -= len(job.gpu_block_ids)
         if job.kind == "store":
             commit = ok and not pending.stale
             for slot in job.cpu_slots:
@@ -357,7 +392,8 @@ class OffloadPlanner:
                 self._counts["loaded_tokens"] += pending.tokens
         # Last block first, as vLLM frees a request's blocks: where the context lets vLLM
         # place a block (it was held when touched), the request's tail is evicted first.
-        self._ctx.free_blocks(job.gpu_block_ids[::-1])
+        if pending.touched:
+            self._ctx.free_blocks(job.gpu_block_ids[::-1])
 
     # -- misc --------------------------------------------------------------------
     def reset(self) -> None:
@@ -378,9 +414,9 @@ class OffloadPlanner:
         Walks the request's full blocks in order: a leading run of shared blocks
         (ref_cnt > 1, they stay on GPU) is skipped; then each block counts as
         ``cpu`` if the tier holds (or is storing) its hash, else as ``offloadable``
-        if it is private, computed and offload is on (the lazy walk or the eager
-        preemption store parks it); the first block that is neither ends the run
-        (a resume restores a prefix only). Offloadable is capped by the tier size.
+        if it is private, computed and offload is on (a preemption parks it); the
+        first block that is neither ends the run (a resume restores a prefix only).
+        Offloadable is capped by the tier size.
         O(blocks).
         """
         cpu = offloadable = 0
@@ -403,6 +439,11 @@ class OffloadPlanner:
     def pending_jobs(self) -> list[TransferJob]:
         """Jobs planned and not finished (queued or sent), oldest first."""
         return [pending.job for pending in self._jobs.values()]
+
+    @property
+    def held_store_blocks(self) -> int:
+        """GPU blocks touched by pending stores: vLLM gets them back when the stores finish."""
+        return self._held_store_blocks
 
     @property
     def held_gpu_blocks(self) -> int:
@@ -428,10 +469,15 @@ class OffloadPlanner:
         slots: list[int],
         request_id: str | None,
         unavailable: list[int] | None = None,
+        *,
+        touched: bool = True,
     ) -> _Pending:
         job = TransferJob(self._next_job_id, kind, gpu_ids, slots, request_id, unavailable or [])
         self._next_job_id += 1
-        pending = _Pending(job)
+        pending = _Pending(job, touched=touched)
         self._jobs[job.job_id] = pending
-        self._held_gpu_blocks += len(gpu_ids)
+        if touched:
+            self._held_gpu_blocks += len(gpu_ids)
+            if kind == "store":
+                self._held_store_blocks += len(gpu_ids)
         return pending

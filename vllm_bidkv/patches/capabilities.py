@@ -45,6 +45,8 @@ class Capabilities:
     preempt_drop_stale_output: bool  # _preempt_request(..., drop_stale_output) (0.28+)
     request_blocks_can_be_freed: bool  # Scheduler._request_blocks_can_be_freed guard (0.30+)
     connector_worker_meta: bool  # build_connector_worker_meta (0.19+): async store completions
+    # Scheduler waits instead of preempting while connector.has_pending_block_frees() (0.30+).
+    connector_pending_block_frees: bool
     # A step that schedules no tokens still calls the worker's wait_for_save (0.30+); up to
     # 0.28 it does not, so work queued for wait_for_save waits for the next forward.
     no_forward_step_saves: bool
@@ -165,6 +167,7 @@ def probe() -> Capabilities:
         request_blocks_can_be_freed=hasattr(Scheduler, "_request_blocks_can_be_freed"),
         connector_worker_meta=base is not None and hasattr(base, "build_connector_worker_meta"),
         no_forward_step_saves=_no_forward_step_saves(),
+        connector_pending_block_frees=".has_pending_block_frees()" in schedule_src,
         connector_takes_kv_cache_config=base is not None and "kv_cache_config" in _params(base.__init__),
         vllm_binds_context=hasattr(base, "bind_scheduler_context") and ".bind_scheduler_context(" in init_src,
         request_takes_eos_token_id="eos_token_id" in _params(Request.__init__),

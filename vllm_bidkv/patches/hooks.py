@@ -106,10 +106,14 @@ def install_victim_hook(scheduler: Any, choose: VictimChooser) -> bool:
         return False
     original = manager.allocate_slots
     can_free = getattr(scheduler, "_request_blocks_can_be_freed", None)
+    caps = probe()
 
     def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
         blocks = original(request, *args, **kwargs)
-        if blocks is None and request.status == RequestStatus.RUNNING:
+        connector = scheduler.connector
+        # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
+        waits = caps.connector_pending_block_frees and connector.has_pending_block_frees()
+        if blocks is None and request.status == RequestStatus.RUNNING and not waits:
             _reorder_for_victim(scheduler.running, request, choose, can_free)
         return blocks
 
