@@ -11,7 +11,10 @@ direction, with one id pattern:
   worst case, e.g. a tier fragmented by eviction.
 
 Each repeat times the memcpy reference and then the backend, back to back, so their ratio sees
-the same machine load; reported numbers are medians over repeats.
+the same machine load; reported numbers are medians over repeats. On a loaded CPU the reference
+(torch's ``copy_``, parallelized by OpenMP) can stall in OpenMP's barrier for milliseconds
+while another process holds a core: a copy of a few MiB then shows ``memcpy_gbps`` under 1 and a
+ratio far above 1. Read ``gbps`` there, and ``load_average_1m`` (per result).
 
 On CPU only the torch backend runs (the Triton interpreter is for correctness, not speed). On
 CUDA the backends are torch, triton and ``per_block`` (one ``copy_``, i.e. one

@@ -16,7 +16,8 @@ shared with other jobs, at 256 random blocks x 64 KiB x 8 regions:
   cache for the scatter. A run of consecutive ids on either side is a slice, which needs one
   pass: a gather into it or a scatter from it (0.77-0.83 of memcpy where random ids got 0.63,
   same run). ``CpuBlockTier`` hands out slots in runs, so the tier side of a store or a load is
-  one; ``vllm-bidkv bench copy`` measures both patterns (``--ids tier random``).
+  one; ``vllm-bidkv bench copy`` measures both patterns (``--ids tier random``): medians of 11
+  runs at load 3-8, tier 0.80 (store) and 0.91 (load) of memcpy, random 0.59 and 0.56.
 * Jobs are run by ``torch.get_num_threads()`` threads (the caller plus a pool) taking the next
   job from a shared counter. Torch ops would instead parallelize each op with OpenMP, whose
   barrier waits for a descheduled thread when other processes hold the cores: under such load
