@@ -252,7 +252,7 @@ def render(
 def _sim_costs(records: list[dict[str, Any]]) -> str:
     """Where the time went: loads (critical path), stores (overlapped), the connector's CPU cost."""
     lines = [
-        "| config | rate | running (mean / max) | load wait s (critical path) | "
+        "| config | rate | running (mean / max) | load + rescue wait s (critical path) | "
         "store stream busy s (overlapped) | connector share of schedule()+update() | sim wall s |",
         "|---|---|---|---|---|---|---|",
     ]
