@@ -110,11 +110,10 @@ def install_victim_hook(scheduler: Any, choose: VictimChooser) -> bool:
 
     def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
         blocks = original(request, *args, **kwargs)
-        connector = scheduler.connector
-        # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
-        waits = caps.connector_pending_block_frees and connector.has_pending_block_frees()
-        if blocks is None and request.status == RequestStatus.RUNNING and not waits:
-            _reorder_for_victim(scheduler.running, request, choose, can_free)
+        if blocks is None and request.status == RequestStatus.RUNNING:
+            # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
+            if not (caps.connector_pending_block_frees and scheduler.connector.has_pending_block_frees()):
+                _reorder_for_victim(scheduler.running, request, choose, can_free)
         return blocks
 
     manager.allocate_slots = allocate_slots
