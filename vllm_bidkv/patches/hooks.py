@@ -110,10 +110,13 @@ def install_victim_hook(scheduler: Any, choose: VictimChooser) -> bool:
 
     def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
         blocks = original(request, *args, **kwargs)
-        if blocks is None and request.status == RequestStatus.RUNNING:
-            # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
-            if not (caps.connector_pending_block_frees and scheduler.connector.has_pending_block_frees()):
-                _reorder_for_victim(scheduler.running, request, choose, can_free)
+        # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
+        if (
+            blocks is None
+            and request.status == RequestStatus.RUNNING
+            and not (caps.connector_pending_block_frees and scheduler.connector.has_pending_block_frees())
+        ):
+            _reorder_for_victim(scheduler.running, request, choose, can_free)
         return blocks
 
     manager.allocate_slots = allocate_slots
