@@ -3,10 +3,10 @@
 Plain picklable data (they cross the EngineCore -> worker process boundary inside
 vLLM's connector metadata). Scheduler -> workers: one ``StepPlan`` per step, whose
 loads run before the step's forward and whose stores run after it (so a store
-never reads a block before the compute that wrote it), except rescues: stores of a
-victim's blocks that vLLM handed to another request in this very step, which run
-before the loads and the forward, the last moment their bytes are still the
-victim's. Workers -> scheduler:
+never reads a block before the compute that wrote it), except rescues: stores of
+the blocks of a request preempted in this very step, which run before the loads
+and the forward, the last moment their bytes are surely still the victim's (vLLM
+may already have handed them to another request). Workers -> scheduler:
 ``JobResults``, merged over workers and steps; the planner treats a job as
 finished once all ``world_size`` workers reported it done, or any reported it
 failed. A worker reports a job failed only once its own copy for it has stopped:
@@ -57,7 +57,7 @@ class StepPlan:
     pre_forward_loads: list[TransferJob] = field(default_factory=list)
     post_forward_stores: list[TransferJob] = field(default_factory=list)
     pre_forward_stores: list[TransferJob] = field(default_factory=list)
-    """Rescues (kind ``store``): their GPU blocks already belong to another request."""
+    """Rescues (kind ``store``): a victim's blocks, free or already another request's."""
 
     def jobs(self) -> list[TransferJob]:
         return [*self.pre_forward_stores, *self.pre_forward_loads, *self.post_forward_stores]
