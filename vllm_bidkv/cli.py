@@ -70,7 +70,9 @@ def _doctor(args: argparse.Namespace) -> int:
         for name, value in report.get("capabilities", {}).items():
             print(f"  {name:34s} {value}")
         print(f"  patches applied: {', '.join(report['patches']) or 'none'}")
-    return 0 if report["supported"] else 1
+        if "config_error" in report:
+            print(f"  config: {report['config_error']}")
+    return 0 if report["supported"] and "config_error" not in report else 1
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -105,7 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser("demo", help="stock vLLM vs BidKV on the real engine: table and plots")
 
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:
+        # Bad input (a config value, a bench option, a workload file) raises ValueError with a
+        # message naming it; say that, not a traceback. Exit 2, like argparse's usage errors.
+        message = str(err)
+        if not message.startswith("vllm-bidkv"):
+            message = f"vllm-bidkv {args.command}: error: {message}"
+        print(message, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,13 +9,25 @@ Precedence: defaults < ``kv_connector_extra_config`` < environment (``BIDKV_<KEY
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
-VICTIM_POLICIES = ("bidkv", "vllm-default", "random", "largest-first", "bidkv-0.1")
+VICTIM_POLICIES = (
+    "bidkv",
+    "vllm-default",
+    "random",
+    "largest-first",
+    "bidkv-0.1",
+    "lcf",
+    "reclaim-score",
+    "remaining-output",
+    "bidkv-0.2",
+)
 ADMISSIONS = ("fcfs", "sjf")
 OFFLOAD_MODES = ("lazy", "eager", "off")
 CPU_EVICTIONS = ("lru", "bid")
@@ -23,7 +35,24 @@ COPY_BACKENDS = ("auto", "triton", "torch")
 
 logger = logging.getLogger("vllm_bidkv")
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+# Size units of ``cpu_bytes`` (matched case-insensitively): decimal and binary, up to tera.
+SIZE_UNITS: dict[str, int] = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+_UNITS = {"": 1, **{unit.lower(): size for unit, size in SIZE_UNITS.items()}}
+_SIZE_EXPECTED = (
+    "a whole number of bytes, or a number with a unit: "
+    + ", ".join(SIZE_UNITS)
+    + " (KB..TB are powers of 1000, KiB..TiB powers of 1024), e.g. 512MiB or 1TiB"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +85,10 @@ _FIELDS: dict[str, _Field] = {
         OFFLOAD_MODES,
     ),
     "cpu_bytes": _Field(
-        int, 4 * 2**30, "CPU tier size in bytes (per worker); accepts `8GiB`, `512MiB`.", minimum=1
+        int,
+        4 * 2**30,
+        "CPU tier size in bytes (per worker); accepts units `KB` `MB` `GB` `TB` (powers of 1000) and `KiB` `MiB` `GiB` `TiB` (powers of 1024), e.g. `512MiB`, `1TiB`.",
+        minimum=1,
     ),
     "cpu_eviction": _Field(
         str,
@@ -107,8 +139,9 @@ _FIELDS: dict[str, _Field] = {
     "bid_epsilon": _Field(float, 1e-6, "ε in U = r / (δ + ε).", minimum=1e-12),
 }
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+_BOOL_SPELLINGS = (("true", "false"), ("1", "0"), ("yes", "no"), ("on", "off"))
+_TRUE = {true for true, _ in _BOOL_SPELLINGS}
+_FALSE = {false for _, false in _BOOL_SPELLINGS}
 
 
 def _bad(key: str, value: object, expected: str) -> ValueError:
@@ -124,31 +157,45 @@ def _coerce(key: str, value: Any) -> Any:
             return value.strip().lower() in _TRUE
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise _bad(key, value, "a boolean (true/false, 1/0)")
+        raise _bad(key, value, "a boolean: " + ", ".join(f"{t}/{f}" for t, f in _BOOL_SPELLINGS))
     if field.type is str:
         if not isinstance(value, str) or value not in field.choices:
             raise _bad(key, value, "one of " + ", ".join(field.choices))
         return value
+    expected = _numeric_expected(key, field)
     if isinstance(value, bool):
-        raise _bad(key, value, f"a {field.type.__name__}")
+        raise _bad(key, value, expected)
     if key == "cpu_bytes" and isinstance(value, str):
-        value = _parse_bytes(key, value)
+        value = _parse_bytes(key, value, expected)
     try:
         number = field.type(value)
-    except (TypeError, ValueError):
-        raise _bad(key, value, f"a {field.type.__name__}") from None
-    if field.type is int and isinstance(value, float) and value != number:
-        raise _bad(key, value, "a whole number")
-    if field.minimum is not None and number < field.minimum:
-        raise _bad(key, value, f"a value >= {field.minimum:g}")
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
+        raise _bad(key, value, expected) from None
+    if field.type is float and not math.isfinite(number):
+        raise _bad(key, value, expected)
+    too_small = field.minimum is not None and number < field.minimum
+    fractional = field.type is int and isinstance(value, float) and value != number
+    if too_small or fractional:
+        raise _bad(key, value, expected)
     return number
 
 
-def _parse_bytes(key: str, text: str) -> int:
+def _numeric_expected(key: str, field: _Field) -> str:
+    """What a numeric key accepts, for its error message."""
+    if key == "cpu_bytes":
+        return _SIZE_EXPECTED + (f", >= {field.minimum:g} byte" if field.minimum is not None else "")
+    kind = "a finite float" if field.type is float else "an integer"
+    return kind + (f" >= {field.minimum:g}" if field.minimum is not None else "")
+
+
+def _parse_bytes(key: str, text: str, expected: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise _bad(key, text, "bytes as a number or with a unit (B, KB, MB, GB, KiB, MiB, GiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise _bad(key, text, expected)
+    size = decimal.Decimal(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size != size.to_integral_value():
+        raise _bad(key, text, expected)
+    return int(size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +271,8 @@ def markdown_table() -> str:
     rows = ["| key | env | default | values | meaning |", "|---|---|---|---|---|"]
     for key, field in _FIELDS.items():
         values = ", ".join(f"`{c}`" for c in field.choices) if field.choices else field.type.__name__
+        if field.type is float:
+            values = "finite " + values
         if field.minimum is not None:
             values += f" ≥ {field.minimum:g}"
         default = f"{field.default / 2**30:g}GiB" if key == "cpu_bytes" else field.default

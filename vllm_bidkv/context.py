@@ -129,6 +129,14 @@ class SchedulerContext(Protocol):
         """Block ids the request holds, one list per KV cache group; () if it holds none."""
         ...
 
+    def request_ref_counts(self, request_id: str) -> list[int]:
+        """Reference counts of the request's group-0 blocks, in order; [] if it holds none.
+
+        One call for what a ``get_block`` per block would give: the victim policy reads
+        it for every preemptible request each time an allocation fails.
+        """
+        ...
+
     def get_request(self, request_id: str) -> RequestView | None:
         """The scheduler's request with this id (waiting, running or preempted), if any."""
         ...

@@ -1,4 +1,5 @@
-"""The copy benchmark's output format, and that importing the kernels does not import triton."""
+"""The copy benchmark (``vllm_bidkv.bench.copy``): output format, arguments, and that importing the
+kernels does not import triton."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from vllm_bidkv.kernels import bench
+from vllm_bidkv.bench import copy as copy_bench
 
 pytestmark = pytest.mark.kernels
 
 
 def test_run_copy_bench_writes_results_and_machine(tmp_path: Path) -> None:
     json_path = tmp_path / "copy.json"
-    report = bench.run_copy_bench(
+    report = copy_bench.run_copy_bench(
         str(json_path), block_counts=[4], block_sizes_bytes=[4096], layers=2, repeats=2, verbose=False
     )
     assert json.loads(json_path.read_text()) == report
@@ -36,29 +37,49 @@ def test_run_copy_bench_writes_results_and_machine(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("direction", ["store", "load"])
 def test_tier_ids_are_random_cache_ids_and_one_run_of_slots(direction: str) -> None:
-    src_ids, dst_ids = bench._ids("tier", direction, 64)
+    src_ids, dst_ids = copy_bench._ids("tier", direction, 64)
     cache_ids, slots = (dst_ids, src_ids) if direction == "load" else (src_ids, dst_ids)
     assert slots == list(range(slots[0], slots[0] + 64)) and 0 <= slots[0] <= 64
     assert sorted(cache_ids) == list(range(0, 128, 2))
-    random_sides = {tuple(sorted(ids)) for ids in bench._ids("random", direction, 64)}
+    random_sides = {tuple(sorted(ids)) for ids in copy_bench._ids("random", direction, 64)}
     assert random_sides == {tuple(range(0, 128, 2)), tuple(range(1, 128, 2))}, "no two ids adjacent"
 
 
 def test_cli_arguments_reach_the_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    bench.add_cli_args(parser)
+    copy_bench.add_cli_args(parser)
     json_path = tmp_path / "copy.json"
     args = parser.parse_args(
         ["--json", str(json_path), "--blocks", "2", "--block-kib", "4", "--layers", "1", "--repeats", "1"]
         + ["--ids", "random"]
     )
-    assert bench.main(args) == 0
+    assert copy_bench.main(args) == 0
     assert "ratio" in capsys.readouterr().out
     rows = json.loads(json_path.read_text())["results"]
     assert [(row["blocks"], row["ids"], row["direction"]) for row in rows] == [
         (2, "random", "store"),
         (2, "random", "load"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--blocks", "0"], "argument --blocks: 0 is not >= 1"),
+        (["--layers", "x"], "argument --layers: 'x' is not an integer"),
+        (["--backends", "cuda"], "argument --backends: invalid choice: 'cuda'"),
+        (["--device", "gpu"], "argument --device: Expected one of cpu, cuda"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    copy_bench.add_cli_args(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_importing_and_copying_on_cpu_does_not_import_triton() -> None:

@@ -293,14 +293,48 @@ def test_property_a_run_of_tier_slots_is_one_pass_whatever_the_cache_ids(
     assert pairs == {(int(s), int(d)) for s, d in zip(src_ids, dst_ids, strict=True)}
 
 
-def test_cross_device_path_runs_with_meta_standing_in_for_cuda() -> None:
-    """No GPU here: the meta device exercises the device-side gather/scatter code for crashes
-    (shapes, dtypes, id placement), not for bytes."""
-    src = [random_bytes((SRC_BLOCKS, 64), torch.uint8)]
-    dst = [torch.empty(DST_BLOCKS, 64, dtype=torch.uint8, device="meta")]
-    copy_blocks(src, dst, [3, 9, 1], [0, 6, 2], "torch")
-    other = [torch.empty(SRC_BLOCKS, 64, dtype=torch.uint8, device="meta")]
-    copy_blocks(dst, other, [0, 6], [4, 5], "torch")
+@pytest.mark.parametrize(
+    ("row_bytes", "stride", "offset"),
+    [(48, 48, 0), (48, 64, 0), (12, 20, 4), (6, 6, 2), (5, 7, 1)],
+    ids=["8-byte-units", "padded-rows", "4-byte-units", "2-byte-units", "bytes"],
+)
+def test_device_gather_scatter_equals_torch_indexing(
+    row_bytes: int, stride: int, offset: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gather/scatter that serves CUDA and cross-device pairs, run on CPU tensors (no GPU
+    here): every row alignment, padded rows, and staging split into several chunks."""
+    monkeypatch.setattr(torch_copy, "_DEVICE_STAGING_BYTES", 2 * row_bytes)  # 2 rows per chunk
+    src = random_bytes((SRC_BLOCKS * stride + offset,), torch.uint8)[offset:].view(SRC_BLOCKS, stride)
+    dst = random_bytes((DST_BLOCKS * stride + offset,), torch.uint8)[offset:].view(DST_BLOCKS, stride)
+    src, dst = src[:, :row_bytes], dst[:, :row_bytes]
+    src_ids, dst_ids = np.array([9, 2, 7, 0, 4]), np.array([3, 6, 0, 5, 1])
+    expected = dst.clone()
+    expected[dst_ids] = src[src_ids]
+    torch_copy._copy_on_devices(src, dst, src_ids, dst_ids)
+    assert torch.equal(dst, expected)
+
+
+def test_pairs_with_a_device_view_take_the_device_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A region whose views are not both on the host goes to the device gather/scatter (here a
+    meta tensor stands in for CUDA); host regions of the same call still copy their bytes."""
+    calls: list[tuple[str, str, list[int], list[int]]] = []
+    device_path = torch_copy._copy_on_devices
+
+    def spy(src_view: torch.Tensor, dst_view: torch.Tensor, src_ids: np.ndarray, dst_ids: np.ndarray) -> None:
+        calls.append((src_view.device.type, dst_view.device.type, src_ids.tolist(), dst_ids.tolist()))
+        device_path(src_view, dst_view, src_ids, dst_ids)  # runs on meta: shapes and dtypes only
+
+    monkeypatch.setattr(torch_copy, "_copy_on_devices", spy)
+    host_src, host_dst = (
+        random_bytes((SRC_BLOCKS, 64), torch.uint8),
+        random_bytes((DST_BLOCKS, 64), torch.uint8),
+    )
+    expected = host_dst.clone()
+    expected[[0, 6, 2]] = host_src[[3, 9, 1]]
+    meta_dst = torch.empty(DST_BLOCKS, 64, dtype=torch.uint8, device="meta")
+    copy_blocks([host_src, host_src], [host_dst, meta_dst], [3, 9, 1], [0, 6, 2], "torch")
+    assert calls == [("cpu", "meta", [3, 9, 1], [0, 6, 2])]
+    assert torch.equal(host_dst, expected)
 
 
 def test_unknown_backend_raises() -> None:
@@ -312,8 +346,40 @@ def test_triton_backend_refuses_cuda_tensors_in_the_interpreter(triton_copy: Mod
     assert "interpreter needs CPU tensors" in triton_copy.unsupported_reason([torch.empty(1, device="meta")])
 
 
-def test_triton_kernel_self_check(triton_copy: ModuleType) -> None:
+@pytest.mark.parametrize(
+    "row_bytes", [48, 12, 6, 5], ids=["8-byte-units", "4-byte-units", "2-byte-units", "bytes"]
+)
+def test_triton_kernel_copies_regions_of_different_strides(triton_copy: ModuleType, row_bytes: int) -> None:
+    """The kernel called directly (not through copy_blocks): one launch over three regions whose
+    rows are padded differently, at every row width the kernel moves (8, 4, 2, 1 bytes)."""
+    src = [random_bytes((SRC_BLOCKS, row_bytes + pad), torch.uint8)[:, :row_bytes] for pad in (0, 8, 16)]
+    dst = [random_bytes((DST_BLOCKS, row_bytes + pad), torch.uint8)[:, :row_bytes] for pad in (16, 0, 8)]
+    src_ids, dst_ids = torch.tensor([9, 2, 7, 0, 4]), torch.tensor([3, 6, 0, 5, 1])
+    expected = [view.clone() for view in dst]
+    for src_view, expected_view in zip(src, expected, strict=True):
+        expected_view[dst_ids] = src_view[src_ids]
+    triton_copy.copy_blocks_triton(src, dst, src_ids, dst_ids)
+    for got, want in zip(dst, expected, strict=True):
+        assert torch.equal(got, want)  # written rows, and rows 2 and 4 left as they were
+
+
+def test_triton_self_check_fails_when_the_kernel_is_wrong(
+    triton_copy: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m vllm_bidkv.kernels.triton_copy`` (the check to run on a GPU box) passes on the
+    kernel and catches a kernel that copies nothing or the wrong rows."""
     triton_copy.check_against_torch("cpu")
+    kernel = triton_copy.copy_blocks_triton
+    monkeypatch.setattr(triton_copy, "copy_blocks_triton", lambda *args: None)
+    with pytest.raises(AssertionError, match="region 0 differs"):
+        triton_copy.check_against_torch("cpu")
+    monkeypatch.setattr(
+        triton_copy,
+        "copy_blocks_triton",
+        lambda src, dst, src_ids, dst_ids: kernel(src, dst, src_ids.flip(0), dst_ids),
+    )
+    with pytest.raises(AssertionError, match="differs from torch indexing"):
+        triton_copy.check_against_torch("cpu")
 
 
 @st.composite

@@ -99,3 +99,13 @@ def test_probe_sees_vllm_through_the_runtime_bind_hook(fresh_probe: None) -> Non
     patches.apply()
     probe.cache_clear()
     assert probe() == before
+
+
+def test_doctor_reports_a_bad_config_value_and_fails(
+    fresh_probe: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BIDKV_CPU_BYTES", "1PiB")
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "config: vllm-bidkv config: cpu_bytes='1PiB' is invalid; expected" in out
+    assert "patches applied: none" in out  # a config vLLM would refuse applies nothing

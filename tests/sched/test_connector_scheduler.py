@@ -121,7 +121,7 @@ def test_no_block_reused_or_read_while_a_copy_is_in_flight(
                 requests[clone.request_id] = clone
         assert steps < 5000
     stats = scheduler.connector.planner_stats()
-    assert worker.loads > 0 and stats["loaded_blocks"] > 0
+    assert worker.loads > 0 and stats["blocks_loaded"] > 0
     assert stats["pending_jobs"] == 0 and stats["gpu_blocks_held"] == 0
     assert_drained(scheduler, requests)
 

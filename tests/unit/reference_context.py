@@ -77,6 +77,7 @@ class ReferenceContext:
         self._cached: dict[BlockHash, dict[int, None]] = {}
         self._held: dict[str, list[int]] = {}  # request id -> blocks vLLM gave it, in order
         self.nodes_walked = 0  # list nodes iter_free_blocks stepped over (free or ghost)
+        self.requests: dict[str, RequestView] = {}  # what get_request answers (tests fill it)
 
     # -- SchedulerContext ------------------------------------------------------
     @property
@@ -134,8 +135,11 @@ class ReferenceContext:
         held = self._held.get(request_id)
         return (list(held),) if held else ()
 
+    def request_ref_counts(self, request_id: str) -> list[int]:
+        return [self.blocks[i].ref_cnt for i in self._held.get(request_id, ())]
+
     def get_request(self, request_id: str) -> RequestView | None:
-        return None
+        return self.requests.get(request_id)
 
     def waiting(self) -> Sequence[RequestView]:
         return ()

@@ -53,7 +53,7 @@ def test_lru_eviction_order_and_mark_used() -> None:
     a, b, c = ready(tier, 1, 2, 3)
     tier.mark_used(a)  # order now b, c, a
     assert tier.reserve(h(4)) == b
-    assert tier.evictions == 1 and not tier.contains(h(2))
+    assert tier.counters["cpu_evictions"] == 1 and not tier.contains(h(2))
     tier.check()
 
 

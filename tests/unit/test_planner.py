@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from tests.unit.reference_context import ReferenceContext
-from vllm_bidkv.context import BlockHash, SchedulerContext
+from vllm_bidkv.config import BidKVConfig
+from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, StepPlan, TransferJob
+from vllm_bidkv.scheduler_side import BidKVSchedulerSide, StepEvents
 
 pytestmark = pytest.mark.unit
 
@@ -156,7 +158,7 @@ def test_lazy_walk_stops_when_every_slot_is_pending() -> None:
     assert rig.planner.plan_step(0).post_forward_stores == []
     rig.planner.complete(JobResults(done={job.job_id: 1}))
     (job2,) = rig.planner.plan_step(0).post_forward_stores  # now evicts the oldest entries
-    assert len(job2.cpu_slots) == 2 and rig.tier.evictions == 2 and rig.tier.num_used == 3
+    assert len(job2.cpu_slots) == 2 and rig.tier.counters["cpu_evictions"] == 2 and rig.tier.num_used == 3
 
 
 def test_lazy_walk_resumes_after_the_cursor() -> None:
@@ -276,7 +278,7 @@ def test_load_pins_and_touches_until_complete() -> None:
     rig.ctx.release("b")  # aborted mid-load: the blocks stay touched
     assert all(rig.ctx.get_block(g).ref_cnt == 1 for g in ids[:4])
     rig.finish_all(plan)
-    assert rig.planner.stats()["loaded_tokens"] == 16 and rig.planner.stats()["loaded_blocks"] == 4
+    assert rig.planner.stats()["tokens_loaded"] == 16 and rig.planner.stats()["blocks_loaded"] == 4
     rig.idle()
 
 
@@ -302,7 +304,7 @@ def test_load_shortfall_is_reported_as_unavailable_blocks() -> None:
     (job,) = rig.planner.plan_step(0).pre_forward_loads
     assert job.gpu_block_ids == ids[:2] and job.unavailable_gpu_block_ids == ids[2:4]
     assert rig.tier.num_pins == 2
-    assert rig.planner.stats()["unavailable_blocks"] == 2
+    assert rig.planner.stats()["load_errors"] == 2
 
 
 def test_failed_load_drops_its_entries_and_releases_everything() -> None:
@@ -313,7 +315,7 @@ def test_failed_load_drops_its_entries_and_releases_everything() -> None:
     rig.planner.plan_load("b", request.block_hashes, ids, 0, 8)
     rig.finish_all(rig.planner.plan_step(0), ok=False)
     assert not any(rig.tier.contains(x) for x in hashes)
-    assert rig.planner.stats()["failed_load_blocks"] == 2
+    assert rig.planner.stats()["load_errors"] == 2
     rig.ctx.release("b")
     rig.idle()
 
@@ -333,7 +335,7 @@ def test_eager_stores_a_finished_requests_computed_blocks() -> None:
     request = SimRequest("a", tokens(1, 10))
     ids = rig.run(request)
     assert rig.planner.plan_step(0).post_forward_stores == [], "eager mode does not walk"
-    rig.planner.on_request_finished(request, ids)
+    rig.planner.store_finished(request, ids)
     rig.ctx.release("a")
     (job,) = rig.planner.plan_step(0).post_forward_stores
     assert job.gpu_block_ids == ids[:2] and job.request_id == "a"
@@ -350,7 +352,7 @@ def test_eager_skips_blocks_not_computed_yet() -> None:
     ids = rig.ctx.allocate("a", 3)
     assert ids is not None
     rig.ctx.cache(ids[0], request.block_hashes[0])  # only the first block computed (aborted mid-prefill)
-    rig.planner.on_request_finished(request, ids)
+    rig.planner.store_finished(request, ids)
     (job,) = rig.planner.plan_step(0).post_forward_stores
     assert job.gpu_block_ids == ids[:1]
 
@@ -365,19 +367,17 @@ def test_preemption_rescues_a_victims_blocks_reused_or_not(mode: str) -> None:
     reused = rig.ctx.allocate("b", rig.ctx.num_free_blocks() - 2)  # vLLM reuses all but 2 free blocks
     assert reused is not None
     free_before = rig.ctx.free_order()
-    rig.planner.on_request_preempted(request, victim)
+    rig.planner.rescue("a", victim)
     plan = rig.planner.plan_step(0)
     (rescue,) = plan.pre_forward_stores
     assert plan.post_forward_stores == [] and rescue.kind == "store" and rescue.request_id == "a"
     assert rescue.gpu_block_ids == ids[:3]
     assert any(g in reused for g in ids[:3]) and any(g not in reused for g in ids[:3])
     assert rig.ctx.free_order() == free_before and rig.planner.held_gpu_blocks == 0, "rescues take no touch"
-    assert all(rig.tier.is_protected(x) for x in request.block_hashes)
     rig.finish_all(plan)
     assert all(rig.tier.lookup(x) is not None for x in request.block_hashes), "every full block parked"
     assert rig.ctx.free_order() == free_before, "finishing a rescue frees nothing"
-    rig.planner.on_request_resumed("a")
-    assert not any(rig.tier.is_protected(x) for x in request.block_hashes)
+    assert rig.planner.stats()["blocks_rescued"] == 3 == rig.planner.stats()["blocks_stored"]
     rig.ctx.release("b")
     rig.idle()
 
@@ -393,7 +393,7 @@ def test_preemption_skips_shared_uncomputed_and_stored_blocks() -> None:
     rig.ctx.acquire("c", ids[2:3])  # block 2 is shared with a running request
     victim = rig.blocks_of(ids)
     rig.ctx.release("a")
-    rig.planner.on_request_preempted(request, victim)
+    rig.planner.rescue("a", victim)
     (rescue,) = rig.planner.plan_step(0).pre_forward_stores
     assert rescue.gpu_block_ids == ids[3:4]
 
@@ -402,14 +402,14 @@ def test_lazy_mode_ignores_finish_and_off_mode_parks_nothing() -> None:
     rig = Rig(mode="lazy")
     request = SimRequest("a", tokens(1, 8))
     ids = rig.run(request)
-    rig.planner.on_request_finished(request, ids)
+    rig.planner.store_finished(request, ids)
     assert rig.planner.pending_jobs() == []
     off = Rig(mode="off")
     off_ids = off.run(request)
     victim = off.blocks_of(off_ids)
     off.ctx.release("a")
-    off.planner.on_request_preempted(request, victim)
-    assert off.planner.pending_jobs() == [] and off.tier.is_protected(request.block_hashes[0])
+    off.planner.rescue("a", victim)
+    assert off.planner.pending_jobs() == [] and off.planner.plan_step(0).jobs() == []
 
 
 def test_bid_eviction_keeps_a_preempted_requests_blocks() -> None:
@@ -418,14 +418,13 @@ def test_bid_eviction_keeps_a_preempted_requests_blocks() -> None:
     ids = rig.run(victim)
     held = rig.blocks_of(ids)
     rig.ctx.release("v")
-    rig.planner.on_request_preempted(victim, held)
+    rig.tier.protect(victim.block_hashes)  # as the scheduler side does while the victim waits
+    rig.planner.rescue("v", held)
     rig.finish_all(rig.planner.plan_step(0))  # parks the victim's 2 blocks
     for i in range(3):  # 6 more blocks through a 4-slot tier
         rig.park(SimRequest(f"o{i}", tokens(10 + i, 8)))
         rig.finish_all(rig.planner.plan_step(0))
     assert all(rig.tier.lookup(x) is not None for x in victim.block_hashes)
-    rig.planner.on_request_finished(victim, [])
-    assert not any(rig.tier.is_protected(x) for x in victim.block_hashes)
 
 
 # -- completion -----------------------------------------------------------------------
@@ -456,7 +455,7 @@ def test_a_failed_store_aborts_its_slots() -> None:
 def test_unknown_or_unsent_job_ids_raise_before_any_change() -> None:
     rig = Rig(mode="eager")
     request = SimRequest("a", tokens(1, 8))
-    rig.planner.on_request_finished(request, rig.run(request))
+    rig.planner.store_finished(request, rig.run(request))
     (queued,) = rig.planner.pending_jobs()
     with pytest.raises(ValueError, match=f"job {queued.job_id}, which was never sent"):
         rig.planner.complete(JobResults(done={queued.job_id: 1}))
@@ -481,17 +480,17 @@ def test_restorable_counts_a_prefix() -> None:
     prompt = tokens(1, 8)
     rig, _ = stored_rig(prompt)
     request = SimRequest("b", prompt + tokens(2, 9))  # 2 blocks in the tier, then 2 private, 1 partial
-    ids = rig.run(request)
-    assert rig.planner.restorable(ids, request.block_hashes) == (8, 8)
-    shared = SimRequest("c", prompt + tokens(2, 9))
-    rig.ctx.acquire("c", ids[:1])  # the first block is shared: it stays on GPU
-    assert rig.planner.restorable(ids, shared.block_hashes) == (4, 8)
-    rig.tier.drop(request.block_hashes[1])
-    rig.ctx.get_block(ids[2]).block_hash = None  # pretend block 2 is not computed
-    assert rig.planner.restorable(ids, request.block_hashes) == (0, 4), "stops at the first gap"
+    rig.run(request)
+    refs, hashes = rig.ctx.request_ref_counts("b"), request.block_hashes
+    assert rig.planner.restorable(refs, hashes, 0, 4) == (8, 8)
+    assert rig.planner.restorable(refs, hashes, 1, 4) == (4, 8), "a shared first block stays on GPU"
+    rig.tier.drop(hashes[1])
+    assert rig.planner.restorable(refs, hashes, 0, 4) == (4, 12), "a dropped private block is parked again"
+    assert rig.planner.restorable(refs, hashes, 0, 1) == (4, 0), "stops at the first uncomputed block"
+    assert rig.planner.restorable([1, 1, 2, 1], hashes, 0, 4) == (4, 4), "stops at a shared block"
     off = Rig(mode="off")
-    off_ids = off.run(SimRequest("d", prompt))
-    assert off.planner.restorable(off_ids, chain_hashes(prompt)) == (0, 0)
+    off.run(SimRequest("d", prompt))
+    assert off.planner.restorable(off.ctx.request_ref_counts("d"), chain_hashes(prompt), 0, 2) == (0, 0)
 
 
 def test_stats_and_constructor_errors() -> None:
@@ -502,7 +501,7 @@ def test_stats_and_constructor_errors() -> None:
     assert rig.planner.held_store_blocks == 2
     rig.finish_all(plan)
     stats = rig.planner.stats()
-    assert stats["stored_blocks"] == 2 and stats["stored_bytes"] == 200 and stats["gpu_blocks_held"] == 0
+    assert stats["blocks_stored"] == 2 and stats["bytes_stored"] == 200 and stats["gpu_blocks_held"] == 0
     ctx, tier = ReferenceContext(4, BS), CpuBlockTier(1)
     with pytest.raises(ValueError, match="offload_mode='swap'"):
         OffloadPlanner(ctx, tier, "swap", 2.0)
@@ -554,6 +553,27 @@ FAMILIES = [tokens(900 + f, 4 * BS) for f in range(2)]  # shared prompt prefixes
 NUM_BLOCKS = 14  # including the null block: small, so vLLM evicts and the CPU tier gets hits
 
 
+class MachineContext:
+    """The machine's pool context plus the request views vLLM's Scheduler would give."""
+
+    def __init__(self, pool: SchedulerContext, machine: PlannerMachine) -> None:
+        self._pool = pool
+        self._machine = machine
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pool, name)
+
+    def request_block_ids(self, request_id: str) -> tuple[list[int], ...]:
+        held = self._machine.blocks.get(request_id)
+        return (list(held),) if held else ()
+
+    def request_ref_counts(self, request_id: str) -> list[int]:
+        return [self._pool.get_block(b).ref_cnt for b in self._machine.blocks.get(request_id, ())]
+
+    def get_request(self, request_id: str) -> RequestView | None:
+        return self._machine.requests.get(request_id)
+
+
 class PlannerMachine(RuleBasedStateMachine):
     """A small vLLM around the planner: requests arrive, prefill (with GPU and CPU prefix
     hits), decode, finish, abort, get preempted and resume; workers complete or fail jobs
@@ -577,15 +597,22 @@ class PlannerMachine(RuleBasedStateMachine):
     def setup(self, mode: str, eviction: str, world_size: int, slots: int) -> None:
         self.ctx, self.vllm = self.make_pool(NUM_BLOCKS, BS)
         self.shadow = ReferenceContext(NUM_BLOCKS, BS)
-        self.tier = CpuBlockTier(slots, eviction)
-        self.planner = OffloadPlanner(self.ctx, self.tier, mode, 2.0, world_size, min_clean_blocks=3)
+        config = BidKVConfig(
+            victim_policy="vllm-default", offload_mode=mode, cpu_eviction=eviction, lazy_lookahead_steps=2.0
+        )
+        self.side = BidKVSchedulerSide(config, num_slots=slots, world_size=world_size, min_clean_blocks=3)
+        self.side.bind(MachineContext(self.ctx, self))
+        assert self.side.planner is not None
+        self.planner, self.tier = self.side.planner, self.side.planner.tier
         self.world_size = world_size
         self.waiting: list[SimRequest] = []
         self.running: list[SimRequest] = []
         self.blocks: dict[str, list[int]] = {}  # running request -> its blocks (machine's own record)
         self.gpu: dict[int, BlockHash | None] = {}  # block -> hash whose KV its bytes hold
         self.written: set[int] = set()  # blocks whose bytes are their current owner's KV
-        self.victims: list[tuple[SimRequest, list[tuple[int, BlockHash | None]]]] = []  # this step's
+        self.requests: dict[str, SimRequest] = {}  # live (waiting or running) requests
+        self.preempted_now: list[str] = []  # preempted in this step (vLLM's preempted_req_ids)
+        self.resumed_now: list[str] = []
         self.rescues: set[int] = set()  # job ids of rescues (copied when emitted; no touch)
         self.cpu: dict[int, BlockHash | None] = {}  # slot -> hash whose KV it holds
         self.sent: dict[int, tuple[TransferJob, int]] = {}  # job -> acks reported so far
@@ -621,7 +648,8 @@ class PlannerMachine(RuleBasedStateMachine):
                 break
             hits.append(block_id)
         computed = len(hits) * BS
-        external = self.planner.match(request, computed)
+        self.requests[request.request_id] = request
+        external = self.side.match(request, computed)
         need = math.ceil(request.num_tokens / BS) - len(hits)
         free_hits = sum(1 for b in hits if self.ctx.get_block(b).ref_cnt == 0)
         if self.vllm.num_free_blocks() - free_hits < need:
@@ -635,13 +663,13 @@ class PlannerMachine(RuleBasedStateMachine):
         assert self._allocate(request.request_id, need) is not None
         if request.request_id in self.preempted:
             self.preempted.discard(request.request_id)
-            self.planner.on_request_resumed(request.request_id)
+            self.resumed_now.append(request.request_id)
         if external:
             ids = self.blocks[request.request_id]
             last = (computed + external - 1) // BS
             if lose_hit:  # the last matched entry leaves the tier before the allocation
                 self.tier.drop(hashes[last])
-            unavailable = self.planner.plan_load(request.request_id, hashes, ids, computed, external)
+            unavailable = self.side.after_alloc(request, ids, external)
             assert unavailable == (ids[last : last + 1] if lose_hit else [])
         request.num_computed_tokens = computed + external
         return True
@@ -660,32 +688,36 @@ class PlannerMachine(RuleBasedStateMachine):
                 self.shadow.cache(block_id, block_hash)
         request.num_computed_tokens = request.num_tokens
 
-    def _preempt(self, request: SimRequest) -> None:
+    def _preempt(self, preemptible: list[SimRequest], requester: SimRequest | None) -> SimRequest:
+        """The victim hook asks the scheduler side, then vLLM preempts its pick."""
+        request = self.side.choose_victim(preemptible, requester)
+        assert request is preemptible[-1], "vllm-default keeps vLLM's victim"
+        assert isinstance(request, SimRequest)
         self.running.remove(request)
-        victim = [(b, self.ctx.get_block(b).block_hash) for b in self.blocks[request.request_id]]
         self._release(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.waiting.insert(0, request)
         self.preempted.add(request.request_id)
-        self.victims.append((request, victim))  # the connector hears of it at the step's plan
+        self.preempted_now.append(request.request_id)  # the connector hears of it at the step's plan
+        return request
 
     def _finish(self, request: SimRequest) -> None:
-        self.victims = [(r, held) for r, held in self.victims if r is not request]
         held = self.blocks.get(request.request_id, [])
-        self.planner.on_request_finished(request, list(held))
+        self.side.finished(request, list(held))
         if request in self.running:
             self.running.remove(request)
             self._release(request)
         else:
             self.waiting.remove(request)
         self.preempted.discard(request.request_id)
+        self.requests.pop(request.request_id, None)
+        self.preempted_now = [r for r in self.preempted_now if r != request.request_id]
 
     def _plan(self, allocated: int) -> StepPlan:
-        for request, victim in self.victims:
-            self.planner.on_request_preempted(request, victim)
-        self.victims = []
-        return self.planner.plan_step(allocated)
+        events = StepEvents(allocated, list(self.resumed_now), list(self.preempted_now))
+        self.preempted_now, self.resumed_now = [], []
+        return self.side.plan_step(events)
 
     def _emit(self, plan: StepPlan) -> None:
         for job in plan.pre_forward_stores:  # rescues: the bytes must still be the victim's
@@ -737,8 +769,7 @@ class PlannerMachine(RuleBasedStateMachine):
             while len(self.blocks[request.request_id]) * BS < request.num_tokens:
                 if self._allocate(request.request_id, 1) is not None:
                     break
-                victim = self.running[-1]  # vLLM's FCFS victim
-                self._preempt(victim)
+                victim = self._preempt(self.running[self.running.index(request) :], request)
                 if victim is request:
                     break
         while self.waiting and self._admit(self.waiting[0], lose_hit):
@@ -782,7 +813,7 @@ class PlannerMachine(RuleBasedStateMachine):
                     self.cpu[slot] = self.gpu[block_id]
         else:
             self.sent[job_id] = (job, acks + count)
-        self.planner.complete(JobResults(done={job_id: count}))
+        self.side.complete(JobResults(done={job_id: count}))
 
     @precondition(lambda self: self.sent)
     @rule(data=st.data())
@@ -793,14 +824,14 @@ class PlannerMachine(RuleBasedStateMachine):
         if job.kind == "store":
             for slot in job.cpu_slots:
                 self.cpu[slot] = None  # a torn copy
-        self.planner.complete(JobResults(failed={job_id}))
+        self.side.complete(JobResults(failed={job_id}))
 
     @precondition(lambda self: self.finished_jobs)
     @rule(data=st.data())
     def duplicate_report(self, data: st.DataObject) -> None:
         job_id = data.draw(st.sampled_from(self.finished_jobs))
         before = self.planner.stats()
-        self.planner.complete(JobResults(done={job_id: 1}, failed={job_id}))
+        self.side.complete(JobResults(done={job_id: 1}, failed={job_id}))
         assert self.planner.stats() == before
 
     @precondition(lambda self: self.running)
@@ -816,12 +847,12 @@ class PlannerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.running)
     @rule(data=st.data())
     def preempt(self, data: st.DataObject) -> None:
-        self._preempt(data.draw(st.sampled_from(self.running)))
+        self._preempt([data.draw(st.sampled_from(self.running))], None)
 
     @rule(dice=st.integers(0, 9))
     def reset_cache(self, dice: int) -> None:
         if dice == 0:  # rare: it empties the CPU tier
-            self.planner.reset()
+            self.side.reset()
 
     # -- invariants ------------------------------------------------------------------------
     def _touched(self) -> Counter[int]:
@@ -872,7 +903,7 @@ class PlannerMachine(RuleBasedStateMachine):
         if not hasattr(self, "planner"):
             return
         # Steer generation towards runs where the CPU tier serves hits.
-        target(float(self.planner.stats()["cpu_hit_blocks"]), label="cpu hit blocks")
+        target(float(self.side.counters["cpu_hit_blocks"]), label="cpu hit blocks")
         for request in [*self.running, *self.waiting]:
             self._finish(request)
         for _ in range(100):
@@ -880,9 +911,10 @@ class PlannerMachine(RuleBasedStateMachine):
             if not self.sent:
                 break
             for job_id, (_job, acks) in list(self.sent.items()):
-                self.planner.complete(JobResults(done={job_id: self.world_size - acks}))
+                self.side.complete(JobResults(done={job_id: self.world_size - acks}))
             self.sent.clear()
         assert self.planner.pending_jobs() == []
+        assert self.side.requests == {}, "every request's record goes when it finishes"
         assert all(self.ctx.get_block(b).ref_cnt == 0 for b in range(1, NUM_BLOCKS))
         self._same_free_queue(self.vllm.free_order(), self.shadow.free_order())
         assert self.tier.num_pins == 0

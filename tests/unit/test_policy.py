@@ -13,16 +13,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vllm_bidkv.bench.selection import run_selection_bench
 from vllm_bidkv.config import ADMISSIONS, VICTIM_POLICIES, BidKVConfig
 from vllm_bidkv.policy import (
     STRATEGIES,
     BidCostModel,
     Candidate,
-    VictimStats,
     admission_key,
     make_strategy,
 )
-from vllm_bidkv.policy.bench import run_selection_bench
 from vllm_bidkv.policy.strategies import Bid01Strategy
 
 CONFIG = BidKVConfig()
@@ -333,21 +332,6 @@ def test_admission_keys() -> None:
     with pytest.raises(ValueError, match="'srpt'") as err:
         admission_key("srpt")
     assert all(name in str(err.value) for name in ADMISSIONS)
-
-
-# ---------------------------------------------------------------- stats
-
-
-@pytest.mark.unit
-def test_victim_stats() -> None:
-    stats = VictimStats()
-    stats.record_choice(cand(0, freeable_blocks=5), 0.002)
-    stats.record_choice(cand(1, freeable_blocks=7), 0.001)
-    stats.record_resume(300)
-    stats.record_resume(0)
-    assert stats.as_dict() == pytest.approx(
-        {"preemptions": 2, "blocks_freed": 12, "tokens_recomputed": 300, "selection_seconds": 0.003}
-    )
 
 
 # ---------------------------------------------------------------- packaging and bench

@@ -23,26 +23,24 @@ def add_commands(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
     kinds = bench.add_subparsers(dest="bench", required=True)
 
-    from vllm_bidkv.kernels import bench as copy_bench
+    from vllm_bidkv.bench import copy as copy_bench
 
     copy = kinds.add_parser("copy", help="block-copy bandwidth per backend vs one contiguous copy")
     copy_bench.add_cli_args(copy)
     copy.set_defaults(func=copy_bench.main)
 
-    from vllm_bidkv.policy import bench as select_bench
+    from vllm_bidkv.bench import selection
 
     select = kinds.add_parser("select", help="victim-selection cost per preemption vs running requests")
-    select_bench.add_cli_args(select)
-    select.set_defaults(func=select_bench.main)
-
-    from vllm_bidkv.bench import selection
+    selection.add_cli_args(select)
+    select.set_defaults(func=selection.main)
 
     select_e2e = kinds.add_parser(
         "select-e2e",
         help="victim-selection cost per preemption on vLLM's real Scheduler (candidates included)",
     )
-    selection.add_cli_args(select_e2e)
-    select_e2e.set_defaults(func=selection.main)
+    selection.add_scheduler_cli_args(select_e2e)
+    select_e2e.set_defaults(func=selection.main_scheduler)
 
     for kind, text in (
         ("sim", "vLLM's real Scheduler + BidKVConnector, timed by an H100 cost model"),

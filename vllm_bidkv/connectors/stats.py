@@ -1,8 +1,8 @@
 """BidKV counters through vLLM's KVConnectorStats: in vLLM's logs and at ``/metrics``.
 
-Each stats object carries counter *deltas* since the last report (worker and
-scheduler side each report their own; vLLM aggregates by summing). Prometheus
-exposes each counter as ``vllm:bidkv_<name>_total``.
+Each stats object carries the scheduler side's counter *deltas* since its last
+report (``vllm_bidkv.counters``; the workers report none). Prometheus exposes
+each counter as ``vllm:bidkv_<name>_total``.
 """
 
 from __future__ import annotations
@@ -11,20 +11,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-COUNTERS = {
-    "blocks_stored": "GPU blocks copied into the CPU tier.",
-    "blocks_rescued": "Of those, preempted requests' blocks copied before the step's forward.",
-    "blocks_loaded": "CPU-tier blocks copied back into GPU blocks.",
-    "bytes_stored": "Bytes copied into the CPU tier.",
-    "bytes_loaded": "Bytes copied back from the CPU tier.",
-    "cpu_hit_blocks": "Blocks a request got from the CPU tier instead of computing them.",
-    "cpu_evictions": "CPU-tier entries evicted to make room.",
-    "tokens_loaded": "Prompt tokens loaded from the CPU tier instead of recomputed.",
-    "load_errors": "Blocks whose load failed (vLLM recomputes them).",
-    "preemptions": "Preemptions whose victim the active policy chose.",
-    "preempted_blocks_freed": "Blocks returned to the free pool by those preemptions.",
-    "recomputed_tokens": "Tokens a resumed request had to compute again.",
-}
+from vllm_bidkv.counters import COUNTERS
 
 
 class BidKVStats(KVConnectorStats):

@@ -2,7 +2,7 @@
 
 CUDA and cross-device copies (the Triton kernel's leftovers) use a plain torch gather and
 scatter. Host-to-host copies, i.e. every copy of a CPU-only vLLM, take the path below. Each
-choice was measured with ``vllm_bidkv.kernels.bench`` and scratch variants on a 2-core box
+choice was measured with ``vllm_bidkv.bench.copy`` and scratch variants on a 2-core box
 shared with other jobs, at 256 random blocks x 64 KiB x 8 regions:
 
 * Rows move through numpy views of the same memory (``Tensor.numpy()``, zero-copy), 2-D

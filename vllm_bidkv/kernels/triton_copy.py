@@ -20,8 +20,9 @@ Pageable host memory is refused. Copies over PCIe then run as the kernel's loads
 Without a GPU the kernel runs on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before this module is imported): that is how it is tested.
 
-Sections, top to bottom: the kernel, its Python wrapper, a correctness check against torch
-indexing, and a benchmark (``python -m vllm_bidkv.kernels.triton_copy``).
+Sections, top to bottom: the kernel, its Python wrapper, and a correctness check against torch
+indexing (``python -m vllm_bidkv.kernels.triton_copy``). The benchmark lives with the others:
+``vllm-bidkv bench copy --backends triton per_block torch`` (:mod:`vllm_bidkv.bench.copy`).
 """
 
 from __future__ import annotations
@@ -190,24 +191,10 @@ def check_against_torch(device: torch.device | str = "cpu", seed: int = 0) -> No
         assert torch.equal(got.cpu(), want), f"region {region} differs from torch indexing"
 
 
-# %%
-# Benchmark
-# ---------
-# GB/s against one contiguous copy_ of the same bytes, host<->device and device<->device:
-# the sweep shared with the torch backend lives in vllm_bidkv.kernels.bench.
-
-
-def benchmark(json_path: str | None = None) -> None:
-    """Run the copy benchmark with the triton backend and its CUDA baselines."""
-    from vllm_bidkv.kernels.bench import run_copy_bench
-
-    run_copy_bench(json_path, backends=("triton", "per_block", "torch"))
-
-
 if __name__ == "__main__":
     if not torch.cuda.is_available() and not is_interpreted():
         raise SystemExit("no GPU: run with TRITON_INTERPRET=1 to check the kernel in Triton's interpreter")
     check_against_torch("cuda" if torch.cuda.is_available() else "cpu")
     print("triton block copy matches torch indexing")
     if torch.cuda.is_available():
-        benchmark()
+        print("bandwidth: vllm-bidkv bench copy --backends triton per_block torch")

@@ -49,6 +49,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from vllm_bidkv.context import BlockHash
+from vllm_bidkv.counters import Counters
 
 EVICTIONS = ("lru", "bid")
 
@@ -72,7 +73,7 @@ def num_slots_for(cpu_bytes: int, block_bytes: int) -> int:
 class CpuBlockTier:
     """Slots of the CPU tier: states, hash index, pins, LRU/bid eviction (see module doc)."""
 
-    def __init__(self, num_slots: int, eviction: str = "lru") -> None:
+    def __init__(self, num_slots: int, eviction: str = "lru", counters: Counters | None = None) -> None:
         if num_slots < 1:
             raise ValueError(f"vllm-bidkv: the CPU tier needs at least one slot, got num_slots={num_slots}")
         if eviction not in EVICTIONS:
@@ -88,7 +89,7 @@ class CpuBlockTier:
         self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, unprotected
         self._kept: OrderedDict[int, None] = OrderedDict()  # evictable, protected (bid only)
         self._protect: dict[BlockHash, int] = {}
-        self.evictions = 0
+        self.counters = counters if counters is not None else Counters()  # counts ``cpu_evictions``
         self.num_pins = 0  # sum of pin counts
 
     # -- queries -----------------------------------------------------------
@@ -132,7 +133,7 @@ class CpuBlockTier:
             old = self._hash[slot]
             assert old is not None
             del self._slot_of[old]
-            self.evictions += 1
+            self.counters.add("cpu_evictions")
         self._state[slot] = _PENDING
         self._hash[slot] = block_hash
         self._slot_of[block_hash] = slot

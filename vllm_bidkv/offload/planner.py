@@ -14,7 +14,7 @@ The one exception is a rescue (below): it owns no touch, only its reservations,
 and runs before the step's forward, the first thing that may write its blocks.
 
 Victims: when vLLM preempts a request, its computed full blocks are rescued in
-every mode but ``off`` (``on_request_preempted``): copied before this step's
+every mode but ``off`` (``rescue``): copied before this step's
 forward, whether vLLM already handed them to another request in the same
 ``schedule()`` (a victim's blocks are the first reused) or they are still free.
 Touching them for a store after the forward instead would take them from vLLM
@@ -49,16 +49,6 @@ from vllm_bidkv.offload.jobs import JobKind, JobResults, StepPlan, TransferJob
 
 MODES = ("lazy", "eager", "off")
 _RATE_WEIGHT = 0.25  # EMA weight of the newest step's block consumption
-_COUNTERS = (
-    "stored_blocks",
-    "loaded_blocks",
-    "cpu_hit_blocks",
-    "loaded_tokens",
-    "aborted_store_blocks",
-    "failed_load_blocks",
-    "unavailable_blocks",
-    "walked_blocks",
-)
 
 
 _Mark = tuple[int, BlockHash | None]  # a block the lazy walk visited, with its hash then
@@ -109,7 +99,8 @@ class OffloadPlanner:
         self._queued_rescues: list[TransferJob] = []
         self._held_gpu_blocks = 0  # touches owned by pending jobs
         self._held_store_blocks = 0  # of which by stores
-        self._protected: dict[str, list[BlockHash]] = {}  # preempted request -> protected hashes
+        # The tier's counter sink (the scheduler side's): stores, loads, hits, errors.
+        self._counters = tier.counters
         # Lazy walk: where it stopped — the last visited block, and the last visited one
         # that stayed free (each with its hash, to notice reuse) —, an estimate of the free
         # blocks before that point that were visited ("clean"), and the EMA of blocks
@@ -118,7 +109,12 @@ class OffloadPlanner:
         self._free_cursor: _Mark | None = None
         self._clean = 0
         self._rate = 0.0
-        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self.walked_blocks = 0  # free blocks the lazy walk visited (a diagnostic, not exported)
+        self.aborted_store_blocks = 0  # stores that failed or went stale (a diagnostic)
+
+    @property
+    def tier(self) -> CpuBlockTier:
+        return self._tier
 
     # -- loads -----------------------------------------------------------------
     def match(self, request: RequestView, num_computed_tokens: int) -> int:
@@ -192,8 +188,8 @@ class OffloadPlanner:
         pending = self._new_job("load", gpu_ids, slots, request_id, unavailable)
         pending.tokens = min(num_external_tokens, len(slots) * bs)
         self._queued_loads.append(pending.job)
-        self._counts["cpu_hit_blocks"] += len(slots)
-        self._counts["unavailable_blocks"] += len(unavailable)
+        self._counters.add("cpu_hit_blocks", len(slots))
+        self._counters.add("load_errors", len(unavailable))
         return unavailable
 
     # -- stores ----------------------------------------------------------------
@@ -242,7 +238,7 @@ class OffloadPlanner:
             visited += 1
             if visited >= budget:
                 break
-        self._counts["walked_blocks"] += visited
+        self.walked_blocks += visited
         self._queue_store(picks, None)
 
     def _resume_point(self) -> int | None:
@@ -264,28 +260,20 @@ class OffloadPlanner:
                     return mark[0]
         return None
 
-    def on_request_finished(self, request: RequestView, block_ids: Sequence[int]) -> None:
-        """vLLM finished or aborted the request (``request_finished``; it still holds ``block_ids``)."""
-        self._unprotect(request.request_id)
+    def store_finished(self, request: RequestView, block_ids: Sequence[int]) -> None:
+        """vLLM finished or aborted the request (it still holds ``block_ids``): eager mode stores it."""
         if self._mode == "eager":
             self._store_request(request, block_ids)
 
-    def on_request_preempted(
-        self, request: RequestView, blocks: Sequence[tuple[int, BlockHash | None]] = ()
-    ) -> None:
+    def rescue(self, request_id: str, blocks: Sequence[tuple[int, BlockHash | None]]) -> None:
         """vLLM preempted the request in this ``schedule()``; park its blocks (see module doc).
 
         ``blocks``: its group-0 blocks as they were just before vLLM freed them, each
         with the hash the GPU block carried then (None: not a computed full block).
         vLLM has freed them by the time the connector hears of the preemption, so
         the victim hook records them. Call before this step's ``plan_step``: a
-        rescue is only valid until the step's forward. Also protects the request's
-        hashes until it resumes or finishes (bid eviction).
+        rescue is only valid until the step's forward.
         """
-        self._unprotect(request.request_id)
-        hashes = list(request.block_hashes)
-        self._tier.protect(hashes)
-        self._protected[request.request_id] = hashes
         if self._mode == "off":
             return
         picks: list[tuple[int, int]] = []
@@ -303,17 +291,8 @@ class OffloadPlanner:
             picks.append((block_id, slot))
         if picks:
             gpu_ids, slots = [b for b, _ in picks], [s for _, s in picks]
-            pending = self._new_job("store", gpu_ids, slots, request.request_id, touched=False)
+            pending = self._new_job("store", gpu_ids, slots, request_id, touched=False)
             self._queued_rescues.append(pending.job)
-
-    def on_request_resumed(self, request_id: str) -> None:
-        """A preempted request was scheduled again: its blocks lose their protection."""
-        self._unprotect(request_id)
-
-    def _unprotect(self, request_id: str) -> None:
-        hashes = self._protected.pop(request_id, None)
-        if hashes is not None:
-            self._tier.unprotect(hashes)
 
     def _store_request(self, request: RequestView, block_ids: Sequence[int]) -> None:
         picks: list[tuple[int, int]] = []
@@ -376,6 +355,7 @@ class OffloadPlanner:
             self._held_gpu_blocks -= len(job.gpu_block_ids)
             if job.kind == "store":
                 self._held_store_blocks -= len(job.gpu_block_ids)
+        n = len(job.cpu_slots)
         if job.kind == "store":
             commit = ok and not pending.stale
             for slot in job.cpu_slots:
@@ -383,13 +363,22 @@ class OffloadPlanner:
                     self._tier.commit(slot)
                 else:
                     self._tier.abort(slot)
-            self._counts["stored_blocks" if commit else "aborted_store_blocks"] += len(job.cpu_slots)
+            if commit:
+                self._counters.add("blocks_stored", n)
+                self._counters.add("bytes_stored", n * self._block_bytes)
+                if not pending.touched:
+                    self._counters.add("blocks_rescued", n)
+            else:
+                self.aborted_store_blocks += n
         else:
             for slot in job.cpu_slots:
                 self._tier.unpin(slot, drop=not ok)  # a failed load's data is suspect
-            self._counts["loaded_blocks" if ok else "failed_load_blocks"] += len(job.cpu_slots)
             if ok:
-                self._counts["loaded_tokens"] += pending.tokens
+                self._counters.add("blocks_loaded", n)
+                self._counters.add("bytes_loaded", n * self._block_bytes)
+                self._counters.add("tokens_loaded", pending.tokens)
+            else:
+                self._counters.add("load_errors", n)
         # Last block first, as vLLM frees a request's blocks: where the context lets vLLM
         # place a block (it was held when touched), the request's tail is evicted first.
         if pending.touched:
@@ -408,28 +397,26 @@ class OffloadPlanner:
             if pending.job.kind == "store":
                 pending.stale = True
 
-    def restorable(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> tuple[int, int]:
+    def restorable(
+        self, ref_counts: Sequence[int], block_hashes: Sequence[BlockHash], start: int, computed_blocks: int
+    ) -> tuple[int, int]:
         """``(cpu_tokens, offloadable_tokens)`` of a running request, for the victim policy.
 
-        Walks the request's full blocks in order: a leading run of shared blocks
-        (ref_cnt > 1, they stay on GPU) is skipped; then each block counts as
-        ``cpu`` if the tier holds (or is storing) its hash, else as ``offloadable``
-        if it is private, computed and offload is on (a preemption parks it); the
+        ``ref_counts``: of the request's blocks in order; ``start``: how many leading
+        blocks are shared (ref_cnt > 1: they stay on the GPU); ``computed_blocks``:
+        full blocks whose KV is computed. From ``start`` on, each block counts as
+        ``cpu`` if the tier holds (or is storing) its hash, else as ``offloadable`` if
+        it is private, computed and offload is on (a preemption rescues it); the
         first block that is neither ends the run (a resume restores a prefix only).
-        Offloadable is capped by the tier size.
-        O(blocks).
+        Offloadable is capped by the tier size. O(blocks), no context call.
         """
         cpu = offloadable = 0
         parks = self._mode != "off"
-        leading_shared = True
-        for block_id, block_hash in zip(block_ids, block_hashes, strict=False):
-            view = self._ctx.get_block(block_id)
-            if leading_shared and view.ref_cnt > 1:
-                continue
-            leading_shared = False
-            if self._tier.contains(block_hash):
+        end = min(len(ref_counts), len(block_hashes))
+        for i in range(start, end):
+            if self._tier.contains(block_hashes[i]):
                 cpu += 1
-            elif parks and view.ref_cnt == 1 and view.block_hash == block_hash:
+            elif parks and ref_counts[i] == 1 and i < computed_blocks:
                 offloadable += 1
             else:
                 break
@@ -451,11 +438,10 @@ class OffloadPlanner:
         return self._held_gpu_blocks
 
     def stats(self) -> dict[str, int]:
-        """Cumulative counters plus the current holdings."""
-        stats = dict(self._counts)
-        stats["stored_bytes"] = stats["stored_blocks"] * self._block_bytes
-        stats["loaded_bytes"] = stats["loaded_blocks"] * self._block_bytes
-        stats["cpu_evictions"] = self._tier.evictions
+        """The counter sink's totals plus the diagnostics and the current holdings."""
+        stats = self._counters.totals()
+        stats["walked_blocks"] = self.walked_blocks
+        stats["aborted_store_blocks"] = self.aborted_store_blocks
         stats["cpu_blocks_used"] = self._tier.num_used
         stats["pending_jobs"] = len(self._jobs)
         stats["pins_held"] = self._tier.num_pins

@@ -230,11 +230,11 @@ class BlockPoolContext:
         ids = tuple([b.block_id for b in m.req_to_blocks.get(request_id, ())] for m in groups)
         return ids if any(ids) else ()
 
-    def request_blocks(self, request_id: str) -> list[Any]:
-        """Group-0 ``KVCacheBlock`` objects of a request (for ref counts without id lookups)."""
+    def request_ref_counts(self, request_id: str) -> list[int]:
         if self._manager is None:
             return []
-        return list(self._manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ()))
+        blocks = self._manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ())
+        return [block.ref_cnt for block in blocks]
 
     def get_request(self, request_id: str) -> Any:
         return None if self._scheduler is None else self._scheduler.requests.get(request_id)

@@ -23,7 +23,7 @@ import heapq
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from vllm_bidkv.patches.adapter import BlockPoolContext
 from vllm_bidkv.patches.capabilities import probe
@@ -68,8 +68,30 @@ def bind_hook_installed() -> bool:
     return _ORIGINAL_INIT in Scheduler.__dict__
 
 
+class BoundConnector(Protocol):
+    """What the hooks ask of the connector a Scheduler holds (``BidKVConnector`` is one).
+
+    The hooks look the connector up on the scheduler at every call, so the call
+    path goes from the hook straight to these methods.
+    """
+
+    def bind_scheduler_context(self, ctx: Any) -> None: ...
+
+    def loads_ordered_on_compute_stream(self) -> bool: ...
+
+    def chooses_victims(self) -> bool: ...
+
+    def choose_victim(self, requests: list[Any], requester: Any = None) -> Any:
+        """The victim among ``requests`` (vLLM's own pick is the last); None keeps vLLM's."""
+        ...
+
+    def has_pending_block_frees(self) -> bool: ...
+
+    def admission_key(self) -> Callable[[Any], Any] | None: ...
+
+
 def _bind(scheduler: Any) -> None:
-    connector = getattr(scheduler, "connector", None)
+    connector: BoundConnector | None = getattr(scheduler, "connector", None)
     if connector is None or not hasattr(connector, "bind_scheduler_context"):
         return
     connector.bind_scheduler_context(BlockPoolContext.for_scheduler(scheduler))
@@ -79,20 +101,16 @@ def _bind(scheduler: Any) -> None:
         # on the compute stream, ordered after that step, so stock's immediate frees are
         # safe, and keep the schedule identical to stock vLLM's.
         scheduler.defer_block_free = False
-    chooser = connector.victim_chooser()
-    if chooser is not None:
-        install_victim_hook(scheduler, chooser)
+    if connector.chooses_victims():
+        install_victim_hook(scheduler)
     key = connector.admission_key()
     if key is not None:
         install_admission(scheduler, key)
 
 
 # -- victim hook --------------------------------------------------------------
-VictimChooser = Callable[[list[Any]], Any]
-
-
-def install_victim_hook(scheduler: Any, choose: VictimChooser) -> bool:
-    """Let ``choose(preemptible_requests) -> request`` pick vLLM's next victim."""
+def install_victim_hook(scheduler: Any) -> bool:
+    """Let ``scheduler.connector.choose_victim`` pick vLLM's next victim (see module doc)."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
     from vllm.v1.request import RequestStatus
 
@@ -110,27 +128,28 @@ def install_victim_hook(scheduler: Any, choose: VictimChooser) -> bool:
 
     def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
         blocks = original(request, *args, **kwargs)
+        connector: BoundConnector = scheduler.connector
         # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
         if (
             blocks is None
             and request.status == RequestStatus.RUNNING
-            and not (caps.connector_pending_block_frees and scheduler.connector.has_pending_block_frees())
+            and not (caps.connector_pending_block_frees and connector.has_pending_block_frees())
         ):
-            _reorder_for_victim(scheduler.running, request, choose, can_free)
+            _reorder_for_victim(scheduler.running, request, connector, can_free)
         return blocks
 
     manager.allocate_slots = allocate_slots
     return True
 
 
-def _reorder_for_victim(running: list[Any], request: Any, choose: VictimChooser, can_free: Any) -> None:
+def _reorder_for_victim(running: list[Any], request: Any, connector: BoundConnector, can_free: Any) -> None:
     start = next((i for i in range(len(running) - 1, -1, -1) if running[i] is request), None)
     if start is None:
         return
     preemptible = [r for r in running[start:] if can_free is None or can_free(r)]
     if not preemptible:
         return
-    victim = choose(preemptible)
+    victim = connector.choose_victim(preemptible, request)
     if victim is None or victim is running[-1]:  # None: keep vLLM's choice
         return
     index = next(i for i in range(len(running) - 1, start - 1, -1) if running[i] is victim)

@@ -8,14 +8,12 @@ victim to the end of vLLM's running list so vLLM preempts it through its own pat
 from vllm_bidkv.policy.admission import admission_key
 from vllm_bidkv.policy.candidate import Candidate
 from vllm_bidkv.policy.cost import BidCostModel
-from vllm_bidkv.policy.stats import VictimStats
 from vllm_bidkv.policy.strategies import STRATEGIES, VictimStrategy, make_strategy
 
 __all__ = [
     "STRATEGIES",
     "BidCostModel",
     "Candidate",
-    "VictimStats",
     "VictimStrategy",
     "admission_key",
     "make_strategy",

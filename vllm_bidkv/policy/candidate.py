@@ -67,3 +67,6 @@ class Candidate:
 
     arrival_time: float
     """vLLM arrival time in seconds; carried for the hook and for logs."""
+
+    is_requester: bool = False
+    """True for the request whose allocation failed (vLLM may preempt it to make room for itself)."""

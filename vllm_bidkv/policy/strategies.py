@@ -4,7 +4,11 @@ Every strategy except ``random`` maximises a key in one O(n) pass (no sort: the 
 runs inside vLLM's allocation retry loop). Equal scores go to the newest candidate
 (max ``order``), so when there is nothing to choose between, every strategy picks
 vLLM's own victim. An empty candidate list raises ``ValueError``: the hook only asks
-when vLLM has something to preempt.
+when vLLM has something to preempt. A strategy may abstain (``choose`` returns None):
+vLLM's own victim stands; only ``bidkv-0.2`` does.
+
+The published peers' rules (PEERS.md section (e)) are here as baselines: ``lcf``,
+``reclaim-score``, ``remaining-output`` and ``bidkv-0.2``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from vllm_bidkv.policy.cost import BidCostModel
 
 
 class VictimStrategy(Protocol):
-    """Chooses the victim among the candidates; scored strategies also expose ``score(c)``."""
+    """Chooses the victim among the candidates; scored strategies also expose ``score(c)``
+    (higher = preempted first)."""
 
     name: str
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        """One member of ``candidates``; ``ValueError`` if it is empty."""
+    def choose(self, candidates: Sequence[Candidate]) -> Candidate | None:
+        """One member of ``candidates``, or None to abstain: vLLM's own victim stands (the
+        candidate with the max ``order``). ``ValueError`` if ``candidates`` is empty."""
         ...
 
 
@@ -115,12 +121,136 @@ class Bid01Strategy:
         return _best(candidates, lambda c: (self.score(c), c.order))
 
 
+class LcfStrategy:
+    """Least computed tokens first: min ``computed_tokens``; ties to the newest.
+
+    Upstream vLLM RFC #54644 (least-computed-first is the best order under recompute)
+    and PR #53723 (``--preemption-victim lcf``). ``score(c)`` is ``-computed_tokens``.
+    """
+
+    name = "lcf"
+
+    def score(self, c: Candidate) -> float:
+        return -float(c.computed_tokens)
+
+    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+        return _best(candidates, lambda c: (-c.computed_tokens, c.order))
+
+
+class ReclaimScoreStrategy:
+    """Upstream vLLM PR #56897: max S = B / max(1, T) · (1 − O / max(1, M)); ties to the newest.
+
+    B = ``freeable_blocks`` (the reclaimable blocks), T = ``computed_tokens``,
+    O = ``output_tokens``, M = ``max_tokens``: reclaimable blocks per computed token,
+    discounted by output progress. When M is unknown (None) there is no progress to
+    discount by: the factor is 1. The progress O / max(1, M) is clamped to 1, so the
+    factor stays in [0, 1] (O <= M for every real request; the clamp only matters for
+    hand-built candidates).
+    """
+
+    name = "reclaim-score"
+
+    def score(self, c: Candidate) -> float:
+        per_token = c.freeable_blocks / max(1, c.computed_tokens)
+        if c.max_tokens is None:
+            return float(per_token)
+        return per_token * (1.0 - min(1.0, c.output_tokens / max(1, c.max_tokens)))
+
+    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+        return _best(candidates, lambda c: (self.score(c), c.order))
+
+
+class RemainingOutputStrategy:
+    """vllm-hust-dla 0.1.0: largest expected remaining output; ties to the newest.
+
+    dla uses a learned prediction where it has one, else max_tokens − output_tokens;
+    we have no predictor, so remaining = max(0, max_tokens − output_tokens). With
+    max_tokens unknown (None) we use bidkv 0.1.0's fallback budget,
+    ``FALLBACK_MAX_TOKENS`` = 1024 (the same constant as ``bidkv-0.1``).
+    """
+
+    name = "remaining-output"
+    FALLBACK_MAX_TOKENS = Bid01Strategy.FALLBACK_MAX_TOKENS
+
+    def score(self, c: Candidate) -> float:
+        budget = self.FALLBACK_MAX_TOKENS if c.max_tokens is None else c.max_tokens
+        return float(max(0, budget - c.output_tokens))
+
+    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+        return _best(candidates, lambda c: (self.score(c), c.order))
+
+
+class Bid02Strategy:
+    """vllm-hust-bidkv 0.2.1: ``bidkv-0.1``'s U unchanged, with two guards that abstain.
+
+    The top pick is ``bidkv-0.1``'s choice (max U, ties to the newest). It is returned
+    unless a guard fires; then ``choose`` returns None and vLLM's own victim stands.
+
+    * Liveness guard: abstain if the top pick was already preempted ``LIVENESS_LIMIT``
+      (2) or more times this epoch. An *epoch* is ``EPOCH_DECISIONS`` (32) consecutive
+      decisions of this strategy instance (our choice: 0.2.1's epoch length is not
+      published); the counts are cleared when one ends, which also bounds them to at
+      most 32 request ids. A decision counts one preemption of the request that will
+      be preempted: the strategy's pick, or on abstaining vLLM's (the max ``order``).
+      ``Candidate.num_preemptions`` (the lifetime count) is not used for this: it is
+      already in U's δ.
+    * Cascade guard: abstain if the requester (``Candidate.is_requester``, the request
+      whose allocation failed) would free within ``CASCADE_RATIO`` (1.25×) of the top
+      pick, i.e. top.freeable_blocks <= 1.25 · requester.freeable_blocks: preempting
+      the top pick gains little over the requester giving way. This includes the top
+      pick being the requester itself (0.1.0's requester-preempts-itself cascade). If
+      the requester is not among the candidates the guard does not fire.
+
+    ``last_guard`` names the guard that fired in the last decision (``"liveness"``,
+    ``"cascade"``) or is None when it returned its top pick.
+    """
+
+    name = "bidkv-0.2"
+    LIVENESS_LIMIT = 2
+    EPOCH_DECISIONS = 32
+    CASCADE_RATIO = 1.25
+
+    def __init__(self) -> None:
+        self._bid01 = Bid01Strategy()
+        self._preempted: dict[str, int] = {}
+        self._decisions = 0
+        self.last_guard: str | None = None
+
+    def score(self, c: Candidate) -> float:
+        return self._bid01.score(c)
+
+    def preempted_this_epoch(self, request_id: str) -> int:
+        """Preemptions of ``request_id`` counted in the current epoch."""
+        return self._preempted.get(request_id, 0)
+
+    def choose(self, candidates: Sequence[Candidate]) -> Candidate | None:
+        top = self._bid01.choose(candidates)  # ValueError when empty
+        if self._decisions == self.EPOCH_DECISIONS:
+            self._preempted.clear()
+            self._decisions = 0
+        self._decisions += 1
+        requester = next((c for c in candidates if c.is_requester), None)
+        if self.preempted_this_epoch(top.request_id) >= self.LIVENESS_LIMIT:
+            self.last_guard = "liveness"
+        elif requester is not None and top.freeable_blocks <= self.CASCADE_RATIO * requester.freeable_blocks:
+            self.last_guard = "cascade"
+        else:
+            self.last_guard = None
+        victim = top if self.last_guard is None else max(candidates, key=lambda c: c.order)
+        self._preempted[victim.request_id] = self.preempted_this_epoch(victim.request_id) + 1
+        return top if self.last_guard is None else None
+
+
 STRATEGIES: dict[str, Callable[[BidKVConfig], VictimStrategy]] = {
     VllmDefaultStrategy.name: lambda config: VllmDefaultStrategy(),
     RandomStrategy.name: lambda config: RandomStrategy(config.seed),
     LargestFirstStrategy.name: lambda config: LargestFirstStrategy(),
     BidStrategy.name: lambda config: BidStrategy(BidCostModel.from_config(config)),
     Bid01Strategy.name: lambda config: Bid01Strategy(),
+    LcfStrategy.name: lambda config: LcfStrategy(),
+    ReclaimScoreStrategy.name: lambda config: ReclaimScoreStrategy(),
+    RemainingOutputStrategy.name: lambda config: RemainingOutputStrategy(),
+    Bid02Strategy.name: lambda config: Bid02Strategy(),
 }
 """Strategy name (the ``victim_policy`` config value) -> factory."""
 

@@ -21,7 +21,7 @@ CUDA the backends are torch, triton and ``per_block`` (one ``copy_``, i.e. one
 ``cudaMemcpyAsync``, per block and region).
 
     vllm-bidkv bench copy --json copy.json
-    python -m vllm_bidkv.kernels.bench --json copy.json
+    python -m vllm_bidkv.bench.copy --json copy.json
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from vllm_bidkv.bench.args import positive_int
 from vllm_bidkv.kernels.block_copy import BACKENDS, copy_blocks
 
 KIB = 1 << 10
@@ -258,19 +259,24 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``vllm-bidkv bench copy``."""
     parser.add_argument("--json", metavar="FILE", help="write {results, machine} as JSON here")
     parser.add_argument(
-        "--blocks", type=int, nargs="+", default=list(DEFAULT_BLOCK_COUNTS), help="block counts"
+        "--blocks", type=positive_int, nargs="+", default=list(DEFAULT_BLOCK_COUNTS), help="block counts"
     )
     parser.add_argument(
         "--block-kib",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[size // KIB for size in DEFAULT_BLOCK_SIZES_BYTES],
         help="bytes per block and region, in KiB",
     )
-    parser.add_argument("--layers", type=int, default=8, help="regions (layers) per block")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
-    parser.add_argument("--backends", nargs="+", help="default: torch on CPU; torch triton per_block on CUDA")
-    parser.add_argument("--device", help="cpu or cuda[:N]; default cuda when available")
+    parser.add_argument("--layers", type=positive_int, default=8, help="regions (layers) per block")
+    parser.add_argument("--repeats", type=positive_int, default=DEFAULT_REPEATS)
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=(*BACKENDS, "per_block"),
+        help="default: torch on CPU; torch triton per_block on CUDA",
+    )
+    parser.add_argument("--device", type=_device, help="cpu or cuda[:N]; default cuda when available")
     parser.add_argument(
         "--ids",
         nargs="+",
@@ -279,8 +285,19 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="id patterns: tier (random cache ids <-> consecutive tier slots), random (both sides random)",
     )
     parser.add_argument(
-        "--max-mib", type=int, default=DEFAULT_MAX_COPY_BYTES >> 20, help="skip cases copying more than this"
+        "--max-mib",
+        type=positive_int,
+        default=DEFAULT_MAX_COPY_BYTES >> 20,
+        help="skip cases copying more than this",
     )
+
+
+def _device(text: str) -> str:
+    try:
+        torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -300,8 +317,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(
-        prog="python -m vllm_bidkv.kernels.bench", description=__doc__.splitlines()[0]
-    )
+    cli = argparse.ArgumentParser(prog="python -m vllm_bidkv.bench.copy", description=__doc__.splitlines()[0])
     add_cli_args(cli)
     raise SystemExit(main(cli.parse_args()))

@@ -1,0 +1,156 @@
+"""BidKVSchedulerSide driven as vLLM drives it: per-request records, pins, counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.reference_context import ReferenceContext
+from tests.unit.test_planner import BS, SimRequest, tokens
+from vllm_bidkv.config import BidKVConfig
+from vllm_bidkv.offload import JobResults, StepPlan
+from vllm_bidkv.scheduler_side import BidKVSchedulerSide, StepEvents
+
+pytestmark = pytest.mark.unit
+
+
+class Rig:
+    """A scheduler side on the reference context, and helpers that play vLLM's scheduler."""
+
+    def __init__(self, world_size: int = 1, slots: int = 16, **config: object) -> None:
+        settings: dict[str, object] = {"victim_policy": "bidkv", "offload_mode": "lazy", **config}
+        self.ctx = ReferenceContext(24, BS)
+        self.side = BidKVSchedulerSide(
+            BidKVConfig(**settings),  # type: ignore[arg-type]
+            num_slots=slots,
+            block_bytes=64,
+            world_size=world_size,
+            min_clean_blocks=32,  # the lazy walk covers the whole free queue each step
+        )
+        self.side.bind(self.ctx)
+        self.world_size = world_size
+
+    def admit(self, request: SimRequest, gpu_hit: int = 0) -> int:
+        """vLLM's admission of a waiting request: match, allocate, tell the side, compute."""
+        self.ctx.requests[request.request_id] = request
+        external = self.side.match(request, gpu_hit)
+        ids = self.ctx.allocate(request.request_id, -(-request.num_tokens // BS))
+        assert ids is not None
+        self.side.after_alloc(request, ids, external)
+        for block_id, block_hash in zip(ids, request.block_hashes, strict=False):
+            self.ctx.cache(block_id, block_hash)
+        request.num_computed_tokens = request.num_tokens
+        return external
+
+    def step(self, events: StepEvents | None = None) -> StepPlan:
+        """One step's plan, its jobs finished by every worker."""
+        plan = self.side.plan_step(events or StepEvents())
+        self.side.complete(JobResults(done={job.job_id: self.world_size for job in plan.jobs()}))
+        return plan
+
+    def finish(self, request: SimRequest) -> None:
+        held = self.ctx.request_block_ids(request.request_id)
+        self.side.finished(request, held[0] if held else [])
+        if held:
+            self.ctx.release(request.request_id)
+        self.ctx.requests.pop(request.request_id)
+
+    def idle(self) -> None:
+        assert self.side.requests == {}, "no per-request record left"
+        planner = self.side.planner
+        assert planner is not None
+        assert planner.pending_jobs() == [] and planner.tier.num_pins == 0
+        assert all(b.ref_cnt == 0 for b in self.ctx.blocks)
+        planner.tier.check()
+
+
+def park_prompt(rig: Rig, prompt: list[int]) -> None:
+    """A request computes ``prompt`` and finishes; the lazy walk parks its blocks in the tier."""
+    request = SimRequest("warm", prompt)
+    rig.admit(request)
+    rig.finish(request)
+    rig.step()
+    assert rig.side.planner is not None
+    assert all(rig.side.planner.tier.lookup(h) is not None for h in request.block_hashes)
+
+
+def test_cpu_hit_then_abort_before_allocation_leaves_nothing() -> None:
+    rig = Rig()
+    prompt = tokens(1, 16)
+    park_prompt(rig, prompt)
+    request = SimRequest("a", prompt + tokens(2, 3))
+    rig.ctx.requests["a"] = request
+    assert rig.side.match(request, 0) == 16, "the whole prompt prefix is in the CPU tier"
+    assert "a" in rig.side.requests
+    rig.finish(request)  # aborted while waiting: vLLM never allocated it
+    rig.step()
+    rig.idle()
+    assert rig.side.counters["cpu_hit_blocks"] == 0, "nothing was loaded for it"
+
+
+def test_preempted_resumed_finished_request_leaves_nothing_and_counts_once() -> None:
+    rig = Rig(world_size=2, cpu_eviction="bid")
+    victim = SimRequest("v", tokens(1, 14))  # 3 full blocks + a partial one
+    other = SimRequest("o", tokens(2, 6))
+    rig.admit(victim)
+    rig.admit(other)
+    chosen = rig.side.choose_victim([other, victim], requester=other)
+    assert chosen is not None
+    assert rig.side.counters["preemptions"] == 1
+    name = chosen.request_id
+    rig.ctx.release(name)  # vLLM preempts it
+    chosen.num_computed_tokens = 0
+    plan = rig.step(StepEvents(preempted=[name]))
+    rescued = sum(len(j.gpu_block_ids) for j in plan.pre_forward_stores)
+    assert rescued == len(chosen.block_hashes), "every full block of the victim is rescued"
+    planner = rig.side.planner
+    assert planner is not None
+    assert all(planner.tier.is_protected(h) for h in chosen.block_hashes), "protected while it waits"
+    assert rig.side.counters["blocks_rescued"] == rescued == rig.side.counters["blocks_stored"], (
+        "two workers acked each job; the block counts once"
+    )
+    assert rig.side.counters["bytes_stored"] == 64 * rescued
+    loaded = rig.admit(chosen)  # resumes: the tier gives back all but the last token's block
+    assert loaded == (len(chosen.block_hashes) * BS if chosen.num_tokens % BS else chosen.num_tokens - 1)
+    rig.step(StepEvents(resumed=[name]))
+    assert not any(planner.tier.is_protected(h) for h in chosen.block_hashes), "unprotected on resume"
+    assert rig.side.counters["tokens_loaded"] == loaded
+    assert rig.side.counters["blocks_loaded"] == len(chosen.block_hashes)
+    assert rig.side.counters["recomputed_tokens"] == max(0, chosen.num_tokens - loaded)
+    for request in (victim, other):
+        rig.finish(request)
+    rig.step()
+    rig.idle()
+
+
+def test_victim_finished_before_its_rescue_is_forgotten() -> None:
+    rig = Rig()
+    victim = SimRequest("v", tokens(1, 12))
+    rig.admit(victim)
+    assert rig.side.choose_victim([victim]) is victim
+    rig.ctx.release("v")
+    rig.finish(victim)  # aborted in the same step, before the connector's plan
+    plan = rig.step(StepEvents(preempted=["v"]))
+    assert plan.pre_forward_stores == []
+    rig.idle()
+
+
+def test_candidate_shared_tokens_are_the_leading_shared_prefix() -> None:
+    """r and δ agree: shared_tokens counts only the leading run of shared blocks, as restorable does."""
+    rig = Rig(offload_mode="off")
+    a = SimRequest("a", tokens(1, 16))
+    rig.admit(a)
+    ids = rig.ctx.request_block_ids("a")[0]
+    rig.ctx.acquire("b", [ids[2]])  # a block in the middle is shared, the prefix is not
+    c = rig.side.candidate(0, a)
+    assert c.shared_tokens == 0 and c.freeable_blocks == 3 and c.num_blocks == 4
+    rig.ctx.acquire("b", [ids[0]])
+    c = rig.side.candidate(0, a)
+    assert c.shared_tokens == BS and c.freeable_blocks == 2
+
+
+def test_inactive_side_keeps_vllms_choice_and_counts_nothing() -> None:
+    rig = Rig(kill_switch=True, offload_mode="off")
+    a = SimRequest("a", tokens(1, 8))
+    rig.admit(a)
+    assert rig.side.choose_victim([a]) is None
+    assert rig.side.counters.totals() == dict.fromkeys(rig.side.counters.totals(), 0)

@@ -1,0 +1,53 @@
+"""The one counter sink of the scheduler side: every ``vllm:bidkv_*`` counter, by name.
+
+Each counter is incremented where its event happens (the strategy's choice, the
+planner's job completion, the tier's eviction) and nowhere else. All of them live
+on the scheduler, which sees a transfer once however many workers ran it, so a
+block is counted once at any parallelism. The connector hands vLLM the deltas
+since its last report (``take_deltas``); vLLM sums them into Prometheus
+``vllm:bidkv_<name>_total``. Pure: no vLLM import.
+"""
+
+from __future__ import annotations
+
+COUNTERS: dict[str, str] = {
+    "blocks_stored": "GPU blocks copied into the CPU tier (committed stores; a block once at any parallelism).",
+    "blocks_rescued": "Of those, preempted requests' blocks copied before the step's forward.",
+    "blocks_loaded": "CPU-tier blocks copied back into GPU blocks.",
+    "bytes_stored": "Bytes copied into the CPU tier (all ranks together).",
+    "bytes_loaded": "Bytes copied back from the CPU tier (all ranks together).",
+    "cpu_hit_blocks": "Blocks a request was given from the CPU tier instead of computing them.",
+    "cpu_evictions": "CPU-tier entries evicted to make room.",
+    "tokens_loaded": "Tokens loaded from the CPU tier instead of recomputed.",
+    "load_errors": "Blocks that could not be loaded (failed copy or entry lost); vLLM recomputes them.",
+    "preemptions": "Preemptions whose victim the active policy chose.",
+    "preempted_blocks_freed": "Blocks returned to the free pool by those preemptions.",
+    "recomputed_tokens": "Tokens a resumed victim had to compute again.",
+}
+
+
+class Counters:
+    """Cumulative totals of ``COUNTERS``; an unknown name is a bug (KeyError)."""
+
+    __slots__ = ("_totals", "_reported")
+
+    def __init__(self) -> None:
+        self._totals = dict.fromkeys(COUNTERS, 0)
+        self._reported = dict.fromkeys(COUNTERS, 0)
+
+    def add(self, name: str, value: int = 1) -> None:
+        if name not in self._totals:
+            raise KeyError(f"vllm-bidkv: unknown counter {name!r}; known: {', '.join(COUNTERS)}")
+        self._totals[name] += value
+
+    def __getitem__(self, name: str) -> int:
+        return self._totals[name]
+
+    def totals(self) -> dict[str, int]:
+        return dict(self._totals)
+
+    def take_deltas(self) -> dict[str, int]:
+        """The non-zero increases since the previous call (what one stats report carries)."""
+        deltas = {n: v - self._reported[n] for n, v in self._totals.items() if v != self._reported[n]}
+        self._reported = dict(self._totals)
+        return deltas

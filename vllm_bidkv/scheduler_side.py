@@ -1,0 +1,258 @@
+"""The connector's scheduler side: victims, admission, the CPU tier's planner, one record per request.
+
+``BidKVConnector`` (scheduler role) delegates every hook here. Pure: no vLLM
+import; it sees vLLM only through the ``SchedulerContext`` it is bound to,
+vLLM's requests (``RequestView``) and ``StepEvents``, which the ``patches``
+layer reads out of each release's ``SchedulerOutput``. The planner's property
+tests drive this class as vLLM would.
+
+The path of one request through it:
+
+* ``match`` (``get_num_new_matched_tokens``, each time vLLM tries to admit it)
+  creates its ``RequestState`` on first sight and looks its blocks up in the tier;
+* ``after_alloc`` (``update_state_after_alloc``) plans the load of that hit;
+* ``choose_victim`` (the victim hook, when allocation fails) builds a ``Candidate``
+  per preemptible request, asks the strategy and records the victim's blocks;
+* ``plan_step`` (``build_connector_meta``, once per step) rescues this step's
+  victims, protects their CPU entries until they resume, counts what a resumed
+  victim recomputes, and returns the step's transfer plan;
+* ``finished`` (``request_finished``, for finished and aborted requests alike)
+  is the one place a record is removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vllm_bidkv.config import BidKVConfig
+from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
+from vllm_bidkv.counters import Counters
+from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, StepPlan
+from vllm_bidkv.policy import Candidate, VictimStrategy, admission_key, make_strategy
+from vllm_bidkv.policy.admission import AdmissionKey
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    """What one ``schedule()`` did, as the connector needs it (read by ``patches``)."""
+
+    blocks_allocated: int = 0
+    """GPU blocks vLLM allocated to scheduled requests in this step (drives the lazy walk)."""
+    resumed: Sequence[str] = ()
+    """Preempted requests scheduled again in this step."""
+    preempted: Sequence[str] = ()
+    """Requests preempted in this step."""
+    zeroed_blocks: frozenset[int] = frozenset()
+    """Blocks the workers zero before this step's forward: their old bytes cannot be rescued."""
+
+
+@dataclass(eq=False)  # identity: one record per request
+class RequestState:
+    """What the scheduler side knows about one request, from first sight to ``finished``."""
+
+    matched_tokens: int = 0
+    """Tokens its last ``match`` found computed (GPU hit + CPU hit)."""
+    cpu_hit_after: int | None = None
+    """GPU prefix hit behind the last CPU hit, until ``after_alloc`` plans its load; None: no hit."""
+    computed_at_preemption: int | None = None
+    """Computed tokens when our strategy chose it as a victim, until it resumes."""
+    victim_blocks: list[tuple[int, BlockHash | None]] = field(default_factory=list)
+    """Its blocks and their hashes when it was chosen: rescued at this step's plan, then dropped."""
+    protected: list[BlockHash] = field(default_factory=list)
+    """Hashes protected in the tier while it waits to resume (bid eviction)."""
+
+
+class BidKVSchedulerSide:
+    """Strategy, planner and per-request records of one scheduler (see module doc)."""
+
+    def __init__(
+        self,
+        config: BidKVConfig,
+        *,
+        num_slots: int = 0,
+        block_bytes: int = 0,
+        world_size: int = 1,
+        min_clean_blocks: int = 16,
+    ) -> None:
+        """``num_slots``/``block_bytes``: the CPU tier's size, needed when offload is on;
+        ``world_size``: workers that must finish each copy; ``min_clean_blocks``: the lazy
+        walk's floor (see ``OffloadPlanner``)."""
+        if config.offload_enabled and num_slots < 1:
+            raise ValueError(f"vllm-bidkv: offload_mode={config.offload_mode!r} needs CPU-tier slots")
+        self.config = config
+        self.counters = Counters()
+        self.strategy: VictimStrategy = make_strategy(config.victim_policy, config)
+        self.requests: dict[str, RequestState] = {}
+        self.ctx: SchedulerContext | None = None
+        self.planner: OffloadPlanner | None = None
+        self._num_slots = num_slots
+        self._block_bytes = block_bytes
+        self._world_size = world_size
+        self._min_clean_blocks = min_clean_blocks
+        self._victims: list[RequestState] = []  # chosen in this schedule(), blocks not yet rescued
+
+    def bind(self, ctx: SchedulerContext) -> None:
+        self.ctx = ctx
+        if self.config.offload_enabled:
+            tier = CpuBlockTier(self._num_slots, self.config.cpu_eviction, self.counters)
+            self.planner = OffloadPlanner(
+                ctx,
+                tier,
+                self.config.offload_mode,
+                self.config.lazy_lookahead_steps,
+                self._world_size,
+                block_bytes=self._block_bytes,
+                min_clean_blocks=self._min_clean_blocks,
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.config.active
+
+    def admission_key(self) -> AdmissionKey | None:
+        return admission_key(self.config.admission) if self.active else None
+
+    def has_pending_block_frees(self) -> bool:
+        """Stores in flight hold free blocks; vLLM (0.30+) waits for them instead of preempting."""
+        return self.planner is not None and self.planner.held_store_blocks > 0
+
+    def _state(self, request_id: str) -> RequestState:
+        state = self.requests.get(request_id)
+        if state is None:
+            state = self.requests[request_id] = RequestState()
+        return state
+
+    # -- victims -------------------------------------------------------------------
+    def choose_victim(
+        self, requests: Sequence[RequestView], requester: RequestView | None = None
+    ) -> RequestView | None:
+        """The victim among vLLM's preemptible running requests (the last one is vLLM's pick).
+
+        ``requester``: the request whose allocation failed, if known (it may be among
+        ``requests``). None when inactive: vLLM's choice stands. A strategy that
+        abstains also leaves vLLM's pick, which is then recorded like any other.
+        """
+        if not self.active or not requests:
+            return None
+        candidates = [self.candidate(i, r, r is requester) for i, r in enumerate(requests)]
+        chosen = self.strategy.choose(candidates) or candidates[-1]
+        victim = requests[chosen.order]
+        self.counters.add("preemptions")
+        self.counters.add("preempted_blocks_freed", chosen.freeable_blocks)
+        state = self._state(victim.request_id)
+        state.computed_at_preemption = chosen.computed_tokens
+        if self.planner is not None and self.ctx is not None:
+            groups = self.ctx.request_block_ids(victim.request_id)
+            ids = groups[0] if groups else []
+            state.victim_blocks = [(b, self.ctx.get_block(b).block_hash) for b in ids]
+            self._victims.append(state)
+        return victim
+
+    def candidate(self, order: int, request: RequestView, is_requester: bool = False) -> Candidate:
+        """What preempting ``request`` frees and costs, from one batched context call. O(blocks)."""
+        assert self.ctx is not None, "bind() first"
+        refs = self.ctx.request_ref_counts(request.request_id)
+        bs = self.ctx.block_size
+        computed = request.num_computed_tokens
+        shared_blocks = next((i for i, ref in enumerate(refs) if ref <= 1), len(refs))
+        cpu_tokens = offloadable_tokens = 0
+        if self.planner is not None:
+            cpu_tokens, offloadable_tokens = self.planner.restorable(
+                refs, request.block_hashes, shared_blocks, computed // bs
+            )
+        return Candidate(
+            request_id=request.request_id,
+            order=order,
+            num_blocks=len(refs),
+            freeable_blocks=sum(1 for ref in refs if ref == 1),
+            computed_tokens=computed,
+            shared_tokens=min(computed, shared_blocks * bs),
+            cpu_tokens=cpu_tokens,
+            offloadable_tokens=offloadable_tokens,
+            prompt_tokens=request.num_prompt_tokens,
+            output_tokens=request.num_output_tokens,
+            max_tokens=request.max_tokens,
+            num_preemptions=request.num_preemptions,
+            priority=request.priority,
+            arrival_time=request.arrival_time,
+            is_requester=is_requester,
+        )
+
+    # -- loads ---------------------------------------------------------------------
+    def match(self, request: RequestView, num_computed_tokens: int) -> int:
+        """Tokens after the GPU prefix hit the CPU tier supplies (vLLM's external hit)."""
+        state = self._state(request.request_id)
+        hit = self.planner.match(request, num_computed_tokens) if self.planner is not None else 0
+        state.matched_tokens = num_computed_tokens + hit
+        state.cpu_hit_after = num_computed_tokens if hit else None
+        return hit
+
+    def after_alloc(
+        self, request: RequestView, gpu_block_ids: list[int], num_external_tokens: int
+    ) -> list[int]:
+        """vLLM allocated the request's blocks; load the CPU hit ``match`` promised into them.
+
+        Returns the GPU blocks of the hit the tier lost since ``match`` (see
+        ``OffloadPlanner.plan_load``; the worker reports them as load errors).
+        """
+        state = self.requests.get(request.request_id)
+        if self.planner is None or state is None or state.cpu_hit_after is None or not num_external_tokens:
+            return []
+        gpu_hit, state.cpu_hit_after = state.cpu_hit_after, None
+        return self.planner.plan_load(
+            request.request_id, request.block_hashes, gpu_block_ids, gpu_hit, num_external_tokens
+        )
+
+    # -- steps -----------------------------------------------------------------------
+    def plan_step(self, events: StepEvents) -> StepPlan:
+        """The step's transfers (rescues of its victims, loads, stores); call once per step."""
+        for request_id in events.resumed:
+            state = self.requests.get(request_id)
+            if state is None:
+                continue
+            self._unprotect(state)
+            if state.computed_at_preemption is not None:
+                lost = state.computed_at_preemption - state.matched_tokens
+                self.counters.add("recomputed_tokens", max(0, lost))
+                state.computed_at_preemption = None
+        if self.planner is None:
+            return StepPlan()
+        for request_id in events.preempted:
+            request = self.ctx.get_request(request_id) if self.ctx is not None else None
+            state = self.requests.get(request_id)
+            if request is None or state is None:
+                continue
+            self._unprotect(state)
+            state.protected = list(request.block_hashes)
+            self.planner.tier.protect(state.protected)
+            blocks = [(b, None if b in events.zeroed_blocks else h) for b, h in state.victim_blocks]
+            self.planner.rescue(request_id, blocks)
+        for state in self._victims:  # a rescue is valid only until this step's forward
+            state.victim_blocks = []
+        self._victims = []
+        return self.planner.plan_step(events.blocks_allocated)
+
+    def complete(self, results: JobResults) -> None:
+        """Workers' job results (``update_connector_output``)."""
+        if self.planner is not None:
+            self.planner.complete(results)
+
+    def finished(self, request: RequestView, block_ids: Sequence[int]) -> None:
+        """vLLM finished or aborted the request (it still holds ``block_ids``): drop its record."""
+        state = self.requests.pop(request.request_id, None)
+        if state is not None:
+            self._unprotect(state)
+            self._victims = [s for s in self._victims if s is not state]
+        if self.planner is not None:
+            self.planner.store_finished(request, block_ids)
+
+    def reset(self) -> None:
+        """vLLM's ``reset_prefix_cache``: nothing stored before it is a hit after it."""
+        if self.planner is not None:
+            self.planner.reset()
+
+    def _unprotect(self, state: RequestState) -> None:
+        if state.protected and self.planner is not None:
+            self.planner.tier.unprotect(state.protected)
+        state.protected = []
