@@ -1,4 +1,4 @@
-"""The ``vllm-bidkv`` command: doctor, demo, bench, config."""
+"""The ``vllm-bidkv`` command: doctor, top, demo, bench, config."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from vllm_bidkv.top import run_top
+
+    return run_top(args.url, once=args.once, interval=args.interval)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-bidkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     config = sub.add_parser("config", help="the effective config, or the README's config table")
     config.add_argument("--markdown", action="store_true")
     config.set_defaults(func=_config)
+
+    top = sub.add_parser("top", help="live view of vLLM servers' /metrics: CPU tier, hits, transfers")
+    top.add_argument("--url", action="append", required=True, help="http://HOST:PORT (repeat for more)")
+    top.add_argument("--once", action="store_true", help="print one plain-text table and exit")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between samples (default 2)")
+    top.set_defaults(func=_top)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("bench", "demo"):  # heavy imports only when asked for

@@ -14,8 +14,8 @@ COUNTERS: dict[str, str] = {
     "blocks_stored": "GPU blocks copied into the CPU tier (committed stores; a block once at any parallelism).",
     "blocks_rescued": "Of those, preempted requests' blocks copied before the step's forward.",
     "blocks_loaded": "CPU-tier blocks copied back into GPU blocks.",
-    "bytes_stored": "Bytes copied into the CPU tier (all ranks together).",
-    "bytes_loaded": "Bytes copied back from the CPU tier (all ranks together).",
+    "bytes_stored": "Bytes copied into the CPU tier (all workers together).",
+    "bytes_loaded": "Bytes copied back from the CPU tier (all workers together).",
     "cpu_hit_blocks": "Blocks a request was given from the CPU tier instead of computing them.",
     "cpu_evictions": "CPU-tier entries evicted to make room.",
     "tokens_loaded": "Tokens loaded from the CPU tier instead of recomputed.",
@@ -51,3 +51,26 @@ class Counters:
         deltas = {n: v - self._reported[n] for n, v in self._totals.items() if v != self._reported[n]}
         self._reported = dict(self._totals)
         return deltas
+
+
+GAUGES: dict[str, str] = {
+    "tier_capacity_bytes": "Bytes the CPU tier can hold (all workers together).",
+    "tier_used_bytes": "Bytes of CPU-tier slots holding or receiving an entry (all workers together).",
+    "tier_entries": "CPU-tier slots holding an entry or a store in flight.",
+    "tier_pinned_entries": "Pins held on CPU-tier entries by loads in flight (an entry pinned twice counts twice).",
+    "stores_in_flight": "Store jobs (lazy, eager, rescues) planned and not yet finished by every worker.",
+    "loads_in_flight": "Load jobs planned and not yet finished by every worker.",
+    "gpu_blocks_held": "GPU blocks touched by transfer jobs in flight (vLLM gets them back when they finish).",
+    "tracked_requests": "Requests the scheduler side keeps a record for (from first sight to finished/aborted).",
+}
+"""The scheduler side's current state, ``vllm:bidkv_<name>`` gauges (``BidKVSchedulerSide.gauges``)."""
+
+IDLE_ZERO_GAUGES: tuple[str, ...] = (
+    "tier_pinned_entries",
+    "stores_in_flight",
+    "loads_in_flight",
+    "gpu_blocks_held",
+    "tracked_requests",
+)
+"""Gauges that are 0 whenever the engine is idle; the tier's occupancy keeps what it cached
+(``tier_used_bytes`` = ``tier_entries`` x block bytes, capacity constant)."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
-from vllm_bidkv.counters import Counters
+from vllm_bidkv.counters import GAUGES, Counters
 from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, StepPlan
 from vllm_bidkv.policy import Candidate, VictimStrategy, admission_key, make_strategy
 from vllm_bidkv.policy.admission import AdmissionKey
@@ -251,6 +251,28 @@ class BidKVSchedulerSide:
         """vLLM's ``reset_prefix_cache``: nothing stored before it is a hit after it."""
         if self.planner is not None:
             self.planner.reset()
+
+    def gauges(self) -> dict[str, int]:
+        """The current values of every ``counters.GAUGES`` name (stats reports, ``/metrics``).
+
+        O(jobs in flight). Idle (no request, no job): the ``IDLE_ZERO_GAUGES`` are 0.
+        """
+        values = dict.fromkeys(GAUGES, 0)
+        values["tracked_requests"] = len(self.requests)
+        if self.planner is not None:
+            tier = self.planner.tier
+            jobs = self.planner.pending_jobs()
+            stores = sum(1 for job in jobs if job.kind == "store")
+            values.update(
+                tier_capacity_bytes=tier.num_slots * self._block_bytes,
+                tier_used_bytes=tier.num_used * self._block_bytes,
+                tier_entries=tier.num_used,
+                tier_pinned_entries=tier.num_pins,
+                stores_in_flight=stores,
+                loads_in_flight=len(jobs) - stores,
+                gpu_blocks_held=self.planner.held_gpu_blocks,
+            )
+        return values
 
     def _unprotect(self, state: RequestState) -> None:
         if state.protected and self.planner is not None:

@@ -20,13 +20,13 @@ NUM_PROMPTS = 28
 MAX_TOKENS = 160
 
 
-def prompts(seed: int = 0) -> list[str]:
-    """28 prompts of ~140-280 tokens; three shared system prompts (prefix hits)."""
+def prompts(seed: int = 0, num_prompts: int = NUM_PROMPTS) -> list[str]:
+    """Prompts of ~140-280 tokens (28 by default); three shared system prompts (prefix hits)."""
     from vllm_bidkv.tiny_model import synthetic_prompt
 
     rng = random.Random(seed)
     systems = [synthetic_prompt(rng, 120) for _ in range(3)]
-    return [systems[i % 3] + " " + synthetic_prompt(rng, rng.randint(20, 160)) for i in range(NUM_PROMPTS)]
+    return [systems[i % 3] + " " + synthetic_prompt(rng, rng.randint(20, 160)) for i in range(num_prompts)]
 
 
 def metric_values(llm: Any) -> dict[str, float]:
@@ -70,20 +70,27 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         block_size=32,
         num_gpu_blocks_override=spec.get("num_gpu_blocks", 36),
         max_num_seqs=16,
-        max_model_len=1024,
+        max_model_len=spec.get("max_model_len", 1024),
         gpu_memory_utilization=0.3,
         enforce_eager=True,
         disable_log_stats=False,
         seed=0,
+        tensor_parallel_size=spec.get("tensor_parallel_size", 1),
     )
     if spec.get("kv_transfer_config"):
         engine_args["kv_transfer_config"] = spec["kv_transfer_config"]
     scheduled = count_scheduled_tokens()
     llm = LLM(**engine_args)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", MAX_TOKENS), ignore_eos=True)
     # Two rounds of the same prompts: the second finds prefixes that the first round's
     # pressure evicted from the GPU (a CPU-tier hit for a *new* request).
-    outputs = [o for _ in range(2) for o in llm.generate(prompts(), params, use_tqdm=False)]
+    outputs = [
+        o
+        for _ in range(2)
+        for o in llm.generate(
+            prompts(num_prompts=spec.get("num_prompts", NUM_PROMPTS)), params, use_tqdm=False
+        )
+    ]
     metrics = metric_values(llm)
     # Prefill work, recomputation included: every scheduled token minus one decode step per
     # generated token after the first (which prefill samples).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -128,3 +130,31 @@ def test_allocate_like_rejects_non_views_and_pinned_device_memory() -> None:
         allocate_like([torch.zeros(3)], 5, "cpu", pin_memory=False)
     with pytest.raises(ValueError, match="pin_memory applies to host buffers"):
         allocate_like([torch.zeros(3, 4, dtype=torch.uint8)], 5, "meta", pin_memory=True)
+
+
+def test_allocate_like_is_one_allocation_of_disjoint_rows() -> None:
+    views = block_views(random_cache(2, NUM_BLOCKS, 4, 2, 8), NUM_BLOCKS)
+    tier = allocate_like(views, 5, "cpu", pin_memory=False)
+    storages = {buffer.untyped_storage().data_ptr() for buffer in tier}
+    assert len(storages) == 1, "every view's rows live in one arena"
+    assert tier[0].untyped_storage().nbytes() == sum(b.numel() for b in tier)
+    tier[0].fill_(1)
+    tier[1].fill_(2)
+    assert int(tier[0].min()) == 1 and int(tier[1].max()) == 2, "regions do not overlap"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_full_tier_takes_its_size_in_resident_memory() -> None:
+    """N bytes of tier, filled, cost about N of RSS (not 2N, as power-of-two rounding would)."""
+    row = 3 * 2**20 + 4096  # a row just over a power of two: rounding would nearly double it
+    views = [torch.zeros(2, row, dtype=torch.uint8)]
+    before = _rss_bytes()
+    (tier,) = allocate_like(views, 64, "cpu", pin_memory=False)
+    size = tier.numel()
+    tier.fill_(7)  # touch every page
+    grown = _rss_bytes() - before
+    assert 0.9 * size <= grown <= 1.1 * size, f"tier of {size} bytes grew RSS by {grown}"

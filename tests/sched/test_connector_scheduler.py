@@ -188,3 +188,23 @@ def test_unsupported_kv_layout_is_refused_at_registration(make_scheduler: Any) -
     worker = BidKVConnector(scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
     with pytest.raises(ValueError, match="unsupported KV cache layout for layer layers.0.attn"):
         worker.register_kv_caches({"layers.0.attn": torch.zeros(3, 5)})  # no dim of size num_blocks (64)
+
+
+@offload_only
+def test_cpu_tier_larger_than_host_memory_is_refused_at_registration(make_scheduler: Any) -> None:
+    """Pages are only taken as the tier fills: without a check at start-up, the kernel kills the
+    engine hours later. Refused with the key and both numbers."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from vllm_bidkv.connectors.worker import available_host_bytes
+
+    available = available_host_bytes()
+    assert available is not None, "Linux exposes MemAvailable"
+    scheduler = make_scheduler(
+        kv_transfer_config=connector_config(cpu_bytes=1000 * available)
+    )  # test rows are small
+    worker = BidKVConnector(scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
+    caches = {"layers.0.attn": torch.zeros(2, 64, 16, 2, 8)}  # [K/V, num_blocks=64, ...]
+    with pytest.raises(ValueError, match=r"cpu_bytes=\d+ does not fit this host: 1 worker\(s\) x \d+ bytes"):
+        worker.register_kv_caches(caches)
+    assert worker.worker is None

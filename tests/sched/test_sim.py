@@ -14,6 +14,7 @@ from vllm_bidkv.bench.metrics import summarize
 from vllm_bidkv.bench.presets import get_preset
 from vllm_bidkv.bench.sim import simulate
 from vllm_bidkv.bench.workloads import (
+    CLOSED_LOOP,
     WORKLOADS,
     TraceRequest,
     Workload,
@@ -86,7 +87,7 @@ def test_cost_model_shape() -> None:
 
 
 # -- workloads -----------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize("name", [w for w in WORKLOADS if w not in CLOSED_LOOP])
 def test_workloads_are_seeded_and_share_prefixes(name: str) -> None:
     a, b = make_workload(name, 60, 3.0, 7), make_workload(name, 60, 3.0, 7)
     assert a.requests == b.requests and len(a.requests) == 60
@@ -101,6 +102,25 @@ def test_workloads_are_seeded_and_share_prefixes(name: str) -> None:
             if req.prefix_group is not None and other.prefix_group == req.prefix_group:
                 common = min(req.prefix_len, other.prefix_len)
                 assert ids[:common] == a.prompt_token_ids(j, 512)[:common]
+
+
+@pytest.mark.parametrize("name", CLOSED_LOOP)
+def test_closed_loop_workloads_are_seeded_and_bounded(name: str) -> None:
+    a, b = (
+        make_workload(name, 60, 3.0, 7, max_context=4096),
+        make_workload(name, 60, 3.0, 7, max_context=4096),
+    )
+    assert a.requests == b.requests and a.total_requests == 60
+    assert make_workload(name, 60, 3.0, 8).requests != a.requests
+    # First turns only until a runner plays it; every planned turn fits max_context.
+    assert a.sessions is not None and len(a.requests) == len(a.sessions.plans) < 60
+    for plan in a.sessions.plans:
+        length = len(plan.first_prompt)
+        for k, out in enumerate(plan.output_lens):
+            length += (plan.output_lens[k - 1] + len(plan.messages[k - 1])) if k else 0
+            assert length + out <= 4096
+    with pytest.raises(ValueError, match="closed-loop"):
+        write_jsonl(a, "/nonexistent.jsonl")
 
 
 def test_jsonl_round_trip(tmp_path: Path) -> None:

@@ -42,6 +42,12 @@ def add_commands(sub: Any) -> None:
     selection.add_scheduler_cli_args(select_e2e)
     select_e2e.set_defaults(func=selection.main_scheduler)
 
+    from vllm_bidkv.bench import soak
+
+    soak_parser = kinds.add_parser("soak", help="OpenAI server + connector under N requests, some hung up")
+    soak.add_cli_args(soak_parser)
+    soak_parser.set_defaults(func=soak.main)
+
     for kind, text in (
         ("sim", "vLLM's real Scheduler + BidKVConnector, timed by an H100 cost model"),
         ("engine", "the real vLLM engine on this machine (tiny model), one process per config"),

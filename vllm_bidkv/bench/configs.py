@@ -1,11 +1,34 @@
 """Named run configurations shared by the simulator and the real-engine runner.
 
-A config is what changes between runs of one benchmark: whether BidKVConnector is
-loaded, its victim strategy and offload mode, and whether the GPU KV pool is
-unbounded. Admission is *not* part of a config: the runner applies one admission to
-every config (bidkv 0.1.0's comparison mixed admission with victim choice; ours keeps
-them apart). Under ``sjf`` even ``stock`` needs the connector (vLLM has no SJF), so it
-runs BidKVConnector with vLLM's own victim and no offload.
+A config is what changes between runs of one benchmark: which KV connector is loaded
+(none, BidKVConnector, or one of vLLM's own offloading connectors), its victim strategy
+and offload mode, and the GPU / CPU memory it gets. Admission is *not* part of a config:
+the runner applies one admission to every config (bidkv 0.1.0's comparison mixed
+admission with victim choice; ours keeps them apart). Under ``sjf`` even ``stock`` needs
+the connector (vLLM has no SJF), so it runs BidKVConnector with vLLM's own victim and no
+offload; vLLM's peers have no SJF, so they refuse ``sjf``.
+
+Kinds of config:
+
+* ``stock``: vLLM without a connector.
+* BidKV: a victim strategy (``vllm_bidkv.policy.STRATEGIES``) with offload ``off`` (victim
+  rule alone), ``lazy`` or ``eager``. Names: the strategy (``lcf``), ``+offload`` for lazy
+  (``lcf+offload``); ``offload`` is vLLM's own victim with our lazy tier.
+* Peers, run through their **own** scheduler-side code from the installed vLLM (the
+  simulator plays their worker): ``vllm-offloading`` (``OffloadingConnector`` with its CPU
+  manager, ``eviction_policy`` LRU; ``vllm-offloading-arc``: ARC) and
+  ``vllm-simple-offload`` (``SimpleCPUOffloadConnector``, eager; ``-lazy``: its lazy mode).
+  Each gets the preset's ``cpu_bytes``, the same CPU memory as ours. vLLM's victim rule.
+* ``ideal-tier``: the bound for a CPU tier with this GPU memory — BidKV's ``bidkv`` victim
+  rule and lazy tier, but a tier without a size limit (``cpu_bytes`` large enough to hold
+  every block the run can produce: nothing is ever evicted) and host↔device copies that
+  take no time (the simulator prices them at 0); the connector's own CPU time never enters
+  the virtual clock of any config. It keeps the ``bidkv`` victim so that bidkv+offload's
+  distance to it is exactly what its finite tier and real copies cost (the issue: "the limit
+  for *our* design is the same GPU memory with a perfect tier"); another config's distance
+  also contains its victim rule's difference, and may be < 1 where that rule is better.
+* ``unbounded``: **more GPU memory** (every running request fits at full length: nothing is
+  preempted). Not a bound for a preemption or offload policy; kept for continuity.
 """
 
 from __future__ import annotations
@@ -21,10 +44,29 @@ class RunConfig:
     """None: no connector (stock vLLM)."""
     offload_mode: str = "off"
     unbounded: bool = False
-    """Enough GPU KV blocks that nothing is ever preempted: the bound every config is compared to."""
+    """More GPU memory: enough KV blocks that nothing is ever preempted (not a policy bound)."""
+    connector: str = "bidkv"
+    """``bidkv``, or a peer: ``offloading`` (vLLM's OffloadingConnector), ``simple-offload``
+    (vLLM's SimpleCPUOffloadConnector)."""
+    peer_options: tuple[tuple[str, Any], ...] = ()
+    """The peer's own ``kv_connector_extra_config`` keys (beside ``cpu_bytes_to_use``)."""
+    ideal: bool = False
+    """``ideal-tier``: CPU tier without a size limit, copies that take no time."""
+    label: str = ""
+    """How reports describe the config (empty: nothing to add)."""
+
+    @property
+    def is_peer(self) -> bool:
+        return self.connector in PEER_CONNECTORS
 
     def connector_extra(self, admission: str, cpu_bytes: int) -> dict[str, Any] | None:
         """``kv_connector_extra_config``, or None when the run is stock vLLM without the connector."""
+        if self.is_peer:
+            if admission != "fcfs":
+                raise ValueError(
+                    f"config {self.name}: vLLM's {PEER_CONNECTORS[self.connector]} has no {admission} admission"
+                )
+            return {"cpu_bytes_to_use": cpu_bytes, **dict(self.peer_options)}
         if self.victim_policy is None and admission == "fcfs":
             return None
         extra: dict[str, Any] = {
@@ -40,6 +82,12 @@ class RunConfig:
         extra = self.connector_extra(admission, cpu_bytes)
         if extra is None:
             return None
+        if self.is_peer:
+            return {
+                "kv_connector": PEER_CONNECTORS[self.connector],
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": extra,
+            }
         return {
             "kv_connector": "BidKVConnector",
             "kv_connector_module_path": "vllm_bidkv",
@@ -48,11 +96,16 @@ class RunConfig:
         }
 
 
+PEER_CONNECTORS = {"offloading": "OffloadingConnector", "simple-offload": "SimpleCPUOffloadConnector"}
+
+# Victim rules added by issue 14 (``vllm_bidkv.policy.STRATEGIES``): each alone and with the lazy tier.
+NEW_VICTIM_RULES = ("lcf", "reclaim-score", "remaining-output", "bidkv-0.2")
+
 CONFIGS: dict[str, RunConfig] = {
     c.name: c
     for c in (
         RunConfig("stock"),
-        RunConfig("unbounded", unbounded=True),
+        RunConfig("unbounded", unbounded=True, label="more GPU memory (nothing preempted), not a bound"),
         RunConfig("vllm-default", "vllm-default"),
         RunConfig("random", "random"),
         RunConfig("largest-first", "largest-first"),
@@ -62,6 +115,40 @@ CONFIGS: dict[str, RunConfig] = {
         RunConfig("offload-eager", "vllm-default", "eager"),
         RunConfig("bidkv+offload", "bidkv", "lazy"),
         RunConfig("bidkv+offload-eager", "bidkv", "eager"),
+        *(RunConfig(rule, rule) for rule in NEW_VICTIM_RULES),
+        *(RunConfig(f"{rule}+offload", rule, "lazy") for rule in NEW_VICTIM_RULES),
+        RunConfig("bidkv-0.1+offload", "bidkv-0.1", "lazy"),
+        RunConfig(
+            "vllm-offloading",
+            connector="offloading",
+            peer_options=(("eviction_policy", "lru"),),
+            label="vLLM OffloadingConnector, CPU manager, LRU",
+        ),
+        RunConfig(
+            "vllm-offloading-arc",
+            connector="offloading",
+            peer_options=(("eviction_policy", "arc"),),
+            label="vLLM OffloadingConnector, CPU manager, ARC",
+        ),
+        RunConfig(
+            "vllm-simple-offload",
+            connector="simple-offload",
+            peer_options=(("lazy_offload", False),),
+            label="vLLM SimpleCPUOffloadConnector, eager",
+        ),
+        RunConfig(
+            "vllm-simple-offload-lazy",
+            connector="simple-offload",
+            peer_options=(("lazy_offload", True),),
+            label="vLLM SimpleCPUOffloadConnector, lazy",
+        ),
+        RunConfig(
+            "ideal-tier",
+            "bidkv",
+            "lazy",
+            ideal=True,
+            label="bound: same GPU blocks, unlimited CPU tier, free copies (bidkv victim)",
+        ),
     )
 }
 

@@ -36,9 +36,19 @@ class StepCounters:
 
 
 def plan_blocks(scheduler_output: Any) -> tuple[int, int, int]:
-    """Blocks this step's plan loads and rescues (before the forward) and stores (after it)."""
-    plan = getattr(scheduler_output.kv_connector_metadata, "plan", None)
+    """Blocks this step's plan loads and rescues (before the forward) and stores (after it).
+
+    BidKV's plan, or the jobs of vLLM's own offloading connectors (OffloadingConnector's
+    ``load_jobs`` / ``store_jobs``, SimpleCPUOffloadConnector's load / store block lists),
+    counted as loads and stores (no rescues)."""
+    meta = scheduler_output.kv_connector_metadata
+    plan = getattr(meta, "plan", None)
     if plan is None:
+        if hasattr(meta, "load_jobs") and hasattr(meta, "store_jobs"):  # OffloadingConnector
+            loads = sum(len(job.dst_spec.block_ids) for job in meta.load_jobs.values())
+            return loads, 0, sum(len(job.src_spec.block_ids) for job in meta.store_jobs.values())
+        if hasattr(meta, "load_gpu_blocks") and hasattr(meta, "store_gpu_blocks"):  # SimpleCPUOffload
+            return len(meta.load_gpu_blocks), 0, len(meta.store_gpu_blocks)
         return 0, 0, 0
 
     def blocks(jobs: Any) -> int:
@@ -51,6 +61,7 @@ class SchedulerProbe:
     def __init__(self, scheduler: Any) -> None:
         self.counters = StepCounters()
         self._high_water: dict[str, int] = {}
+        self._stats_payloads: list[dict[str, Any]] = []
         schedule, update = scheduler.schedule, scheduler.update_from_output
 
         def probed_schedule(*args: Any, **kwargs: Any) -> Any:
@@ -93,6 +104,28 @@ class SchedulerProbe:
             if stats is not None:
                 self.counters.connector_queries += stats.queries + stats.preempted_queries
                 self.counters.connector_hits += stats.hits + stats.preempted_hits
+            payload = getattr(getattr(outputs, "scheduler_stats", None), "kv_connector_stats", None)
+            if payload:
+                self._stats_payloads.append(payload)
+
+    def connector_stats(self, connector_cls: Any) -> dict[str, float]:
+        """The connector's own stats (``get_kv_connector_stats``, as vLLM's logger gets them),
+        reduced per step and summed over the run (gauges: their last value)."""
+        out: dict[str, float] = {}
+        build = getattr(connector_cls, "build_kv_connector_stats", None)
+        if build is None:
+            return out
+        for payload in self._stats_payloads:
+            stats = build(data=payload)
+            if stats is None:
+                continue
+            gauges = [name for name, kind in payload.get("types", {}).items() if kind == "gauge"]
+            for key, value in stats.reduce().items():
+                if not isinstance(value, int | float):
+                    continue
+                gauge = any(key == name or key.startswith(name + ":") for name in gauges)
+                out[key] = value if gauge else out.get(key, 0) + value
+        return out
 
 
 @dataclass

@@ -7,6 +7,12 @@ testbed": Llama-3.1-8B, 600 GPU blocks of 16 tokens, max_num_seqs 32; mixed at 2
 The CPU tier gets 16 GiB of host memory (8192 blocks of 2 MiB, ~14× the GPU pool): the
 testbed does not say, and a dedicated 16 GiB is modest for a host serving an H100.
 
+``h100-llama3-8b-<workload>-cpu1x`` / ``-cpu10x`` are issue 14's tournament (every peer,
+victim rule and ours, ``TOURNAMENT_CONFIGS``) on the same H100 testbed with a CPU tier of
+about the GPU pool's size (1.17 GiB: an inclusive tier then holds little the GPU does not)
+or 10× it, for ``mixed``, ``long-context``, ``chat``, ``agentic`` and ``rag``; 500
+requests, one run per rate (the simulator is deterministic; seeds vary the trace only).
+
 ``cpu-*`` and ``demo`` are real-engine presets for this machine: the tiny model, blocks of
 32 tokens (the CPU attention backend needs multiples of 32), and a pool of 36 blocks that
 preempts (ENGINE_NOTES "Engine knobs that mattered"). Their arrivals are compressed into
@@ -22,6 +28,27 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 H100_CONFIGS = ("stock", "bidkv-0.1", "bidkv", "offload", "bidkv+offload")
+
+# Issue 14's tournament: vLLM's peers, every victim rule, ours, and the bound (ideal-tier and
+# unbounded are added by the runner).
+TOURNAMENT_CONFIGS = (
+    "stock",
+    "vllm-offloading",
+    "vllm-offloading-arc",
+    "vllm-simple-offload",
+    "vllm-simple-offload-lazy",
+    "lcf",
+    "reclaim-score",
+    "remaining-output",
+    "bidkv-0.1",
+    "bidkv-0.2",
+    "bidkv",
+    "lcf+offload",
+    "offload",
+    "bidkv+offload",
+)
+GPU_POOL_BYTES = 600 * 16 * 128 * 1024
+"""The H100 presets' GPU KV pool: 600 blocks × 16 tokens × 128 KiB per token = 1.17 GiB."""
 
 
 @dataclass(frozen=True)
@@ -79,9 +106,37 @@ _CPU = BenchPreset(
     cost_model="",
 )
 
+
+def _tournament(workload: str, rates: tuple[float, ...], tier: int) -> BenchPreset:
+    """``h100-llama3-8b-<workload>-cpu<tier>x``: the tournament with a CPU tier of ``tier`` × the GPU pool."""
+    return replace(
+        _H100,
+        name=f"h100-llama3-8b-{workload}-cpu{tier}x",
+        workload=workload,
+        num_requests=500,
+        rates=rates,
+        configs=TOURNAMENT_CONFIGS,
+        runs=1,
+        cpu_bytes=tier * GPU_POOL_BYTES,
+    )
+
+
+# Rates below stock's saturation of each workload (sim, H100 cost model): where a target applies.
+TOURNAMENT_RATES = {
+    "mixed": (2.0, 3.8),
+    "long-context": (0.35, 0.5),
+    "chat": (2.0, 3.5),
+    "agentic": (1.5, 3.0),
+    "rag": (1.5, 3.0),
+}
+TOURNAMENTS = tuple(
+    _tournament(workload, rates, tier) for workload, rates in TOURNAMENT_RATES.items() for tier in (1, 10)
+)
+
 PRESETS: dict[str, BenchPreset] = {
     p.name: p
     for p in (
+        *TOURNAMENTS,
         _H100,
         replace(
             _H100,

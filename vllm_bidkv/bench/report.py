@@ -3,7 +3,9 @@
 JSON is ``{"results": [one record per (config, rate, run)], "meta": {...}}``; records
 keep the per-request TTFTs (``ttft_ms``) so plots can be redrawn from the file. CSV has
 the same records without that list. The markdown table shows the median over runs of
-each (rate, config), and each config's distance to ``unbounded``.
+each (rate, config), each config's distance to ``ideal-tier`` (the bound: same GPU
+memory, a perfect CPU tier) and to ``unbounded`` (more GPU memory, not a bound).
+``tournament_table`` is issue 14's per-workload comparison.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("loaded_tokens", "loaded tok", "{:.0f}"),
     ("cpu_hit_rate", "CPU hit", "{:.0%}"),
     ("bytes_moved", "moved MiB", "mib"),
-    ("ttft_p99_ms_vs_unbounded", "p99 TTFT ×unb", "{:.2f}"),
-    ("throughput_rps_vs_unbounded", "req/s ×unb", "{:.2f}"),
+    ("ttft_p99_ms_vs_ideal", "p99 TTFT ×ideal", "{:.2f}"),
+    ("throughput_rps_vs_ideal", "req/s ×ideal", "{:.2f}"),
+    ("ttft_p99_ms_vs_unbounded", "p99 TTFT ×unb (more GPU)", "{:.2f}"),
+    ("throughput_rps_vs_unbounded", "req/s ×unb (more GPU)", "{:.2f}"),
     ("outputs_match", "outputs = stock", "{}"),
     ("load_avg_1m", "load avg", "{:.1f}"),
 )
@@ -193,3 +197,77 @@ def plot(records: list[dict[str, Any]], out_dir: str | Path, prefix: str) -> lis
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+# (record key, column title, format) of the tournament table.
+TOURNAMENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("config", "config", "{}"),
+    ("rate", "rate", "{}"),
+    ("ttft_p99_ms", "p99 TTFT ms", "{:.0f}"),
+    ("throughput_rps", "req/s", "{:.3f}"),
+    ("recomputed_prefill_tokens", "recomputed tok", "{:.0f}"),
+    ("bytes_moved", "moved MiB", "mib"),
+    ("cpu_hit_rate", "CPU hit", "{:.0%}"),
+    ("preemptions", "preempt", "{:.0f}"),
+    ("ttft_p99_ms_vs_ideal", "p99 TTFT ×ideal", "{:.2f}"),
+    ("throughput_rps_vs_ideal", "req/s ×ideal", "{:.3f}"),
+)
+
+
+def tournament_table(records: list[dict[str, Any]]) -> str:
+    """Issue 14's table: per rate, every config by p99 TTFT (best first), with its distance to ideal-tier."""
+    rows = [r for r in medians(records) if "ttft_p99_ms" in r]
+    rows.sort(key=lambda r: (str(r["rate"]), r["ttft_p99_ms"]))
+    lines = [
+        "| " + " | ".join(t for _, t, _ in TOURNAMENT_COLUMNS) + " |",
+        "|" + "---|" * len(TOURNAMENT_COLUMNS),
+    ]
+    for row in rows:
+        cells = [_cell(row, k, f) for k, _, f in TOURNAMENT_COLUMNS]
+        if row.get("label"):
+            cells[0] = f"{cells[0]} ({row['label']})"
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in medians(records) if "ttft_p99_ms" not in r]
+    lines += [f"- `{r['config']}` @ {r['rate']}: **did not run** — {r.get('error', '?')}" for r in failed]
+    return "\n".join(lines)
+
+
+def plot_tournament(records: list[dict[str, Any]], out_dir: str | Path, prefix: str) -> Path:
+    """``{prefix}_tournament.png``: p99 TTFT and throughput relative to ideal-tier, per config and rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in medians(records) if r.get("ttft_p99_ms_vs_ideal") is not None]
+    rates = list(dict.fromkeys(str(r["rate"]) for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(12, 0.35 * len(configs) + 2))
+    height = 0.8 / max(1, len(rates))
+    for i, rate in enumerate(rates):
+        by = {r["config"]: r for r in rows if str(r["rate"]) == rate}
+        ys = [c + (i - (len(rates) - 1) / 2) * height for c in range(len(configs))]
+        ax_t.barh(
+            ys,
+            [by.get(c, {}).get("ttft_p99_ms_vs_ideal") or 0 for c in configs],
+            height,
+            label=f"rate {rate}",
+        )
+        ax_p.barh(
+            ys,
+            [by.get(c, {}).get("throughput_rps_vs_ideal") or 0 for c in configs],
+            height,
+            label=f"rate {rate}",
+        )
+    for ax, title in ((ax_t, "p99 TTFT / ideal-tier (lower is better)"), (ax_p, "throughput / ideal-tier")):
+        ax.set_yticks(range(len(configs)), configs)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="x")
+    ax_p.legend(fontsize=8)
+    fig.suptitle(f"{prefix}: distance to ideal-tier")
+    fig.tight_layout()
+    path = Path(out_dir) / f"{prefix}_tournament.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

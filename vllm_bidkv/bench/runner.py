@@ -5,7 +5,12 @@ repeating one trace would repeat one number); with a trace file every run replay
 file. Every config of one (rate, run) sees the same requests. A config that fails is
 recorded with its error and the matrix goes on: a missing row says so, it is not
 silently absent. After the matrix, every record gets its distance to ``unbounded`` of
-the same (rate, run).
+the same (rate, run) (*more GPU memory*, not a bound) and, in the simulator, its
+``distance_to_ideal``: the ratio of its p99 TTFT and of its throughput to ``ideal-tier``'s
+at the same (rate, run) — same GPU blocks, an unlimited CPU tier, free copies (see
+``configs``). ``ttft_p99`` > 1 and ``throughput`` < 1 are the distance left to the bound.
+The simulator always runs ``ideal-tier``, like ``unbounded``; a real engine has no free
+copies, so its records carry ``distance_to_ideal: null``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ class Matrix:
                     (
                         rate,
                         run,
-                        make_workload(p.workload, p.num_requests, rate, self.seed + run, p.length_scale),
+                        make_workload(
+                            p.workload, p.num_requests, rate, self.seed + run, p.length_scale, p.max_model_len
+                        ),
                     )
                 )
         return out
@@ -52,6 +59,12 @@ class Matrix:
 def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
+    if matrix.kind == "sim" and not any(c.ideal for c in matrix.configs):
+        from dataclasses import replace
+
+        from vllm_bidkv.bench.configs import CONFIGS
+
+        matrix = replace(matrix, configs=[*matrix.configs, CONFIGS["ideal-tier"]])
     jobs = matrix.workloads()
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs) * len(matrix.configs), desc=f"bench {matrix.kind}", disable=not progress)
@@ -83,6 +96,7 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
             bar.update()
     bar.close()
     add_unbounded_distance(records)
+    add_ideal_distance(records, matrix.kind)
     order = {c.name: i for i, c in enumerate(matrix.configs)}
     return sorted(records, key=lambda r: (str(r["rate"]), r["run"], order[r["config"]]))
 
@@ -126,7 +140,13 @@ def _sim_record(
         "full_batch_connector_share": (
             result.busy_connector_s / result.busy_scheduler_s if result.busy_scheduler_s else None
         ),
+        "cpu_bytes": result.cpu_bytes,
+        "gpu_blocks_held_at_end": result.num_gpu_blocks - result.free_blocks_at_end,
+        "label": config.label,
     }
+    if config.is_peer:
+        # The peer's own counters (its stats) and its jobs as the worker model ran them.
+        extra["peer_counters"] = result.peer_counters
     summary = summarize(
         config.name,
         rate,
@@ -190,3 +210,21 @@ def add_unbounded_distance(records: list[dict[str, Any]]) -> None:
             continue
         for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms", "throughput_rps"):
             r[f"{key}_vs_unbounded"] = r[key] / ref[key] if ref[key] else None
+
+
+def add_ideal_distance(records: list[dict[str, Any]], kind: str = "sim") -> None:
+    """``distance_to_ideal`` = {ttft_p99, throughput}: this config's / ``ideal-tier``'s, same (rate, run).
+
+    Also flat as ``ttft_p99_ms_vs_ideal`` and ``throughput_rps_vs_ideal`` (CSV, tables)."""
+    bound = {(r["rate"], r["run"]): r for r in records if r["config"] == "ideal-tier" and "error" not in r}
+    for r in records:
+        if "error" in r:
+            continue
+        ref = bound.get((r["rate"], r["run"]))
+        if ref is None:
+            r["distance_to_ideal"] = None
+            continue
+        ttft = r["ttft_p99_ms"] / ref["ttft_p99_ms"] if ref["ttft_p99_ms"] else None
+        tput = r["throughput_rps"] / ref["throughput_rps"] if ref["throughput_rps"] else None
+        r["distance_to_ideal"] = {"ttft_p99": ttft, "throughput": tput}
+        r["ttft_p99_ms_vs_ideal"], r["throughput_rps_vs_ideal"] = ttft, tput

@@ -24,9 +24,29 @@ Generators (``WORKLOADS``), lengths in tokens before ``length_scale``:
 * ``long-context`` — Poisson arrivals; 70% standalone prompts of 2048–6144 tokens, 30%
   questions (32–256 tokens) over one of 4 shared documents of 2048–4096 tokens; output
   64–256.
+* ``chat`` — CLOSED-LOOP multi-turn sessions (``ChatSessions``): sessions start as a
+  Poisson process (request rate / mean turns, 3–8 turns each); turn 1 is a message of
+  64–512 tokens, half of the sessions behind one of 8 system prompts (128–512); turn k+1
+  is sent only when turn k's answer has arrived, after a think time of 2–20 s, and its
+  prompt is turn k's prompt + turn k's *actual* output tokens + a new message of 32–256;
+  outputs 32–256. At the H100 presets' rates that is ~40–60 live sessions of ~1–4k
+  tokens each against 9,600 GPU token slots.
+* ``agentic`` — closed-loop agent sessions: a 1024-token tool prefix shared by every
+  session, then a per-session context of documents (1536–4096) and a task (64–256); 8–16
+  short turns (tool results 32–192 tokens in, 16–96 out) 0.5–3 s apart (tool execution).
+* ``rag`` — Poisson arrivals; each request is one of 64 documents (1024–3072 tokens) drawn
+  with Zipf popularity (P(rank k) ∝ 1/k) plus a question of 16–128 tokens; output 32–256.
 * ``bursty`` — bursts of 8 requests (burst starts Poisson at rate/8, requests within a
   burst 50 ms apart on average); each burst shares one of 3 system prompts of 96–256
   tokens; bodies 32–224, outputs 64–192 tokens. The demo's workload.
+
+Closed-loop workloads (``chat``, ``agentic``) carry a ``ChatSessions``: their ``requests``
+start with each session's first turn and grow while a runner plays them —
+``Workload.on_finish(index, prompt_ids, output_ids, finish_s)`` (or
+``ChatSessions.next_turn`` directly, for an engine runner with real outputs) returns the
+next turn. ``Workload.replay()`` gives a fresh copy (first turns only) for each run;
+``total_requests`` is known in advance (output lengths are fixed: ``ignore_eos``), and a
+session ends before a turn whose prompt + output would exceed ``max_context``.
 
 Trace files (``load_jsonl``): one JSON object per line with ``arrival_s``, ``prompt_len``
 or ``prompt_tokens``, ``output_len``, optionally ``prefix_group`` with ``prefix_len``.
@@ -58,12 +78,103 @@ class TraceRequest:
     prompt_tokens: tuple[int, ...] | None = None  # explicit ids (trace files); else generated
 
 
+# The tiny tokenizer's vocabulary (the simulator's model): closed-loop sessions draw ids below it.
+DEFAULT_VOCAB = 512
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """One session, decided up front except for its outputs' token ids."""
+
+    start_s: float
+    first_prompt: tuple[int, ...]
+    messages: tuple[tuple[int, ...], ...]
+    """The new message of turns 2..n."""
+    output_lens: tuple[int, ...]
+    """Per turn (n)."""
+    think_s: tuple[float, ...]
+    """Delay between turn k's answer and turn k+1's arrival (n−1)."""
+
+
+class ChatSessions:
+    """Closed-loop sessions: turn k+1 = turn k's prompt + turn k's actual output + a new message.
+
+    The one place the session logic lives; a runner drives it with the outputs it really
+    got: ``first_turns()`` for the start, then ``next_turn(session, prompt_ids, output_ids,
+    finish_time)`` whenever a turn's answer is complete (None: the session is over).
+    """
+
+    def __init__(self, plans: list[SessionPlan]) -> None:
+        self.plans = plans
+        self._turn = [0] * len(plans)
+
+    def fresh(self) -> ChatSessions:
+        return ChatSessions(self.plans)
+
+    @property
+    def total_turns(self) -> int:
+        return sum(len(p.output_lens) for p in self.plans)
+
+    def first_turns(self) -> list[tuple[int, TraceRequest]]:
+        out = []
+        for session, plan in enumerate(self.plans):
+            prompt = plan.first_prompt
+            out.append(
+                (session, TraceRequest(plan.start_s, len(prompt), plan.output_lens[0], prompt_tokens=prompt))
+            )
+        return out
+
+    def next_turn(
+        self, session: int, prompt_ids: list[int], output_ids: list[int], finish_time: float
+    ) -> TraceRequest | None:
+        plan = self.plans[session]
+        self._turn[session] += 1
+        turn = self._turn[session]
+        if turn >= len(plan.output_lens):
+            return None
+        prompt = (*prompt_ids, *output_ids, *plan.messages[turn - 1])
+        return TraceRequest(
+            finish_time + plan.think_s[turn - 1], len(prompt), plan.output_lens[turn], prompt_tokens=prompt
+        )
+
+
 @dataclass
 class Workload:
     name: str
     seed: int
     requests: list[TraceRequest]
     _streams: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    sessions: ChatSessions | None = None
+    """Closed loop: ``requests`` grows by ``on_finish`` while a runner plays the workload."""
+    _session_of: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def total_requests(self) -> int:
+        return len(self.requests) if self.sessions is None else self.sessions.total_turns
+
+    def replay(self) -> Workload:
+        """A copy to play from the start (closed loop: first turns only); static workloads: itself."""
+        if self.sessions is None:
+            return self
+        sessions = self.sessions.fresh()
+        first = sorted(sessions.first_turns(), key=lambda t: t[1].arrival_s)
+        return Workload(
+            self.name, self.seed, [r for _, r in first], sessions=sessions, _session_of=[s for s, _ in first]
+        )
+
+    def on_finish(
+        self, index: int, prompt_ids: list[int], output_ids: list[int], finish_s: float
+    ) -> int | None:
+        """Request ``index`` finished: its session's next turn is appended; its index, or None."""
+        if self.sessions is None:
+            return None
+        session = self._session_of[index]
+        turn = self.sessions.next_turn(session, prompt_ids, output_ids, finish_s)
+        if turn is None:
+            return None
+        self.requests.append(turn)
+        self._session_of.append(session)
+        return len(self.requests) - 1
 
     def request_id(self, index: int) -> str:
         return f"{self.name}-{index}"
@@ -184,22 +295,134 @@ def bursty(num_requests: int, rate: float, seed: int, length_scale: float = 1.0)
     return Workload("bursty", seed, out)
 
 
+def _ids(rng: random.Random, n: int, vocab: int = DEFAULT_VOCAB) -> tuple[int, ...]:
+    return tuple(rng.randrange(FIRST_TOKEN_ID, vocab) for _ in range(n))
+
+
+def _closed_loop(
+    name: str,
+    seed: int,
+    num_requests: int,
+    session_rate: float,
+    make_session: Callable[[random.Random, float], SessionPlan],
+    max_context: int,
+) -> Workload:
+    rng = random.Random(f"{name}/{seed}")
+    plans: list[SessionPlan] = []
+    turns, start = 0, 0.0
+    while turns < num_requests:
+        start += rng.expovariate(session_rate)
+        plan = make_session(rng, start)
+        # Truncate: the turn budget, and max_context (prompt lengths are known: outputs are fixed).
+        keep, length = 0, len(plan.first_prompt)
+        for k, out_len in enumerate(plan.output_lens):
+            if k > 0:
+                length += plan.output_lens[k - 1] + len(plan.messages[k - 1])
+            if length + out_len > max_context or turns + keep >= num_requests:
+                break
+            keep += 1
+        if keep == 0:
+            continue
+        plans.append(
+            SessionPlan(
+                plan.start_s,
+                plan.first_prompt,
+                plan.messages[: keep - 1],
+                plan.output_lens[:keep],
+                plan.think_s[: keep - 1],
+            )
+        )
+        turns += keep
+    sessions = ChatSessions(plans)
+    return Workload(name, seed, [], sessions=sessions).replay()
+
+
+def chat(
+    num_requests: int, rate: float, seed: int, length_scale: float = 1.0, max_context: int = 8192
+) -> Workload:
+    srng = random.Random(f"chat/{seed}/system")
+    system = [_ids(srng, _scaled(srng, 128, 512, length_scale)) for _ in range(8)]
+    mean_turns = 5.5
+
+    def session(rng: random.Random, start: float) -> SessionPlan:
+        n = rng.randint(3, 8)
+        first = _ids(rng, _scaled(rng, 64, 512, length_scale))
+        if rng.random() < 0.5:
+            first = system[rng.randrange(len(system))] + first
+        return SessionPlan(
+            start,
+            first,
+            tuple(_ids(rng, _scaled(rng, 32, 256, length_scale)) for _ in range(n - 1)),
+            tuple(_scaled(rng, 32, 256, length_scale) for _ in range(n)),
+            tuple(rng.uniform(2.0, 20.0) for _ in range(n - 1)),
+        )
+
+    return _closed_loop("chat", seed, num_requests, rate / mean_turns, session, max_context)
+
+
+def agentic(
+    num_requests: int, rate: float, seed: int, length_scale: float = 1.0, max_context: int = 8192
+) -> Workload:
+    tools = _ids(random.Random(f"agentic/{seed}/tools"), _scaled(random.Random(0), 1024, 1024, length_scale))
+    mean_turns = 12.0
+
+    def session(rng: random.Random, start: float) -> SessionPlan:
+        n = rng.randint(8, 16)
+        context = _ids(rng, _scaled(rng, 1536, 4096, length_scale)) + _ids(
+            rng, _scaled(rng, 64, 256, length_scale)
+        )
+        return SessionPlan(
+            start,
+            tools + context,
+            tuple(_ids(rng, _scaled(rng, 32, 192, length_scale)) for _ in range(n - 1)),
+            tuple(_scaled(rng, 16, 96, length_scale) for _ in range(n)),
+            tuple(rng.uniform(0.5, 3.0) for _ in range(n - 1)),
+        )
+
+    return _closed_loop("agentic", seed, num_requests, rate / mean_turns, session, max_context)
+
+
+def rag(num_requests: int, rate: float, seed: int, length_scale: float = 1.0) -> Workload:
+    rng = random.Random(f"rag/{seed}")
+    documents = _prefixes(rng, 64, 1024, 3072, length_scale)
+    weights = [1.0 / (k + 1) for k in range(len(documents))]  # Zipf, s = 1
+    out, clock = [], 0.0
+    for _ in range(num_requests):
+        clock += rng.expovariate(rate)
+        doc = rng.choices(range(len(documents)), weights)[0]
+        question = _scaled(rng, 16, 128, length_scale)
+        output = _scaled(rng, 32, 256, length_scale)
+        out.append(TraceRequest(clock, documents[doc] + question, output, f"doc{doc}", documents[doc]))
+    return Workload("rag", seed, out)
+
+
 Generator = Callable[[int, float, int, float], Workload]
 WORKLOADS: dict[str, Generator] = {
     "mixed": mixed,
     "multi-turn": multi_turn,
     "long-context": long_context,
     "bursty": bursty,
+    "chat": chat,
+    "agentic": agentic,
+    "rag": rag,
 }
+CLOSED_LOOP = ("chat", "agentic")
 
 
 def make_workload(
-    name: str, num_requests: int, rate: float, seed: int, length_scale: float = 1.0
+    name: str,
+    num_requests: int,
+    rate: float,
+    seed: int,
+    length_scale: float = 1.0,
+    max_context: int | None = None,
 ) -> Workload:
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
     if num_requests < 1 or not rate > 0 or not length_scale > 0:
         raise ValueError(f"workload {name}: need num_requests >= 1, rate > 0, length_scale > 0")
+    if name in CLOSED_LOOP and max_context is not None:
+        return WORKLOADS[name](num_requests, rate, seed, length_scale, max_context)  # type: ignore[call-arg]
     return WORKLOADS[name](num_requests, rate, seed, length_scale)
 
 
@@ -284,6 +507,11 @@ def load_jsonl(path: str | Path, seed: int = 0) -> Workload:
 
 def write_jsonl(workload: Workload, path: str | Path) -> None:
     """The workload as a trace file ``load_jsonl`` reads back to the same requests."""
+    if workload.sessions is not None:
+        raise ValueError(
+            f"workload {workload.name} is closed-loop: its later turns depend on the outputs, "
+            "so it has no fixed trace"
+        )
     with Path(path).open("w", encoding="utf-8") as f:
         for req in workload.requests:
             row: dict[str, Any] = {"arrival_s": req.arrival_s, "output_len": req.output_len}

@@ -24,7 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from vllm_bidkv.config import BidKVConfig
-from vllm_bidkv.connectors.stats import BidKVPromMetrics, BidKVStats
+from vllm_bidkv.connectors.stats import BidKVPromMetrics, BidKVStats, StatsReporter
 from vllm_bidkv.connectors.worker import CopyWorker
 from vllm_bidkv.context import SchedulerContext
 from vllm_bidkv.offload import JobResults, StepPlan, num_slots_for
@@ -56,7 +56,7 @@ class BidKVWorkerMetadata(KVConnectorWorkerMetadata):  # type: ignore[misc]
 
 
 def _block_bytes(kv_cache_config: Any) -> int:
-    """Bytes of one block across every layer of the (single) KV cache group."""
+    """Bytes of one block across every layer of the (single) KV cache group, on one worker."""
     group = kv_cache_config.kv_cache_groups[0]
     return int(group.kv_cache_spec.page_size_bytes) * len(group.layer_names)
 
@@ -103,7 +103,9 @@ class BidKVConnector(KVConnectorBase_V1):
         num_slots = block_bytes = 0
         if self.config.offload_enabled:
             num_slots = _check_offload(vllm_config, kv_cache_config, caps, self.config)
-            block_bytes = _block_bytes(kv_cache_config)
+            # Every worker holds its share of each block (TP: its heads), so a block moved is
+            # its bytes on one worker times the workers: the byte counters are engine-wide.
+            block_bytes = _block_bytes(kv_cache_config) * vllm_config.parallel_config.world_size
             transfer = vllm_config.kv_transfer_config
             if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
                 # A CPU tier is a cache: a block that fails to load is recomputed, never fatal.
@@ -125,6 +127,7 @@ class BidKVConnector(KVConnectorBase_V1):
                 # Loaded by module path without the plugin: bind on the first scheduler-side call.
                 self._unbound_scheduler = hooks.find_scheduler_under_construction()
         self.worker: CopyWorker | None = None
+        self._stats_reporter: StatsReporter | None = None
         self._saves_without_forward = caps.no_forward_step_saves
         logger.info("vllm-bidkv: %s role, config %s", role.name, self.config)
 
@@ -197,8 +200,10 @@ class BidKVConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------- worker
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self.config.offload_enabled:
+            # Assumes one host per engine; a multi-node engine over-counts and refuses early.
+            workers = self._vllm_config.parallel_config.world_size
             self.worker = CopyWorker(
-                kv_caches, self._kv_cache_config.num_blocks, self._num_slots, self.config
+                kv_caches, self._kv_cache_config.num_blocks, self._num_slots, self.config, workers
             )
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
@@ -246,8 +251,9 @@ class BidKVConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> BidKVStats | None:
         if self.scheduler_side is None:
             return None  # workers count nothing: every counter is the scheduler side's
-        deltas = self.scheduler_side.counters.take_deltas()
-        return BidKVStats(data=deltas) if deltas else None
+        if self._stats_reporter is None:
+            self._stats_reporter = StatsReporter(self.scheduler_side)
+        return self._stats_reporter.take()  # counter deltas, and the gauges when they changed
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> BidKVStats:

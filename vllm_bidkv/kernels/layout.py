@@ -87,10 +87,13 @@ def allocate_like(
 ) -> list[torch.Tensor]:
     """CPU-tier buffers for ``views``: one dense ``[num_blocks, row_bytes]`` uint8 tensor per view.
 
-    The contents are uninitialized. ``pin_memory`` page-locks host buffers so that CUDA copies
-    (DMA, or the Triton kernel reading them through unified addressing) can use them; it needs
-    an accelerator build of torch. Torch's pinned allocator rounds each allocation up to a power
-    of two, so pinned tiers should be sized with that in mind.
+    All of them are slices of ONE allocation of ``num_blocks × Σ row_bytes`` bytes, so the
+    tier takes what it is sized to and no more. The contents are uninitialized (on the
+    host the pages are taken as the tier fills). ``pin_memory`` page-locks that one host
+    buffer with a single ``cudaHostRegister`` so that CUDA copies (DMA, or the Triton kernel
+    reading it through unified addressing) can use it; torch's pinned allocator is not
+    used because it rounds each allocation up to a power of two (up to 2× the bytes).
+    It needs an accelerator build of torch.
     """
     for index, view in enumerate(views):
         if view.dim() != 2 or view.dtype != torch.uint8:
@@ -103,10 +106,22 @@ def allocate_like(
     device = torch.device(device)
     if pin_memory and device.type != "cpu":
         raise ValueError(f"pin_memory applies to host buffers, not device {device}")
-    return [
-        torch.empty((num_blocks, view.shape[1]), dtype=torch.uint8, device=device, pin_memory=pin_memory)
-        for view in views
-    ]
+    rows = [int(view.shape[1]) for view in views]
+    arena = torch.empty(num_blocks * sum(rows), dtype=torch.uint8, device=device)
+    if pin_memory and arena.numel():
+        _register_pinned(arena)
+    out, offset = [], 0
+    for row in rows:
+        out.append(arena[offset : offset + num_blocks * row].view(num_blocks, row))
+        offset += num_blocks * row
+    return out
+
+
+def _register_pinned(buffer: torch.Tensor) -> None:
+    """Page-lock ``buffer`` in place, once (CUDA only; it stays registered for the process)."""
+    err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    if int(err) != 0:  # cudaSuccess
+        raise RuntimeError(f"cudaHostRegister of {buffer.numel()} bytes failed: error {int(err)}")
 
 
 def widest_alignment(values: Sequence[int], limit: int) -> int:

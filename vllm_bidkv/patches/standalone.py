@@ -10,7 +10,7 @@ driver loop needs: schedule() -> model_output(...) -> update_from_output().
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vllm_bidkv.patches.capabilities import probe
@@ -41,7 +41,12 @@ def build_scheduler(
         VllmConfig,
     )
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        KVCacheTensor,
+    )
     from vllm.v1.structured_output import StructuredOutputManager
 
     model_config = ModelConfig(model=str(model_dir), max_model_len=max_model_len, dtype="float32")
@@ -64,10 +69,11 @@ def build_scheduler(
     spec = FullAttentionSpec(
         block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size, dtype=torch.bfloat16
     )
+    layers = [f"layers.{i}.attn" for i in range(num_layers)]
     kv_cache_config = KVCacheConfig(
         num_blocks=num_gpu_blocks,
-        kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec([f"layers.{i}.attn" for i in range(num_layers)], spec)],
+        kv_cache_tensors=_pool_tensors(KVCacheTensor, spec.page_size_bytes, num_gpu_blocks, layers),
+        kv_cache_groups=[KVCacheGroupSpec(layers, spec)],
     )
     return Scheduler(
         vllm_config=vllm_config,
@@ -76,6 +82,28 @@ def build_scheduler(
         block_size=block_size,
         log_stats=log_stats,
     )
+
+
+def _pool_tensors(tensor_cls: Any, page_bytes: int, num_blocks: int, layers: list[str]) -> list[Any]:
+    """The pool as one layer-outer allocation, the layout vLLM's ``get_kv_cache_config`` gives
+    a single full-attention group: layer ``l``'s page of block ``b`` at ``l·page·num_blocks +
+    b·page``. A description only (no memory); connectors that size their tier from the GPU
+    pool's bytes (SimpleCPUOffloadConnector's ``_derive_cpu_config``) read it. Releases whose
+    ``KVCacheTensor`` has other fields (``shared_by`` up to 0.31) get the same size and layers.
+    """
+    import dataclasses
+
+    size = page_bytes * num_blocks * len(layers)
+    names = {f.name for f in dataclasses.fields(tensor_cls)}
+    if "layer_stride" in names:
+        return [
+            tensor_cls(
+                size=size, layers=list(layers), layer_stride=page_bytes * num_blocks, block_stride=page_bytes
+            )
+        ]
+    if "shared_by" in names:
+        return [tensor_cls(size=size // len(layers), shared_by=[name]) for name in layers]
+    return []
 
 
 _HASHERS: dict[int, Any] = {}
@@ -113,8 +141,16 @@ def make_request(
     )
 
 
-def model_output(scheduler_output: Any, requests: Mapping[str, Any], token_id: int = 7, **kwargs: Any) -> Any:
-    """A ``ModelRunnerOutput`` sampling ``token_id`` for every request whose prefill completes."""
+def model_output(
+    scheduler_output: Any,
+    requests: Mapping[str, Any],
+    token_id: int = 7,
+    *,
+    next_token: Callable[[Any], int] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A ``ModelRunnerOutput`` sampling ``token_id`` (or ``next_token(request)``) for every
+    request whose prefill completes."""
     from vllm.v1.outputs import ModelRunnerOutput
 
     req_ids = list(scheduler_output.num_scheduled_tokens)
@@ -122,7 +158,10 @@ def model_output(scheduler_output: Any, requests: Mapping[str, Any], token_id: i
     for req_id in req_ids:
         req = requests[req_id]
         done = req.num_computed_tokens >= req.num_tokens  # already advanced by schedule()
-        sampled.append([token_id] if done else [])
+        if not done:
+            sampled.append([])
+        else:
+            sampled.append([token_id if next_token is None else next_token(req)])
     if probe().model_output_needs_logprobs:
         kwargs = {"logprobs": None, "prompt_logprobs_dict": {}, "pooler_output": [], **kwargs}
     return ModelRunnerOutput(
