@@ -6,7 +6,7 @@ completions from an async client (httpx) with ``--concurrency`` in flight, of wh
 ``--cancel-share`` are dropped by the client mid-stream, and samples the server's
 resident memory (the process tree: API server + engine core, psutil) and the
 ``vllm:bidkv_*`` gauges over the run. Writes a JSON (``docs/results/soak.json``)
-and a plot (``docs/soak.png``).
+a plot (``docs/soak.png``) and the RESULTS.md section (``docs/results/soak.md``).
 
 Targets (issue 12): >= 5,000 requests, 20% cancelled, 0 failed that were not
 cancelled, RSS at the end within 5% of its value after the first 500 requests,
@@ -24,6 +24,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -46,6 +47,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/results/soak.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/soak.png"))
+    parser.add_argument("--server-log", type=Path, default=None, help="server output (default: a temp file)")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -131,12 +133,13 @@ async def _drive(url: str, model: str, args: argparse.Namespace, pid: int) -> di
 
     rng = random.Random(args.seed)
     prompts = _prompts(args.seed, 64)
+    cancelled = set(rng.sample(range(args.requests), round(args.cancel_share * args.requests)))
     plan = [
         (
             prompts[rng.randrange(len(prompts))],
-            rng.randint(1, args.max_tokens - 1) if rng.random() < args.cancel_share else None,
+            rng.randint(1, args.max_tokens - 1) if i in cancelled else None,
         )
-        for _ in range(args.requests)
+        for i in range(args.requests)
     ]
     counts = {"done": 0, "completed": 0, "cancelled": 0, "failed": 0, "cancel_finished_first": 0}
     errors: list[str] = []
@@ -279,6 +282,47 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The "Soak" section of docs/RESULTS.md for one result (also written next to the JSON)."""
+    c = result["counts"]
+    mib = 2**20
+    rss_500 = result["rss_after_500"]
+    growth = result["rss_growth"]
+    lines = [
+        "## Soak: `vllm-bidkv bench soak`",
+        "",
+        f"`vllm-bidkv bench soak --requests {result['requests']} --cancel-share {result['cancel_share']}` "
+        f"(OpenAI server, tiny model, float32, BidKVConnector lazy offload, {result['gpu_blocks']} GPU blocks "
+        f"of 32 tokens, {result['cpu_bytes']} CPU tier; {result['concurrency']} streaming requests in flight, "
+        f"{result['max_tokens']} output tokens; {result['run_s']:.0f} s). "
+        "JSON: `docs/results/soak.json`; plot: `docs/soak.png`.",
+        "",
+        "| target | result | met |",
+        "|---|---|---|",
+        f"| >= 5,000 requests | {result['requests']} | {_yes(result['targets']['requests >= 5000'])} |",
+        f"| 20% cancelled by the client | {c['cancelled']} hung up mid-stream "
+        f"({100 * c['cancelled'] / result['requests']:.1f}%; {c['cancel_finished_first']} more finished "
+        f"before their drop point) | {_yes(result['targets']['cancelled share >= 0.2'])} |",
+        f"| 0 failed that were not cancelled | {c['failed']} failed, {c['completed']} completed "
+        f"| {_yes(result['targets']['0 failed (not cancelled)'])} |",
+        f"| RSS at end within 5% of after 500 requests | "
+        f"{(rss_500 or 0) / mib:.0f} MiB -> {result['rss_end'] / mib:.0f} MiB "
+        f"({'-' if growth is None else f'{100 * growth:+.1f}%'}) "
+        f"| {_yes(result['targets']['RSS end within 5% of after 500'])} |",
+        f"| gauges idle at end | {', '.join(f'{k}={v:.0f}' for k, v in result['gauges_end'].items() if v is not None)}; "
+        f"kv_cache_usage_perc={result['kv_cache_usage_end']} | {_yes(result['targets']['gauges idle at end'])} |",
+        "",
+        f"At the end the tier held {result['tier_entries_end']:.0f} entries; the run had "
+        f"{result['preemptions_end']:.0f} preemptions (vLLM's count). RSS is the server's process tree "
+        "(API server + engine core).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
 def main(args: argparse.Namespace) -> int:
     _check(args)
     from vllm_bidkv.tiny_model import tiny_model_dir
@@ -286,7 +330,7 @@ def main(args: argparse.Namespace) -> int:
     model = str(tiny_model_dir())
     port = _free_port()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    log = args.out.with_suffix(".server.log")
+    log = args.server_log or Path(tempfile.mkdtemp(prefix="vllm-bidkv-soak-")) / "server.log"
     t0 = time.monotonic()
     proc = start_server(model, port, args, log)
     url = f"http://127.0.0.1:{port}"
@@ -339,6 +383,7 @@ def main(args: argparse.Namespace) -> int:
     }
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.plot)
+    args.out.with_suffix(".md").write_text(markdown(result))
     summary = {k: v for k, v in result.items() if k not in ("samples", "counters_end")}
     print(json.dumps(summary, indent=1))
     return 0 if all(result["targets"].values()) else 1

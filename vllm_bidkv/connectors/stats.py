@@ -80,6 +80,7 @@ class BidKVPromMetrics(KVConnectorPromMetrics):
         per_engine_labelvalues: dict[int, list[object]],
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._labelvalues = per_engine_labelvalues  # the base class names it differently across releases
         self._counters = {
             name: self._counter_cls(name=f"vllm:bidkv_{name}", documentation=doc, labelnames=labelnames)
             for name, doc in COUNTERS.items()
@@ -98,7 +99,7 @@ class BidKVPromMetrics(KVConnectorPromMetrics):
                 gauge.labels(*labels).set(0)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
-        labels = self.per_engine_labelvalues[engine_idx]
+        labels = self._labelvalues[engine_idx]
         data = transfer_stats_data or {}
         for name, value in data.items():
             if name in self._counters and value:
