@@ -11,19 +11,17 @@ deterministic prompts must return the completions they returned before the waves
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.engine.test_openai_server import free_port, get
+from vllm_bidkv.bench.server import connector_config, get, openai_server, wait_idle
 from vllm_bidkv.counters import GAUGES, IDLE_ZERO_GAUGES
 from vllm_bidkv.top import parse_metrics
 
@@ -34,56 +32,15 @@ WAVES, PER_WAVE, DROPPED_PER_WAVE, WAVE_TOKENS = 3, 16, 12, 96
 
 @pytest.fixture(scope="module")
 def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    port = free_port()
     log = tmp_path_factory.mktemp("observability") / "server.log"
-    kv_transfer_config = {
-        "kv_connector": "BidKVConnector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"cpu_bytes": "64MiB", "offload_mode": "lazy"},
-    }
-    args = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", tiny_model, "--dtype", "float32", "--block-size", "32",
-        "--num-gpu-blocks-override", "36", "--max-num-seqs", "16", "--max-model-len", "1024",
-        "--gpu-memory-utilization", "0.3", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-        "--kv-transfer-config", json.dumps(kv_transfer_config),
-    ]  # fmt: skip
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, f"server exited:\n{log.read_text()[-4000:]}"
-            try:
-                get(f"http://127.0.0.1:{port}/health")
-                break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"server did not start:\n{log.read_text()[-4000:]}"
-            time.sleep(2)
-        yield {"url": f"http://127.0.0.1:{port}", "model": tiny_model, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with openai_server(
+        tiny_model, connector_config({"cpu_bytes": "64MiB", "offload_mode": "lazy"}), log
+    ) as running:
+        yield {"url": running.url, "model": tiny_model, "log": log}
 
 
 def metrics(url: str) -> dict[str, float]:
     return parse_metrics(get(f"{url}/metrics"))
-
-
-def wait_idle(url: str, timeout: float = 120.0) -> dict[str, float]:
-    """Metrics once nothing runs or waits and every idle-zero gauge is 0 (or the last try)."""
-    deadline = time.time() + timeout
-    while True:
-        m = metrics(url)
-        busy = m.get("vllm:num_requests_running", 1) + m.get("vllm:num_requests_waiting", 1)
-        busy += sum(m.get(f"vllm:bidkv_{g}", 1) for g in IDLE_ZERO_GAUGES)
-        if busy == 0 or time.time() > deadline:
-            return m
-        time.sleep(0.5)
 
 
 def check_prompts() -> list[str]:

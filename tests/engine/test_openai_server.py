@@ -8,17 +8,15 @@ connector's counters must show up at `/metrics` next to vLLM's own.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from vllm_bidkv.bench.server import connector_config, get, openai_server
 
 pytestmark = pytest.mark.engine
 
@@ -34,17 +32,6 @@ print("RESULT " + json.dumps({k: v for k, v in result.items() if isinstance(v, (
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
-
-
 def counter(metrics: str, name: str) -> float:
     values = [
         float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", metrics, re.M)
@@ -55,40 +42,9 @@ def counter(metrics: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    kv_transfer_config = {
-        "kv_connector": "BidKVConnector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"cpu_bytes": "64MiB"},
-    }
-    args = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", tiny_model, "--dtype", "float32", "--block-size", "32",
-        "--num-gpu-blocks-override", "36", "--max-num-seqs", "16", "--max-model-len", "1024",
-        "--gpu-memory-utilization", "0.3", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-        "--kv-transfer-config", json.dumps(kv_transfer_config),
-    ]  # fmt: skip
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, f"server exited:\n{log.read_text()[-4000:]}"
-            try:
-                if get(f"http://127.0.0.1:{port}/health") is not None:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"server did not start:\n{log.read_text()[-4000:]}"
-            time.sleep(2)
-        yield {"port": port, "model": tiny_model, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with openai_server(tiny_model, connector_config({"cpu_bytes": "64MiB"}), log) as running:
+        yield {"port": running.port, "model": tiny_model, "log": log}
 
 
 def test_benchmark_client_against_server_with_connector(server: dict[str, Any]) -> None:

@@ -111,7 +111,11 @@ def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
     if rerun & {MAIN}:
         calibration.write_text(json.dumps(_calibration_check(), indent=1) + "\n")
     doc = out / "RESULTS.md"
-    doc.write_text(render(data, json.loads(calibration.read_text()) if calibration.exists() else None, out))
+    text = render(data, json.loads(calibration.read_text()) if calibration.exists() else None, out)
+    soak = results / "soak.md"  # written by `vllm-bidkv bench soak` (a long run of its own)
+    if soak.exists():
+        text += "\n" + soak.read_text()
+    doc.write_text(text)
     return doc
 
 

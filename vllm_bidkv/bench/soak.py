@@ -19,17 +19,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from vllm_bidkv.bench.server import connector_config, get, openai_server, wait_idle
 from vllm_bidkv.counters import IDLE_ZERO_GAUGES
 from vllm_bidkv.top import parse_metrics
 
@@ -63,17 +59,6 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"vllm-bidkv bench soak: --sample-every {args.sample_every} must be > 0")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return str(response.read().decode())
-
-
 def _tree_rss(pid: int) -> int:
     import psutil  # type: ignore[import-untyped]
 
@@ -87,37 +72,6 @@ def _tree_rss(pid: int) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
     return total
-
-
-def start_server(model: str, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen[bytes]:
-    kv = {
-        "kv_connector": "BidKVConnector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"cpu_bytes": args.cpu_bytes, "offload_mode": "lazy"},
-    }
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model, "--dtype", "float32", "--block-size", "32",
-        "--num-gpu-blocks-override", str(args.gpu_blocks), "--max-num-seqs", "16", "--max-model-len", "1024",
-        "--gpu-memory-utilization", "0.3", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-        "--kv-transfer-config", json.dumps(kv),
-    ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm-bidkv bench soak: server exited:\n{log.read_text()[-3000:]}")
-        try:
-            _get(f"http://127.0.0.1:{port}/health")
-            return proc
-        except OSError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"vllm-bidkv bench soak: server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(2)
 
 
 def _prompts(seed: int, n: int) -> list[str]:
@@ -149,7 +103,7 @@ async def _drive(url: str, model: str, args: argparse.Namespace, pid: int) -> di
 
     def sample() -> None:
         try:
-            m = parse_metrics(_get(f"{url}/metrics"))
+            m = parse_metrics(get(f"{url}/metrics"))
         except (OSError, ValueError) as err:
             m = {"error": str(err)}  # type: ignore[dict-item]
         samples.append(
@@ -236,17 +190,6 @@ async def _drive(url: str, model: str, args: argparse.Namespace, pid: int) -> di
     }
 
 
-def _wait_idle(url: str, timeout: float = 120.0) -> dict[str, float]:
-    deadline = time.time() + timeout
-    while True:
-        m = parse_metrics(_get(f"{url}/metrics"))
-        busy = m.get("vllm:num_requests_running", 1) + m.get("vllm:num_requests_waiting", 1)
-        busy += sum(m.get(f"vllm:bidkv_{g}", 1) for g in IDLE_ZERO_GAUGES)
-        if busy == 0 or time.time() > deadline:
-            return m
-        time.sleep(1)
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -328,23 +271,15 @@ def main(args: argparse.Namespace) -> int:
     from vllm_bidkv.tiny_model import tiny_model_dir
 
     model = str(tiny_model_dir())
-    port = _free_port()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = args.server_log or Path(tempfile.mkdtemp(prefix="vllm-bidkv-soak-")) / "server.log"
+    kv = connector_config({"cpu_bytes": args.cpu_bytes, "offload_mode": "lazy"})
     t0 = time.monotonic()
-    proc = start_server(model, port, args, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with openai_server(model, kv, log, gpu_blocks=args.gpu_blocks) as server:
         start_s = time.monotonic() - t0
-        drive = asyncio.run(_drive(url, model, args, proc.pid))
-        final = _wait_idle(url)
-        rss_end = _tree_rss(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        drive = asyncio.run(_drive(server.url, model, args, server.proc.pid))
+        final = wait_idle(server.url)
+        rss_end = _tree_rss(server.proc.pid)
     counts = drive["counts"]
     rss_500 = drive["rss_after_500"][0] if drive["rss_after_500"] else None
     growth = (rss_end - rss_500) / rss_500 if rss_500 else None
