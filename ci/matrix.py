@@ -8,8 +8,10 @@ the same machine. Each release's result (per tier: counts, seconds, failures; th
 capability table; setup and test wall time) goes to ``<cache>/results.json``;
 docs/COMPAT.md and docs/SUPPORTED.txt are rendered from it. Exit status 1 if any
 listed release could not be installed or any of its tiers failed (or ran no test).
-Releases with the engine tier run one at a time (an engine uses both cores);
-Scheduler-level ones run ``--jobs`` at a time.
+Every release's environment is built in the background while the first release (the
+main .venv, nothing to install) runs its tests; then releases with the engine tier run one
+at a time (an engine uses both cores) and Scheduler-level ones ``--jobs`` at a time.
+The facts `vllm-bidkv doctor` needs ship in the package as ``vllm_bidkv/compat.json``.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class Release:
     tiers: tuple[str, ...]
     extra: tuple[str, ...] = ()
     uninstall: tuple[str, ...] = ()
-    deselect: tuple[str, ...] = ()
     source_patch: str = ""
+    engine_subset: str = ""
     note: str = ""
 
     @property
@@ -64,6 +66,14 @@ class Release:
     @property
     def full(self) -> bool:
         return "engine" in self.tiers
+
+    @property
+    def marker_expression(self) -> str:
+        """pytest's ``-m``: the tiers, the engine tier narrowed to its subset marker if any."""
+        return " or ".join(
+            f"({tier} and {self.engine_subset})" if tier == "engine" and self.engine_subset else tier
+            for tier in self.tiers
+        )
 
     def spec_hash(self) -> str:
         """Changes whenever the environment must be rebuilt."""
@@ -147,12 +157,15 @@ def build_env(release: Release, cache: Path, log: Path) -> Env:
         wheels = cache / "wheels"
         reqs = [f"{release.package}=={release.version}", *release.extra]
         _run(_pip(sys.executable, "download", "--no-deps", "-d", str(wheels), *reqs), log, env=base)
+        if release.full:
+            _check_torch_pin(release, wheels)
         shutil.rmtree(root, ignore_errors=True)
         _run(
             _pip(
                 sys.executable,
                 "install",
                 "--no-deps",
+                "--no-compile",  # Python compiles what the tests import; most of vLLM they never do
                 "--no-index",
                 "--find-links",
                 str(wheels),
@@ -170,6 +183,29 @@ def build_env(release: Release, cache: Path, log: Path) -> Env:
         stamp.write_text(spec)
     pythonpath = os.pathsep.join(p for p in (str(root), base.get("PYTHONPATH", "")) if p)
     return Env(sys.executable, dict(base, PYTHONPATH=pythonpath))
+
+
+def _check_torch_pin(release: Release, wheels: Path) -> None:
+    """An engine on a `target` install runs the release's compiled ops on the main .venv's torch."""
+    import zipfile
+
+    main_torch = importlib.metadata.version("torch")
+    name = release.package.replace("-", "_")
+    wheel = next(iter(sorted(wheels.glob(f"{name}-{release.version}-*.whl"))), None)
+    if wheel is None:
+        raise SetupError(f"no wheel of {release.label} in {wheels}")
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        pins = [
+            ln.split("==", 1)[1].split(";")[0].strip()
+            for ln in zf.read(meta).decode().splitlines()
+            if ln.startswith("Requires-Dist: torch==") and "x86_64" in ln
+        ]
+    if pins != [main_torch]:
+        raise SetupError(
+            f"{release.label} pins torch {pins or 'nothing'}, the main .venv has {main_torch}: "
+            'its engine needs install = "venv"'
+        )
 
 
 # -- tiers ---------------------------------------------------------------------------
@@ -190,14 +226,13 @@ def run_tiers(release: Release, env: Env, out: Path, log: Path, single_thread: b
         "-m",
         "pytest",
         "-m",
-        " or ".join(release.tiers),
+        release.marker_expression,
         "-p",
         "tier_report",
         "-p",
         "no:cacheprovider",
         "-q",
         "--durations=10",  # the log names what to trim when the budget gets tight
-        *(arg for test in release.deselect for arg in ("--deselect", test)),
     ]
     timeout = TIMEOUT_S["full" if release.full else "sched"]
     with log.open("a") as f:
@@ -269,23 +304,31 @@ def _check_refused(release: Release, env: Env, log: Path) -> dict[str, Any]:
     return {"tiers": {"refused": tier}, "capabilities": {"verdict": verdict}}
 
 
-def run_release(release: Release, cache: Path, single_thread: bool) -> dict[str, Any]:
-    out = cache / "results"
-    log = out / f"{release.key}.log"
+def build_release_env(release: Release, cache: Path) -> tuple[Env | None, dict[str, Any]]:
+    """The release's environment (None if it could not be built) and the result so far."""
+    log = cache / "results" / f"{release.key}.log"
     log.write_text("")
     result: dict[str, Any] = {"key": release.key, "label": release.label, **dataclasses.asdict(release)}
     start = time.monotonic()
+    env: Env | None = None
     try:
         env = build_env(release, cache, log)
     except (SetupError, OSError, importlib.metadata.PackageNotFoundError) as err:
         result.update(
             setup_error=str(err), ok=False, tiers={t: _failed_tier("not installed") for t in release.tiers}
         )
-        result["setup_seconds"] = round(time.monotonic() - start, 1)
-        return result
     result["setup_seconds"] = round(time.monotonic() - start, 1)
+    return env, result
+
+
+def test_release(
+    release: Release, env: Env | None, result: dict[str, Any], cache: Path, single_thread: bool
+) -> dict[str, Any]:
+    if env is None:
+        return result
+    out = cache / "results"
     start = time.monotonic()
-    result.update(run_tiers(release, env, out, log, single_thread))
+    result.update(run_tiers(release, env, out, out / f"{release.key}.log", single_thread))
     result["test_seconds"] = round(time.monotonic() - start, 1)
     if release.source_patch and not (result.get("capabilities") or {}).get("vllm_binds_context"):
         # Else the tests would pass on stock sources and prove nothing about the patch.
@@ -318,7 +361,8 @@ def supported_line(results: list[dict[str, Any]]) -> str:
     return (
         f"{SUPPORTED_PREFIX} {versions[0]} – {versions[-1]} "
         f"(CI runs the Scheduler-level tests on {', '.join(versions)} and the CPU engine on "
-        f"{', '.join(engine)}; other releases are probed at start-up and refused if a capability is missing)."
+        f"{', '.join(engine)}; `vllm-bidkv doctor` calls any other release untested, naming the nearest "
+        "tested ones, and refuses one that lacks a capability)."
     )
 
 
@@ -333,6 +377,7 @@ def render_compat(results: list[dict[str, Any]], floor: dict[str, Any], meta: di
         f"Last matrix run: {meta['date']}, commit `{meta['commit']}`, {meta['total_seconds'] / 60:.1f} min "
         f"on {meta['cpus']} cores (`{meta['argv']}`).",
         "",
+        *_ci_time(meta),
         "| release | install | result | "
         + " | ".join(TIER_ORDER)
         + " | setup | tests | `vllm-bidkv doctor` |",
@@ -351,18 +396,15 @@ def render_compat(results: list[dict[str, Any]], floor: dict[str, Any], meta: di
     lines += [
         "",
         "Install kinds: `main` = the project's .venv; `venv` = its own virtualenv with its real "
-        "dependencies; `target` = `pip install --no-deps --target` over the main .venv (Python "
-        "sources only, so Scheduler-level tiers only). The `unit` tier never imports vLLM and runs "
+        "dependencies; `target` = `pip install --no-deps --target` over the main .venv (the release's "
+        "sources on the main dependency set; the engine tier only where the release pins the main "
+        ".venv's torch, which ci/matrix.py checks). The `unit` tier never imports vLLM and runs "
         "where the engine does. For `refused`, `vllm-bidkv doctor` must answer *unsupported*. "
         "Skipped tests need a capability the release lacks (each skip names it; "
         "`test_offload_needs_worker_meta` checks the refusal instead).",
         "",
     ]
-    trimmed = [(r["label"], test) for r in results for test in r.get("deselect", ())]
-    if trimmed:
-        lines += ["Not run, to keep CI within its time budget (why: `ci/releases.toml`):", ""]
-        lines += [f"- {label}: `{test}`" for label, test in trimmed]
-        lines += [""]
+    lines += _engine_subsets(results) + _where_the_time_goes(results)
     lines += [
         "## The floor",
         "",
@@ -375,6 +417,52 @@ def render_compat(results: list[dict[str, Any]], floor: dict[str, Any], meta: di
     if failures:
         lines += ["", "## Failures", ""] + [f"- {label}: `{what}`" for label, what in failures]
     return "\n".join(lines) + "\n"
+
+
+def _engine_subsets(results: list[dict[str, Any]]) -> list[str]:
+    subset_rows = [r for r in results if r.get("engine_subset") and "engine" in r["tiers"]]
+    if not subset_rows:
+        return []
+    lines = [
+        "## The engine tier on the other releases",
+        "",
+        "Every engine test runs on the main row. To keep CI within its time budget the other "
+        "engine rows run only the tests marked with their `engine_subset` (why: `ci/releases.toml`):",
+        "",
+    ]
+    for r in subset_rows:
+        ran = sorted((r["tiers"]["engine"].get("tests") or {}).keys())
+        lines.append(f"- {r['label']} (`{r['engine_subset']}`): " + ", ".join(f"`{t}`" for t in ran))
+    return lines + [""]
+
+
+def _where_the_time_goes(results: list[dict[str, Any]], top: int = 6) -> list[str]:
+    """The slowest tests of each tier of the first row (the one with every tier)."""
+    if not results or "tests" not in next(iter(results[0]["tiers"].values()), {}):
+        return []
+    first = results[0]
+    lines = [f"## Where the time goes ({first['label']}, `--durations`)", ""]
+    lines += ["| tier | tests | seconds | slowest |", "|---|---|---|---|"]
+    for name in TIER_ORDER:
+        tier = first["tiers"].get(name)
+        if not tier:
+            continue
+        slow = sorted(tier["tests"].items(), key=lambda kv: -kv[1])[:top]
+        shown = "<br>".join(f"{sec:.0f} s `{test.split('/')[-1]}`" for test, sec in slow)
+        lines.append(f"| {name} | {len(tier['tests'])} | {tier['seconds']:.0f} | {shown} |")
+    return lines + [""]
+
+
+def _ci_time(meta: dict[str, Any]) -> list[str]:
+    if not meta.get("ci_seconds"):
+        return []
+    cache = "an empty cache" if meta.get("cache_was_empty") else "a warm cache (not the cold figure)"
+    return [
+        f"CI wall time (`CI=true bash .ci/run`: .venv set-up, pre-commit, this matrix) from a clean "
+        f"clone with {cache}: **{meta['ci_seconds'] / 60:.1f} min** on {meta['cpus']} cores "
+        "(budget: 40 min).",
+        "",
+    ]
 
 
 def _capability_table(results: list[dict[str, Any]]) -> list[str]:
@@ -407,21 +495,43 @@ def _fmt(value: Any) -> str:
     return f"`{value}`" if value else "–"
 
 
-def _meta(argv: list[str], total_seconds: float) -> dict[str, Any]:
+def _meta(argv: list[str], total_seconds: float, cache_was_empty: bool) -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     ).stdout
+    # `./dev test` stamps its start, so the whole CI run (set-up, lint, matrix) is measured.
+    ci_start = os.environ.get("BIDKV_CI_START")
     return {
         "date": time.strftime("%Y-%m-%d"),
         "commit": commit.strip() or "unknown",
         "cpus": os.cpu_count(),
         "argv": " ".join(["ci/matrix.py", *argv]),
         "total_seconds": round(total_seconds, 1),
+        "ci_seconds": round(time.time() - float(ci_start), 1) if ci_start else None,
+        "cache_was_empty": cache_was_empty,
     }
+
+
+def compat_facts(results: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """What `vllm-bidkv doctor` needs from the matrix, shipped in the package (no docs/ in a wheel)."""
+    rows = [
+        {
+            "package": r["package"],
+            "version": r["version"],
+            "source_patch": bool(r["source_patch"]),
+            "passed": r["ok"],
+            "tiers": sorted(t for t, v in r["tiers"].items() if v["ok"]),
+        }
+        for r in results
+        if r["tiers"].keys() != {"refused"}
+    ]
+    return {"date": meta["date"], "commit": meta["commit"], "rows": rows}
 
 
 def write_docs(results: list[dict[str, Any]], floor: dict[str, Any], meta: dict[str, Any]) -> None:
     (REPO / "docs").mkdir(exist_ok=True)
+    facts = json.dumps(compat_facts(results, meta), indent=1)
+    (REPO / "vllm_bidkv" / "compat.json").write_text(facts + "\n")
     (REPO / "docs" / "COMPAT.md").write_text(render_compat(results, floor, meta))
     line = supported_line(results)
     (REPO / "docs" / "SUPPORTED.txt").write_text(line + "\n")
@@ -467,27 +577,34 @@ def main(argv: list[str] | None = None) -> int:
         check=True,
     )
     results: dict[str, dict[str, Any]] = {}
+    cache_was_empty = not any(cache.glob("envs/*")) and not any(cache.glob("wheels/*"))
+    full = [r for r in releases if r.full]
+    light = [r for r in releases if not r.full]
+    # One builder: installs are disk-bound and the tests running beside them need the cores.
+    builder = ThreadPoolExecutor(max_workers=1)
+    envs = {r.key: builder.submit(build_release_env, r, cache) for r in full + light}
 
     def run(release: Release, single_thread: bool) -> None:
+        env, result = envs[release.key].result()
         print(f"[matrix] {release.label}: start", flush=True)
-        result = run_release(release, cache, single_thread)
+        result = test_release(release, env, result, cache, single_thread)
         results[release.key] = result
         summary = ", ".join(f"{t} {'ok' if v['ok'] else 'FAIL'}" for t, v in result["tiers"].items())
         where = "" if result["ok"] else f"  log: {cache / 'results' / release.key}.log"
         seconds = f"setup {result['setup_seconds']:.0f} s, tests {result.get('test_seconds', 0):.0f} s"
         print(f"[matrix] {release.label}: {summary} ({seconds}){where}", flush=True)
 
-    for release in (r for r in releases if r.full):
+    for release in full:
         run(release, single_thread=False)
-    light = [r for r in releases if not r.full]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(lambda r: run(r, args.jobs > 1), light))
+    builder.shutdown()
 
     ordered = [results[r.key] for r in releases]
     total = time.monotonic() - start
     print(f"[matrix] total {total / 60:.1f} min")
     if not args.only:
-        meta = _meta(argv, total)
+        meta = _meta(argv, total, cache_was_empty)
         results_path.write_text(json.dumps({"meta": meta, "results": ordered}, indent=2))
         write_docs(ordered, floor, meta)
         print(supported_line(ordered))

@@ -47,10 +47,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for nodeid, outcome in _outcome.items():
         tier = tiers.setdefault(
             _tier_of.get(nodeid, "unmarked"),
-            {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "seconds": 0.0, "failures": []},
+            {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "seconds": 0.0, "failures": [], "tests": {}},
         )
         tier[outcome] += 1
         tier["seconds"] = round(tier["seconds"] + _duration[nodeid], 2)
+        tier["tests"][nodeid] = round(_duration[nodeid], 2)  # COMPAT.md: where the time goes
         if outcome in ("failed", "error"):
             tier["failures"].append(nodeid)
     report = {

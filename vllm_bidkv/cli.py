@@ -46,6 +46,7 @@ def doctor_report() -> dict[str, Any]:
         patches=patches.applied(),
         supported=caps.supported,
         tested=caps.tested,
+        ci=caps.ci if caps.supported else {"status": "unsupported", "missing": caps.missing()},
         missing=caps.missing(),
         verdict=caps.verdict(),
     )

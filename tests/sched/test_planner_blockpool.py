@@ -88,7 +88,7 @@ test_planner_machine_on_blockpool = BlockPoolPlannerMachine.TestCase
 def test_the_harness_is_the_reference_model_on_vllm() -> None:
     """Without the planner, the harness and the reference model agree step by step.
 
-    The model frees unhashed blocks to the LRU head, as vLLM does from 0.25; before, vLLM
+    The model frees unhashed blocks to the LRU head, as vLLM does from 0.24; before, vLLM
     appends every freed block, so there the harness is checked against that order instead.
     """
     from tests.unit.reference_context import ReferenceContext
@@ -101,7 +101,7 @@ def test_the_harness_is_the_reference_model_on_vllm() -> None:
         pool.cache(2, b"h2")
         pool.release("a")
         assert pool.lookup(b"h2") == 2
-        # The unhashed block 3 was put first (0.25+) or after the free ones (before).
+        # The unhashed block 3 was put first (0.24+) or after the free ones (before).
         assert pool.allocate("b", 2) == ([3, 4] if prepends else [4, 5])
         pool.acquire("b", [2])
         pool.release("b")

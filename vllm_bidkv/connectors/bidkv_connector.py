@@ -232,7 +232,7 @@ class BidKVConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if not self._saves_without_forward and step_has_no_forward():
-            # Up to 0.28 a step that runs no forward skips wait_for_save: its stores would never
+            # Up to 0.30 a step that runs no forward skips wait_for_save: its stores would never
             # run and their blocks would stay pinned (the eager engine run hangs). Nothing to
             # wait for, so they run now.
             self.wait_for_save()

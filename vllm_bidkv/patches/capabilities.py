@@ -2,8 +2,9 @@
 
 Every version difference the rest of ``patches/`` cares about is one field here,
 read from the live classes (signatures, attributes), never guessed from the
-version string; ``TESTED_RELEASES`` only records which releases CI ran. A release
-outside that list works if the probe finds every required capability (with an
+version string. Whether CI tested a release is a separate fact: the matrix's rows,
+shipped as ``vllm_bidkv/compat.json`` (written by ci/matrix.py with docs/COMPAT.md). A
+release with no passing row works if the probe finds every required capability (with an
 "untested release" warning) and is refused naming the missing one otherwise.
 """
 
@@ -12,13 +13,51 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import logging
+import re
+from importlib import resources
 from typing import Any
 
 logger = logging.getLogger("vllm_bidkv")
 
-# Releases the CI matrix runs (ci/releases.toml; tests/sched/test_capabilities.py keeps them equal).
-TESTED_RELEASES = ("0.13.0", "0.15.1", "0.19.1", "0.22.1", "0.25.1", "0.28.0", "0.32.0", "0.33.0")
+
+@functools.cache
+def ci_facts() -> dict[str, Any]:
+    """The last committed matrix run: its date, commit and one row per tested release."""
+    facts: dict[str, Any] = json.loads(resources.files("vllm_bidkv").joinpath("compat.json").read_text())
+    return facts
+
+
+def release_tuple(version: str) -> tuple[int, ...]:
+    """0.32.0 of '0.32.0', '0.32.0+cpu' or '0.33.1.dev4+g12ab': the release part only."""
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(p) for p in match.group(0).split(".")) if match else ()
+
+
+def ci_status(version: str, source_patched: bool) -> dict[str, Any]:
+    """``tested`` with the passing row, its date and commit, or ``untested`` with the nearest
+    tested releases on either side (a source-patched vLLM needs a passing patched row)."""
+    facts = ci_facts()
+    row = next(
+        (
+            r
+            for r in facts["rows"]
+            if r["passed"] and r["version"] == version and r["source_patch"] == source_patched
+        ),
+        None,
+    )
+    if row is not None:
+        return {"status": "tested", "row": row, "date": facts["date"], "commit": facts["commit"]}
+    passed = sorted({r["version"] for r in facts["rows"] if r["passed"]}, key=release_tuple)
+    here = release_tuple(version)
+    return {
+        "status": "untested",
+        "nearest_below": next((v for v in reversed(passed) if release_tuple(v) < here), None),
+        "nearest_above": next((v for v in passed if release_tuple(v) > here), None),
+        "date": facts["date"],
+        "commit": facts["commit"],
+    }
 
 
 class UnsupportedVLLMError(RuntimeError):
@@ -38,7 +77,7 @@ class Capabilities:
     # Shape differences the adapter handles.
     touch_takes_group_tuple: bool  # BlockPool.touch((blocks,)) up to 0.13; flat list after
     free_queue_iter_blocks_after: bool  # iter_blocks_after (0.28+); else walk the links by hand
-    # BlockPool.free_blocks puts unhashed blocks at the LRU head (0.25+); before, every freed
+    # BlockPool.free_blocks puts unhashed blocks at the LRU head (0.24+); before, every freed
     # block goes to the MRU tail. Only tests that predict vLLM's free order need it.
     free_blocks_prepends_unhashed: bool
     bind_hook: str  # "bind_kv_cache_manager" (0.30+), "bind_gpu_block_pool" (0.19+), "" before
@@ -47,8 +86,8 @@ class Capabilities:
     connector_worker_meta: bool  # build_connector_worker_meta (0.19+): async store completions
     # Scheduler waits instead of preempting while connector.has_pending_block_frees() (0.30+).
     connector_pending_block_frees: bool
-    # A step that schedules no tokens still calls the worker's wait_for_save (0.30+); up to
-    # 0.28 it does not, so work queued for wait_for_save waits for the next forward.
+    # A step that schedules no tokens still calls the worker's wait_for_save (0.31+); up to
+    # 0.30 it does not, so work queued for wait_for_save waits for the next forward.
     no_forward_step_saves: bool
     connector_takes_kv_cache_config: bool  # __init__(vllm_config, role, kv_cache_config) (0.13+)
     # A vLLM carrying patches/vllm-*-scheduler-context.patch binds the connector itself
@@ -75,15 +114,28 @@ class Capabilities:
         return not self.missing()
 
     @property
+    def ci(self) -> dict[str, Any]:
+        return ci_status(self.vllm_version, self.vllm_binds_context)
+
+    @property
     def tested(self) -> bool:
-        return self.vllm_version in TESTED_RELEASES
+        return self.ci["status"] == "tested"
 
     def verdict(self) -> str:
         if not self.supported:
             return f"unsupported: vLLM {self.vllm_version} lacks {', '.join(self.missing())}"
-        if not self.tested:
-            return f"supported (untested release {self.vllm_version}; every required capability found)"
-        return f"supported (vLLM {self.vllm_version} is in the CI matrix; results: docs/COMPAT.md)"
+        ci = self.ci
+        patch = " + source patch" if self.vllm_binds_context else ""
+        if ci["status"] != "tested":
+            return (
+                f"supported (untested release {self.vllm_version}{patch}; nearest tested: "
+                f"{ci['nearest_below'] or 'none'} below, {ci['nearest_above'] or 'none'} above; "
+                "every required capability found)"
+            )
+        return (
+            f"supported (tested: the CI row for vLLM {self.vllm_version}{patch} passed "
+            f"{', '.join(ci['row']['tiers'])} on {ci['date']} at commit {ci['commit']})"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,7 +210,10 @@ def probe() -> Capabilities:
         connector_prom_metrics=has_prom_metrics,
         touch_takes_group_tuple="tuple[" in touch_src.split(")")[0] or "for blocks_per_group in" in touch_src,
         free_queue_iter_blocks_after=hasattr(queue_cls, "iter_blocks_after"),
-        free_blocks_prepends_unhashed="prepend_n" in inspect.getsource(BlockPool.free_blocks),
+        # 0.23 has prepend_n behind a `prepend` flag; 0.24+ prepends whatever has no hash.
+        free_blocks_prepends_unhashed=all(
+            key in inspect.getsource(BlockPool.free_blocks) for key in ("prepend_n", "block_hash is None")
+        ),
         bind_hook=next(
             (name for name in ("bind_kv_cache_manager", "bind_gpu_block_pool") if f".{name}(" in init_src), ""
         ),
