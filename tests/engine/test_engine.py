@@ -116,8 +116,9 @@ def test_offload_serves_loads_and_keeps_outputs(stock: dict[str, Any], mode: str
 
 
 def assert_counters_agree(m: dict[str, float]) -> None:
-    """Every counter the run's events move is > 0, and they tell one story (one sink, once per block)."""
-    from vllm_bidkv.counters import COUNTERS
+    """Every counter the run's events move is > 0, they tell one story (one sink, once per block),
+    and the gauges are idle at the end."""
+    from vllm_bidkv.counters import COUNTERS, IDLE_ZERO_GAUGES
 
     moved = {name: m.get(f"vllm:bidkv_{name}", 0) for name in COUNTERS if name != "load_errors"}
     assert all(moved.values()), f"counters that never moved: {[n for n, v in moved.items() if not v]}"
@@ -130,6 +131,11 @@ def assert_counters_agree(m: dict[str, float]) -> None:
     assert block_bytes == 64 * 1024 == moved["bytes_loaded"] / moved["blocks_loaded"]
     assert moved["cpu_evictions"] <= moved["blocks_stored"] - 128, "a 128-slot tier evicts only when full"
     assert m["vllm:bidkv_preemptions"] == m["vllm:num_preemptions"]
+    # After the run every gauge is at its idle value; the tier keeps what it cached, whole blocks.
+    assert {g: m[f"vllm:bidkv_{g}"] for g in IDLE_ZERO_GAUGES} == dict.fromkeys(IDLE_ZERO_GAUGES, 0.0)
+    assert m["vllm:bidkv_tier_capacity_bytes"] == 128 * block_bytes
+    assert 0 < m["vllm:bidkv_tier_entries"] <= 128
+    assert m["vllm:bidkv_tier_used_bytes"] == m["vllm:bidkv_tier_entries"] * block_bytes
 
 
 # Every strategy under FCFS, and SJF admission with vLLM's victim and ours: each engine start
