@@ -321,7 +321,7 @@ def build_release_env(release: Release, cache: Path) -> tuple[Env | None, dict[s
     return env, result
 
 
-def test_release(
+def run_release_tests(
     release: Release, env: Env | None, result: dict[str, Any], cache: Path, single_thread: bool
 ) -> dict[str, Any]:
     if env is None:
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(release: Release, single_thread: bool) -> None:
         env, result = envs[release.key].result()
         print(f"[matrix] {release.label}: start", flush=True)
-        result = test_release(release, env, result, cache, single_thread)
+        result = run_release_tests(release, env, result, cache, single_thread)
         results[release.key] = result
         summary = ", ".join(f"{t} {'ok' if v['ok'] else 'FAIL'}" for t, v in result["tiers"].items())
         where = "" if result["ok"] else f"  log: {cache / 'results' / release.key}.log"
