@@ -105,6 +105,23 @@ def tiny_model_dir(
     return path
 
 
+BUILTIN_MODELS: dict[str, dict[str, int]] = {
+    # 2 layers x 256: a step is mostly vLLM's Python; checks the mechanism, not the trade.
+    "tiny": {},
+    # 6 layers x 768 (39 M parameters): a prefill step here is mostly the forward (RESULTS.md
+    # "Engine step profile"), so recomputing a token costs what it would on a real model.
+    "llama-6x768": {"hidden_size": 768, "num_layers": 6, "num_heads": 12, "num_kv_heads": 4},
+}
+"""Models made here, by name (``bench engine --model NAME``); their head_dim is 64."""
+
+
+def model_path(name: str) -> str:
+    """A built-in model's directory (made on first use); any other name or path as given."""
+    if name in BUILTIN_MODELS:
+        return str(tiny_model_dir(**BUILTIN_MODELS[name]))
+    return name
+
+
 def _build(path: Path, spec: dict[str, int]) -> None:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

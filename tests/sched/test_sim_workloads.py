@@ -40,7 +40,7 @@ def test_next_turn_starts_with_prompt_and_actual_output(name: str, monkeypatch: 
     assert played is not None and len(played.requests) == workload.total_requests == 30
     assert all(t.num_output_tokens == t.expected_output_tokens for t in result.timings)
     turns: dict[int, list[int]] = {}
-    for index, session in enumerate(played._session_of):
+    for index, (session, _) in enumerate(played.turns):
         turns.setdefault(session, []).append(index)
     pairs = 0
     for indices in turns.values():

@@ -50,7 +50,7 @@ def add_commands(sub: Any) -> None:
 
     for kind, text in (
         ("sim", "vLLM's real Scheduler + BidKVConnector, timed by an H100 cost model"),
-        ("engine", "the real vLLM engine on this machine (tiny model), one process per config"),
+        ("engine", "the real vLLM engine (any model vLLM loads), one process per config, or --server"),
     ):
         parser = kinds.add_parser(kind, help=text)
         _matrix_args(parser, kind)
@@ -81,7 +81,7 @@ def add_commands(sub: Any) -> None:
     report.set_defaults(func=_report)
 
     demo = sub.add_parser(
-        "demo", help="stock vLLM vs BidKV on the real engine: a bursty shared-prefix workload"
+        "demo", help="stock vLLM vs BidKV on the real engine: closed-loop chat and shared-prefix bursts"
     )
     demo.add_argument("--plot", default="vllm-bidkv-demo", metavar="DIR", help="where plots and JSON go")
     demo.add_argument("--no-progress", action="store_true")
@@ -98,12 +98,74 @@ def _matrix_args(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument(
         "--admission", choices=("fcfs", "sjf"), default="fcfs", help="the same for every config"
     )
-    parser.add_argument("--seed", type=int, default=0, help="workload seed of run 0 (run r uses seed + r)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="workload seed (sim: run r uses seed + r; engine: every run)"
+    )
     parser.add_argument("--json", metavar="FILE", help='write {"results": [...]}')
     parser.add_argument("--csv", metavar="FILE")
     parser.add_argument("--markdown", metavar="FILE", help="write the table of medians")
     parser.add_argument("--plot", metavar="DIR", help="write TTFT CDF and p99-TTFT/throughput-vs-rate PNGs")
     parser.add_argument("--no-progress", action="store_true")
+    if kind == "engine":
+        _engine_args(parser)
+
+
+# bench engine flag -> BenchPreset field, with vLLM's own flag names.
+ENGINE_FLAGS = {
+    "model": "model",
+    "dtype": "dtype",
+    "block_size": "block_size",
+    "max_num_seqs": "max_num_seqs",
+    "num_gpu_blocks_override": "num_gpu_blocks",
+    "max_model_len": "max_model_len",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "cpu_bytes": "cpu_bytes",
+}
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    from vllm_bidkv.tiny_model import BUILTIN_MODELS
+
+    group = parser.add_argument_group("engine (default: the preset's)")
+    group.add_argument(
+        "--model",
+        help=f"a model directory or a name vLLM loads, or one made here: {', '.join(BUILTIN_MODELS)}",
+    )
+    group.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    group.add_argument("--block-size", type=_positive_int)
+    group.add_argument("--max-num-seqs", type=_positive_int)
+    group.add_argument(
+        "--num-gpu-blocks-override", type=_positive_int, help="GPU KV blocks (small: preemption)"
+    )
+    group.add_argument("--max-model-len", type=_positive_int)
+    group.add_argument("--max-num-batched-tokens", type=_positive_int)
+    group.add_argument("--gpu-memory-utilization", type=_fraction)
+    group.add_argument("--tensor-parallel-size", type=_positive_int)
+    group.add_argument("--cpu-bytes", type=_positive_int, help="CPU tier bytes per worker (offload configs)")
+    group.add_argument(
+        "--server",
+        metavar="URL,...|auto",
+        help="drive running OpenAI servers (vllm serve), one URL per --configs entry in that order, "
+        "with vLLM's benchmark client; 'auto': start one per config with the engine flags",
+    )
 
 
 def matrix_from_args(args: argparse.Namespace) -> Any:
@@ -126,17 +188,46 @@ def matrix_from_args(args: argparse.Namespace) -> Any:
         trace = args.workload
     if args.num_requests is not None:
         preset = replace(preset, num_requests=args.num_requests)
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in ENGINE_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
+    preset = replace(preset, **overrides)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else list(preset.rates)
+    configs = parse_configs(args.configs or list(preset.configs), with_unbounded=preset.with_unbounded)
+    servers = None
+    if getattr(args, "server", None):
+        servers = _servers(args.server, configs)
+        configs = [c for c in configs if c.name in servers]
     return Matrix(
         kind=args.kind,
         preset=preset,
-        configs=parse_configs(args.configs or list(preset.configs)),
+        configs=configs,
         rates=rates,
         runs=args.runs or preset.runs,
         admission=args.admission,
         seed=args.seed,
         trace=trace,
+        servers=servers,
     )
+
+
+def _servers(value: str, configs: list[Any]) -> dict[str, str | None]:
+    """``--server``: config name -> URL (None: the runner starts it). With URLs, ``unbounded`` is
+    dropped (it needs a server with more GPU blocks: start one and list it)."""
+    if value == "auto":
+        return {c.name: None for c in configs}
+    urls = [u.strip() for u in value.split(",")]
+    named = [c for c in configs if c.name != "unbounded"]
+    if len(urls) == len(named) + 1:  # the user listed unbounded's server too
+        named = configs
+    if len(urls) != len(named) or not all(u.startswith(("http://", "https://")) for u in urls):
+        raise SystemExit(
+            f"--server: give 'auto' or one http(s) URL per config ({', '.join(c.name for c in named)}); "
+            f"got {value!r}"
+        )
+    return {c.name: url for c, url in zip(named, urls, strict=True)}
 
 
 def write_outputs(
@@ -221,8 +312,11 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_PRESETS = ("cpu-llama-chat", "cpu-llama-bursty")
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from vllm_bidkv.bench.configs import parse_configs
     from vllm_bidkv.bench.presets import get_preset
@@ -230,16 +324,22 @@ def _demo(args: argparse.Namespace) -> int:
     from vllm_bidkv.bench.runner import Matrix, run_matrix
 
     _quiet()
-    preset = get_preset("demo")
-    matrix = Matrix("engine", preset, parse_configs(list(preset.configs)), list(preset.rates), preset.runs)
-    print(
-        f"vllm-bidkv demo: {preset.num_requests} requests in bursts sharing system prompts, "
-        "real vLLM engine on CPU "
-        f"(tiny model, {preset.num_gpu_blocks} KV blocks of {preset.block_size}); "
-        f"configs {', '.join(c.name for c in matrix.configs)}; one engine start each (~20-40 s)"
-    )
-    records = run_matrix(matrix, progress=not args.no_progress)
-    args.json = str(Path(args.plot) / "demo.json")
-    meta = {**machine_meta(), "preset": asdict(preset), "admission": "fcfs", "seed": 0}
-    print(write_outputs(records, args, meta, "demo"))
-    return 1 if any("error" in r for r in records) else 0
+    failed = False
+    for name in DEMO_PRESETS:
+        preset = replace(get_preset(name), runs=1)
+        configs = parse_configs(list(preset.configs), with_unbounded=False)
+        print(
+            f"\nvllm-bidkv demo, {name}: workload {preset.workload} ({preset.num_requests} requests), "
+            f"real vLLM engine on CPU, model {preset.model} (random weights, made here), "
+            f"{preset.num_gpu_blocks} KV blocks of {preset.block_size} tokens; configs "
+            f"{', '.join(c.name for c in configs)}; one engine start each. One run per config: "
+            "docs/RESULTS.md has 3 interleaved runs with their spread.",
+            flush=True,
+        )
+        matrix = Matrix("engine", preset, configs, list(preset.rates), 1)
+        records = run_matrix(matrix, progress=not args.no_progress)
+        args.json = str(Path(args.plot) / f"demo-{name}.json")
+        meta = {**machine_meta(), "preset": asdict(preset), "admission": "fcfs", "seed": 0}
+        print(write_outputs(records, args, meta, f"demo-{name}"))
+        failed |= any("error" in r for r in records)
+    return 1 if failed else 0

@@ -11,6 +11,9 @@ offload; vLLM's peers have no SJF, so they refuse ``sjf``.
 Kinds of config:
 
 * ``stock``: vLLM without a connector.
+* ``kill-switch``: BidKVConnector with ``kill_switch``: every patch applied, nothing done
+  (vLLM's victim, no offload). Against ``stock`` it isolates the cost of vLLM's own
+  connector path and of our patches.
 * BidKV: a victim strategy (``vllm_bidkv.policy.STRATEGIES``) with offload ``off`` (victim
   rule alone), ``lazy`` or ``eager``. Names: the strategy (``lcf``), ``+offload`` for lazy
   (``lcf+offload``); ``offload`` is vLLM's own victim with our lazy tier.
@@ -54,6 +57,8 @@ class RunConfig:
     """``ideal-tier``: CPU tier without a size limit, copies that take no time."""
     label: str = ""
     """How reports describe the config (empty: nothing to add)."""
+    kill_switch: bool = False
+    """BidKVConnector loaded and patched in, but inert (``kill_switch``): vLLM's connector path alone."""
 
     @property
     def is_peer(self) -> bool:
@@ -76,6 +81,8 @@ class RunConfig:
         }
         if self.offload_mode != "off":
             extra["cpu_bytes"] = cpu_bytes
+        if self.kill_switch:
+            extra["kill_switch"] = True
         return extra
 
     def kv_transfer_config(self, admission: str, cpu_bytes: int) -> dict[str, Any] | None:
@@ -107,6 +114,7 @@ CONFIGS: dict[str, RunConfig] = {
         RunConfig("stock"),
         RunConfig("unbounded", unbounded=True, label="more GPU memory (nothing preempted), not a bound"),
         RunConfig("vllm-default", "vllm-default"),
+        RunConfig("kill-switch", "vllm-default", kill_switch=True, label="BidKVConnector loaded, inert"),
         RunConfig("random", "random"),
         RunConfig("largest-first", "largest-first"),
         RunConfig("bidkv-0.1", "bidkv-0.1"),
@@ -153,8 +161,8 @@ CONFIGS: dict[str, RunConfig] = {
 }
 
 
-def parse_configs(names: str | list[str]) -> list[RunConfig]:
-    """Configs by name (comma-separated or a list); ``unbounded`` is always included, last."""
+def parse_configs(names: str | list[str], *, with_unbounded: bool = True) -> list[RunConfig]:
+    """Configs by name (comma-separated or a list); ``unbounded`` last, unless ``with_unbounded`` is off."""
     items = names.split(",") if isinstance(names, str) else names
     out = []
     for name in (n.strip() for n in items):
@@ -162,7 +170,7 @@ def parse_configs(names: str | list[str]) -> list[RunConfig]:
             raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
         if name != "unbounded" and CONFIGS[name] not in out:
             out.append(CONFIGS[name])
-    return [*out, CONFIGS["unbounded"]]
+    return [*out, CONFIGS["unbounded"]] if with_unbounded else out
 
 
 def needs_connector(configs: list[RunConfig], admission: str) -> bool:

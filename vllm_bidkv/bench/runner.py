@@ -1,8 +1,9 @@
 """The benchmark matrix: every (rate, run, config) through the simulator or the real engine.
 
-Run ``r`` of a rate uses workload seed ``seed + r`` (the simulator is deterministic, so
-repeating one trace would repeat one number); with a trace file every run replays the
-file. Every config of one (rate, run) sees the same requests. A config that fails is
+In the simulator run ``r`` of a rate uses workload seed ``seed + r`` (it is deterministic,
+so repeating one trace would repeat one number); on the real engine every run replays the
+same workload (seed ``seed``), so the spread over runs is the box's noise and configs'
+min–max ranges compare; with a trace file every run replays the file. Every config of one (rate, run) sees the same requests. A config that fails is
 recorded with its error and the matrix goes on: a missing row says so, it is not
 silently absent. After the matrix, every record gets its distance to ``unbounded`` of
 the same (rate, run) (*more GPU memory*, not a bound) and, in the simulator, its
@@ -35,6 +36,9 @@ class Matrix:
     seed: int = 0
     trace: str | None = None
     """A JSONL trace replacing the preset's workload; ``rate`` then names the trace."""
+    servers: dict[str, str | None] | None = None
+    """Engine only: drive OpenAI servers instead of in-process engines, config name -> URL
+    (None: the runner starts that config's server)."""
 
     def workloads(self) -> list[tuple[float | str, int, Workload]]:
         out: list[tuple[float | str, int, Workload]] = []
@@ -49,7 +53,13 @@ class Matrix:
                         rate,
                         run,
                         make_workload(
-                            p.workload, p.num_requests, rate, self.seed + run, p.length_scale, p.max_model_len
+                            p.workload,
+                            p.num_requests,
+                            rate,
+                            self.seed + run if self.kind == "sim" else self.seed,
+                            p.length_scale,
+                            p.max_model_len,
+                            p.think_scale,
                         ),
                     )
                 )
@@ -69,21 +79,19 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs) * len(matrix.configs), desc=f"bench {matrix.kind}", disable=not progress)
     reference = _reference(matrix.configs)
-    for rate, run, workload in jobs:
-        reference_outputs: dict[str, list[int]] | None = None
-        for config in sorted(matrix.configs, key=lambda c: c is not reference):
+    for job, (rate, run, workload) in enumerate(jobs):
+        # Engine wall times drift with whatever else runs: each (rate, run) starts with another
+        # config, so no config always meets the same moment of the box.
+        k = job % len(matrix.configs)
+        order = matrix.configs[k:] + matrix.configs[:k]
+        outputs: dict[str, dict[str, list[int]]] = {}
+        for config in order:
             bar.set_postfix_str(f"{config.name} @ {rate} run {run}")
             try:
                 if matrix.kind == "sim":
                     record = _sim_record(matrix, workload, config, rate, run, progress)
                 else:
-                    record, outputs = _engine_record(matrix, workload, config, rate, run)
-                    if config is reference:
-                        reference_outputs = outputs
-                    # None when the reference run failed: nothing to compare with.
-                    record["outputs_match"] = (
-                        None if reference_outputs is None else outputs == reference_outputs
-                    )
+                    record, outputs[config.name] = _engine_record(matrix, workload, config, rate, run)
             except Exception as err:  # noqa: BLE001 - recorded, shown in every report
                 record = {
                     "config": config.name,
@@ -94,6 +102,12 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
                 }
             records.append(record)
             bar.update()
+        if matrix.kind == "engine":
+            expected = outputs.get(reference.name) if reference is not None else None
+            for name, got in outputs.items():
+                record = next(r for r in records if (r["rate"], r["run"], r["config"]) == (rate, run, name))
+                # None when the reference run failed: nothing to compare with.
+                record["outputs_match"] = None if expected is None else got == expected
     bar.close()
     add_unbounded_distance(records)
     add_ideal_distance(records, matrix.kind)
@@ -101,10 +115,11 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
     return sorted(records, key=lambda r: (str(r["rate"]), r["run"], order[r["config"]]))
 
 
-def _reference(configs: list[RunConfig]) -> RunConfig:
-    """Stock (else unbounded, also stock vLLM): run first; every other config's outputs must equal its."""
+def _reference(configs: list[RunConfig]) -> RunConfig | None:
+    """Stock (else unbounded, also stock vLLM): every other config's outputs must equal its.
+    None: neither runs, so ``outputs_match`` is None (nothing to compare with)."""
     by_name = {c.name: c for c in configs}
-    return by_name.get("stock", by_name["unbounded"])
+    return by_name.get("stock", by_name.get("unbounded"))
 
 
 def _sim_record(
@@ -166,16 +181,29 @@ def _sim_record(
 def _engine_record(
     matrix: Matrix, workload: Workload, config: RunConfig, rate: float | str, run: int
 ) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    from vllm_bidkv.bench.engine import run_config
+    if matrix.servers is not None:
+        from vllm_bidkv.bench.remote import run_config_on_server
 
-    raw = run_config(workload, config, matrix.preset, admission=matrix.admission)
+        url = matrix.servers[config.name]
+        raw = run_config_on_server(workload, config, matrix.preset, admission=matrix.admission, url=url)
+    else:
+        from vllm_bidkv.bench.engine import run_config
+
+        raw = run_config(workload, config, matrix.preset, admission=matrix.admission)
     timings = [RequestTiming(**t) for t in raw["timings"]]
     extra = {
         "engine_start_s": raw["start_s"],
         "engine_warmup_s": raw["warmup_s"],
         "engine_run_s": raw["run_s"],
         "load_avg_1m": raw["load_avg"],
+        "model": matrix.preset.model,
     }
+    if "server" in raw:
+        extra["server"] = raw["server"]
+    if "profile" in raw:  # in-process engines: where each step's time went
+        extra["profile"] = raw["profile"]
+        extra["connector_share"] = raw["profile"]["connector_share"]
+        extra["full_batch_connector_share"] = raw["profile"]["full_batch_connector_share"]
     extra.update({"metric_" + k.split(":", 1)[1]: v for k, v in raw["metrics"].items()})
     summary = summarize(
         config.name,

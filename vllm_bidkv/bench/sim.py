@@ -50,25 +50,10 @@ from typing import Any
 
 from vllm_bidkv.bench.configs import RunConfig
 from vllm_bidkv.bench.costmodel import CostModel
-from vllm_bidkv.bench.metrics import RequestTiming, SchedulerProbe, StepCounters, plan_blocks
+from vllm_bidkv.bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe, StepCounters, plan_blocks
 from vllm_bidkv.bench.presets import BenchPreset
 from vllm_bidkv.bench.workloads import FIRST_TOKEN_ID, Workload
 from vllm_bidkv.patches.standalone import build_scheduler, make_request, model_output
-
-# Connector methods the Scheduler calls; timed when the connector defines them.
-_CONNECTOR_CALLS = (
-    "get_num_new_matched_tokens",
-    "update_state_after_alloc",
-    "build_connector_meta",
-    "update_connector_output",
-    "request_finished",
-    "request_finished_all_groups",
-    "update_state_after_free",
-    "has_pending_block_frees",
-    "has_pending_push_work",
-    "on_new_request",
-    "get_kv_connector_stats",
-)
 
 
 @dataclass
@@ -103,31 +88,6 @@ class SimResult:
     """A peer connector's own counters (its stats, summed over the run) and its jobs as the
     worker model ran them: ``peer_store_jobs``, ``peer_stored_blocks``, ``peer_load_jobs``,
     ``peer_loaded_blocks``."""
-
-
-class _ConnectorTimer:
-    """Wall time inside the connector's scheduler-side calls (outermost call only)."""
-
-    def __init__(self, connector: Any) -> None:
-        self.total = 0.0
-        self._depth = 0
-        for name in _CONNECTOR_CALLS:
-            method = getattr(connector, name, None)
-            if callable(method):
-                setattr(connector, name, self.wrap(method))
-
-    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            self._depth += 1
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    self.total += time.perf_counter() - start
-
-        return timed
 
 
 def sim_model_dir(max_model_len: int) -> str:
@@ -496,7 +456,7 @@ class _Simulator:
         self.progress = progress
         self.probe = SchedulerProbe(scheduler)
         self.connector = scheduler.connector
-        self.timer = _ConnectorTimer(self.connector) if self.connector is not None else None
+        self.timer = ConnectorTimer(self.connector) if self.connector is not None else None
         self.vocab = scheduler.vllm_config.model_config.get_vocab_size()
         self.requests: dict[str, Any] = {}
         self.index_of: dict[str, int] = {}

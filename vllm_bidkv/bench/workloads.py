@@ -47,6 +47,8 @@ start with each session's first turn and grow while a runner plays them —
 next turn. ``Workload.replay()`` gives a fresh copy (first turns only) for each run;
 ``total_requests`` is known in advance (output lengths are fixed: ``ignore_eos``), and a
 session ends before a turn whose prompt + output would exceed ``max_context``.
+``think_scale`` multiplies every think time (the real-engine presets play whole sessions
+in a short run).
 
 Trace files (``load_jsonl``): one JSON object per line with ``arrival_s``, ``prompt_len``
 or ``prompt_tokens``, ``output_len``, optionally ``prefix_group`` with ``prefix_len``.
@@ -146,7 +148,8 @@ class Workload:
     _streams: dict[str, list[int]] = field(default_factory=dict, repr=False)
     sessions: ChatSessions | None = None
     """Closed loop: ``requests`` grows by ``on_finish`` while a runner plays the workload."""
-    _session_of: list[int] = field(default_factory=list, repr=False)
+    turns: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    """Closed loop: (session, turn) of each request, in ``requests`` order."""
 
     @property
     def total_requests(self) -> int:
@@ -159,7 +162,7 @@ class Workload:
         sessions = self.sessions.fresh()
         first = sorted(sessions.first_turns(), key=lambda t: t[1].arrival_s)
         return Workload(
-            self.name, self.seed, [r for _, r in first], sessions=sessions, _session_of=[s for s, _ in first]
+            self.name, self.seed, [r for _, r in first], sessions=sessions, turns=[(s, 0) for s, _ in first]
         )
 
     def on_finish(
@@ -168,15 +171,19 @@ class Workload:
         """Request ``index`` finished: its session's next turn is appended; its index, or None."""
         if self.sessions is None:
             return None
-        session = self._session_of[index]
-        turn = self.sessions.next_turn(session, prompt_ids, output_ids, finish_s)
-        if turn is None:
+        session, turn = self.turns[index]
+        request = self.sessions.next_turn(session, prompt_ids, output_ids, finish_s)
+        if request is None:
             return None
-        self.requests.append(turn)
-        self._session_of.append(session)
+        self.requests.append(request)
+        self.turns.append((session, turn + 1))
         return len(self.requests) - 1
 
     def request_id(self, index: int) -> str:
+        """Closed loop: named by session and turn, so ids do not depend on the order turns finish."""
+        if self.sessions is not None:
+            session, turn = self.turns[index]
+            return f"{self.name}-{session}.{turn}"
         return f"{self.name}-{index}"
 
     def prompt_token_ids(self, index: int, vocab_size: int) -> list[int]:
@@ -306,6 +313,7 @@ def _closed_loop(
     session_rate: float,
     make_session: Callable[[random.Random, float], SessionPlan],
     max_context: int,
+    think_scale: float,
 ) -> Workload:
     rng = random.Random(f"{name}/{seed}")
     plans: list[SessionPlan] = []
@@ -329,7 +337,7 @@ def _closed_loop(
                 plan.first_prompt,
                 plan.messages[: keep - 1],
                 plan.output_lens[:keep],
-                plan.think_s[: keep - 1],
+                tuple(t * think_scale for t in plan.think_s[: keep - 1]),
             )
         )
         turns += keep
@@ -338,7 +346,12 @@ def _closed_loop(
 
 
 def chat(
-    num_requests: int, rate: float, seed: int, length_scale: float = 1.0, max_context: int = 8192
+    num_requests: int,
+    rate: float,
+    seed: int,
+    length_scale: float = 1.0,
+    max_context: int = 8192,
+    think_scale: float = 1.0,
 ) -> Workload:
     srng = random.Random(f"chat/{seed}/system")
     system = [_ids(srng, _scaled(srng, 128, 512, length_scale)) for _ in range(8)]
@@ -357,11 +370,16 @@ def chat(
             tuple(rng.uniform(2.0, 20.0) for _ in range(n - 1)),
         )
 
-    return _closed_loop("chat", seed, num_requests, rate / mean_turns, session, max_context)
+    return _closed_loop("chat", seed, num_requests, rate / mean_turns, session, max_context, think_scale)
 
 
 def agentic(
-    num_requests: int, rate: float, seed: int, length_scale: float = 1.0, max_context: int = 8192
+    num_requests: int,
+    rate: float,
+    seed: int,
+    length_scale: float = 1.0,
+    max_context: int = 8192,
+    think_scale: float = 1.0,
 ) -> Workload:
     tools = _ids(random.Random(f"agentic/{seed}/tools"), _scaled(random.Random(0), 1024, 1024, length_scale))
     mean_turns = 12.0
@@ -379,7 +397,7 @@ def agentic(
             tuple(rng.uniform(0.5, 3.0) for _ in range(n - 1)),
         )
 
-    return _closed_loop("agentic", seed, num_requests, rate / mean_turns, session, max_context)
+    return _closed_loop("agentic", seed, num_requests, rate / mean_turns, session, max_context, think_scale)
 
 
 def rag(num_requests: int, rate: float, seed: int, length_scale: float = 1.0) -> Workload:
@@ -416,13 +434,19 @@ def make_workload(
     seed: int,
     length_scale: float = 1.0,
     max_context: int | None = None,
+    think_scale: float = 1.0,
 ) -> Workload:
+    """``max_context`` and ``think_scale`` (× every think time) apply to closed-loop workloads only."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
-    if num_requests < 1 or not rate > 0 or not length_scale > 0:
-        raise ValueError(f"workload {name}: need num_requests >= 1, rate > 0, length_scale > 0")
-    if name in CLOSED_LOOP and max_context is not None:
-        return WORKLOADS[name](num_requests, rate, seed, length_scale, max_context)  # type: ignore[call-arg]
+    if num_requests < 1 or not rate > 0 or not length_scale > 0 or not think_scale > 0:
+        raise ValueError(
+            f"workload {name}: need num_requests >= 1, rate > 0, length_scale > 0, think_scale > 0"
+        )
+    if name in CLOSED_LOOP:
+        return WORKLOADS[name](  # type: ignore[call-arg]
+            num_requests, rate, seed, length_scale, max_context or 8192, think_scale
+        )
     return WORKLOADS[name](num_requests, rate, seed, length_scale)
 
 

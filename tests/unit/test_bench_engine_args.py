@@ -1,0 +1,117 @@
+"""``bench engine`` arguments, configs and the step-cost fit: the parts that need no engine."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from vllm_bidkv.bench.cli import _matrix_args, _servers, matrix_from_args
+from vllm_bidkv.bench.configs import CONFIGS, parse_configs
+from vllm_bidkv.bench.engine import fit_line
+from vllm_bidkv.bench.workloads import make_workload
+
+pytestmark = pytest.mark.unit
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    _matrix_args(parser, "engine")
+    args = parser.parse_args(argv)
+    args.kind = "engine"
+    return args
+
+
+def test_engine_flags_override_the_preset() -> None:
+    args = parse(
+        "--preset", "cpu-tiny", "--model", "/models/mine", "--dtype", "bfloat16", "--block-size", "16",
+        "--max-num-seqs", "4", "--num-gpu-blocks-override", "99", "--max-model-len", "512",
+        "--gpu-memory-utilization", "0.5", "--tensor-parallel-size", "2", "--configs", "stock,bidkv+offload",
+    )  # fmt: skip
+    matrix = matrix_from_args(args)
+    p = matrix.preset
+    assert (p.model, p.dtype, p.block_size, p.max_num_seqs) == ("/models/mine", "bfloat16", 16, 4)
+    assert (p.num_gpu_blocks, p.max_model_len, p.gpu_memory_utilization, p.tensor_parallel_size) == (
+        99,
+        512,
+        0.5,
+        2,
+    )
+    assert [c.name for c in matrix.configs] == ["stock", "bidkv+offload", "unbounded"]
+    assert matrix.servers is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--block-size", "0"), "--block-size: must be an integer >= 1, got '0'"),
+        (("--max-num-seqs", "x"), "--max-num-seqs: must be an integer >= 1, got 'x'"),
+        (("--gpu-memory-utilization", "1.5"), "--gpu-memory-utilization: must be a number in (0, 1]"),
+        (("--dtype", "fp8"), "--dtype: invalid choice: 'fp8'"),
+    ],
+)
+def test_bad_engine_flags_name_the_flag(
+    argv: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert message in capsys.readouterr().err
+
+
+def test_server_urls_pair_with_configs_in_order() -> None:
+    configs = parse_configs("stock,bidkv+offload")
+    assert _servers("http://a:1,http://b:2", configs) == {
+        "stock": "http://a:1",
+        "bidkv+offload": "http://b:2",
+    }
+    with_unbounded = _servers("http://a:1,http://b:2,http://c:3", configs)
+    assert with_unbounded["unbounded"] == "http://c:3"
+    assert _servers("auto", configs) == {"stock": None, "bidkv+offload": None, "unbounded": None}
+    for bad in ("http://a:1", "a:1,b:2"):
+        with pytest.raises(SystemExit, match="one http\\(s\\) URL per config \\(stock, bidkv\\+offload\\)"):
+            _servers(bad, configs)
+    matrix = matrix_from_args(parse("--configs", "stock,bidkv+offload", "--server", "http://a:1,http://b:2"))
+    assert [c.name for c in matrix.configs] == ["stock", "bidkv+offload"]
+
+
+def test_kill_switch_config_loads_the_connector_inert() -> None:
+    extra = CONFIGS["kill-switch"].connector_extra("fcfs", 2**20)
+    assert extra == {
+        "victim_policy": "vllm-default",
+        "offload_mode": "off",
+        "admission": "fcfs",
+        "kill_switch": True,
+    }
+    assert CONFIGS["stock"].connector_extra("fcfs", 2**20) is None
+    assert [c.name for c in parse_configs("stock,kill-switch", with_unbounded=False)] == [
+        "stock",
+        "kill-switch",
+    ]
+
+
+def test_fit_line_recovers_fixed_and_per_token_cost() -> None:
+    a, b = fit_line([(tokens, 0.003 + 0.0002 * tokens) for tokens in (1, 16, 200, 512, 2048)])
+    assert a == pytest.approx(0.003) and b == pytest.approx(0.0002)
+    assert fit_line([]) == (0.0, 0.0)
+    assert fit_line([(8, 1.0), (8, 3.0)]) == (2.0, 0.0)  # one x: no slope to fit
+
+
+def test_think_scale_shortens_think_times_only() -> None:
+    base = make_workload("chat", 40, 4.0, 0, 0.3, 900)
+    fast = make_workload("chat", 40, 4.0, 0, 0.3, 900, think_scale=0.1)
+    assert [p.think_s for p in fast.sessions.plans] == [  # type: ignore[union-attr]
+        tuple(t * 0.1 for t in p.think_s)
+        for p in base.sessions.plans  # type: ignore[union-attr]
+    ]
+    assert [p.first_prompt for p in fast.sessions.plans] == [p.first_prompt for p in base.sessions.plans]  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="think_scale > 0"):
+        make_workload("chat", 40, 4.0, 0, think_scale=0)
+
+
+def test_closed_loop_request_ids_name_session_and_turn() -> None:
+    workload = make_workload("chat", 12, 4.0, 0, 0.3, 900).replay()
+    first = workload.request_id(0)
+    assert first.startswith("chat-") and first.endswith(".0")
+    session = workload.turns[0][0]
+    index = workload.on_finish(0, [5, 6], [7], 1.0)
+    assert index is not None and workload.request_id(index) == f"chat-{session}.1"
