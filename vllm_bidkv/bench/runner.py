@@ -3,8 +3,8 @@
 In the simulator run ``r`` of a rate uses workload seed ``seed + r`` (it is deterministic,
 so repeating one trace would repeat one number); on the real engine every run replays the
 same workload (seed ``seed``), so the spread over runs is the box's noise and configs'
-min–max ranges compare; with a trace file every run replays the file. Every config of one (rate, run) sees the same requests. A config that fails is
-recorded with its error and the matrix goes on: a missing row says so, it is not
+min–max ranges compare; with a trace file every run replays the file. Every config of one
+(rate, run) sees the same requests. A config that fails is recorded with its error and the matrix goes on: a missing row says so, it is not
 silently absent. After the matrix, every record gets its distance to ``unbounded`` of
 the same (rate, run) (*more GPU memory*, not a bound) and, in the simulator, its
 ``distance_to_ideal``: the ratio of its p99 TTFT and of its throughput to ``ideal-tier``'s
@@ -83,9 +83,9 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
         # Engine wall times drift with whatever else runs: each (rate, run) starts with another
         # config, so no config always meets the same moment of the box.
         k = job % len(matrix.configs)
-        order = matrix.configs[k:] + matrix.configs[:k]
         outputs: dict[str, dict[str, list[int]]] = {}
-        for config in order:
+        batch: dict[str, dict[str, Any]] = {}
+        for config in matrix.configs[k:] + matrix.configs[:k]:
             bar.set_postfix_str(f"{config.name} @ {rate} run {run}")
             try:
                 if matrix.kind == "sim":
@@ -101,13 +101,13 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
                     "error": repr(err),
                 }
             records.append(record)
+            batch[config.name] = record
             bar.update()
         if matrix.kind == "engine":
             expected = outputs.get(reference.name) if reference is not None else None
             for name, got in outputs.items():
-                record = next(r for r in records if (r["rate"], r["run"], r["config"]) == (rate, run, name))
                 # None when the reference run failed: nothing to compare with.
-                record["outputs_match"] = None if expected is None else got == expected
+                batch[name]["outputs_match"] = None if expected is None else got == expected
     bar.close()
     add_unbounded_distance(records)
     add_ideal_distance(records, matrix.kind)

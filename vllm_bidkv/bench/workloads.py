@@ -443,11 +443,12 @@ def make_workload(
         raise ValueError(
             f"workload {name}: need num_requests >= 1, rate > 0, length_scale > 0, think_scale > 0"
         )
-    if name in CLOSED_LOOP:
-        return WORKLOADS[name](  # type: ignore[call-arg]
-            num_requests, rate, seed, length_scale, max_context or 8192, think_scale
-        )
-    return WORKLOADS[name](num_requests, rate, seed, length_scale)
+    if name not in CLOSED_LOOP:
+        return WORKLOADS[name](num_requests, rate, seed, length_scale)
+    extra: dict[str, float] = {"think_scale": think_scale}
+    if max_context is not None:  # else the generator's own default
+        extra["max_context"] = max_context
+    return WORKLOADS[name](num_requests, rate, seed, length_scale, **extra)  # type: ignore[call-arg]
 
 
 # -- JSONL traces ----------------------------------------------------------------
