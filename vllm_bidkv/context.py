@@ -131,6 +131,7 @@ class SchedulerContext(Protocol):
 
     def request_ref_counts(self, request_id: str) -> list[int]:
         """Reference counts of the request's group-0 blocks, in order; [] if it holds none.
+        The null block (in place of a sliding window's skipped blocks) counts 0: it frees nothing.
 
         One call for what a ``get_block`` per block would give: the victim policy reads
         it for every preemptible request each time an allocation fails.

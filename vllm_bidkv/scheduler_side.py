@@ -74,10 +74,12 @@ class BidKVSchedulerSide:
         block_bytes: int = 0,
         world_size: int = 1,
         min_clean_blocks: int = 16,
+        sliding_window: int | None = None,
     ) -> None:
         """``num_slots``/``block_bytes``: the CPU tier's size, needed when offload is on;
         ``world_size``: workers that must finish each copy; ``min_clean_blocks``: the lazy
-        walk's floor (see ``OffloadPlanner``)."""
+        walk's floor; ``sliding_window``: tokens every layer attends to, None for full
+        attention (see ``OffloadPlanner``)."""
         if config.offload_enabled and num_slots < 1:
             raise ValueError(f"vllm-bidkv: offload_mode={config.offload_mode!r} needs CPU-tier slots")
         self.config = config
@@ -90,6 +92,7 @@ class BidKVSchedulerSide:
         self._block_bytes = block_bytes
         self._world_size = world_size
         self._min_clean_blocks = min_clean_blocks
+        self._sliding_window = sliding_window
         self._victims: list[RequestState] = []  # chosen in this schedule(), blocks not yet rescued
 
     def bind(self, ctx: SchedulerContext) -> None:
@@ -104,6 +107,7 @@ class BidKVSchedulerSide:
                 self._world_size,
                 block_bytes=self._block_bytes,
                 min_clean_blocks=self._min_clean_blocks,
+                sliding_window=self._sliding_window,
             )
 
     @property
@@ -197,9 +201,12 @@ class BidKVSchedulerSide:
         ``OffloadPlanner.plan_load``; the worker reports them as load errors).
         """
         state = self.requests.get(request.request_id)
-        if self.planner is None or state is None or state.cpu_hit_after is None or not num_external_tokens:
+        if self.planner is None or state is None or state.cpu_hit_after is None:
             return []
         gpu_hit, state.cpu_hit_after = state.cpu_hit_after, None
+        if not num_external_tokens:  # our hit was not taken (a MultiConnector sibling's was)
+            state.matched_tokens = gpu_hit
+            return []
         return self.planner.plan_load(
             request.request_id, request.block_hashes, gpu_block_ids, gpu_hit, num_external_tokens
         )

@@ -15,6 +15,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 _WORDS = [
     "the",
@@ -79,10 +80,17 @@ def tiny_model_dir(
     vocab_size: int = 512,
     max_position_embeddings: int = 4096,
     seed: int = 0,
+    sliding_window: int | None = None,
+    sliding_layers: tuple[int, ...] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Path of the tiny model directory, creating it on first use."""
-    spec = {
+    """Path of the tiny model directory, creating it on first use.
+
+    ``sliding_window`` with ``sliding_layers`` (layer indices; None: every layer) makes a
+    model whose listed layers attend to the last ``sliding_window`` tokens only (the config's
+    ``layer_types``, as Gemma 2/3 and gpt-oss mix them); the others are full attention.
+    """
+    spec: dict[str, object] = {
         "hidden_size": hidden_size,
         "num_layers": num_layers,
         "num_heads": num_heads,
@@ -92,6 +100,14 @@ def tiny_model_dir(
         "seed": seed,
         "format": 1,
     }
+    if sliding_window is not None:  # only set keys enter the digest: older models keep their dirs
+        layers = range(num_layers) if sliding_layers is None else sliding_layers
+        if not all(0 <= i < num_layers for i in layers):
+            raise ValueError(f"sliding_layers={sliding_layers!r}: layers are 0..{num_layers - 1}")
+        spec["sliding_window"] = sliding_window
+        spec["layer_types"] = [
+            "sliding_attention" if i in layers else "full_attention" for i in range(num_layers)
+        ]
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir or os.environ.get("VLLM_BIDKV_CACHE") or Path.home() / ".cache" / "vllm-bidkv")
     path = root / f"tiny-llama-{digest}"
@@ -122,7 +138,7 @@ def model_path(name: str) -> str:
     return name
 
 
-def _build(path: Path, spec: dict[str, int]) -> None:
+def _build(path: Path, spec: dict[str, Any]) -> None:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -152,6 +168,9 @@ def _build(path: Path, spec: dict[str, int]) -> None:
         eos_token_id=2,
         torch_dtype="float32",
     )
+    if "layer_types" in spec:  # read by vLLM's Llama: per-layer sliding window
+        config.sliding_window = spec["sliding_window"]
+        config.layer_types = spec["layer_types"]
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
 
 

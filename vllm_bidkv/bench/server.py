@@ -61,6 +61,7 @@ def openai_server(
     max_num_batched_tokens: int | None = None,
     gpu_memory_utilization: float = 0.3,
     tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
     enforce_eager: bool = True,
     env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
@@ -81,6 +82,8 @@ def openai_server(
         cmd += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
     if tensor_parallel_size != 1:
         cmd += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    if data_parallel_size != 1:  # one engine (scheduler, connector, tier) per rank
+        cmd += ["--data-parallel-size", str(data_parallel_size)]
     if enforce_eager:
         cmd += ["--enforce-eager"]
     if kv_transfer_config is not None:

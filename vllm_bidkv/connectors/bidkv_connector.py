@@ -76,16 +76,15 @@ def _check_offload(vllm_config: Any, kv_cache_config: Any, caps: Capabilities, c
     if kv_cache_config is None:
         raise ValueError("vllm-bidkv: offload needs the KV cache config (vLLM >= 0.13)")
     groups = kv_cache_config.kv_cache_groups
-    spec = groups[0].kv_cache_spec if groups else None
-    if (
-        len(groups) != 1
-        or type(spec).__name__ != "FullAttentionSpec"
-        or getattr(spec, "sliding_window", None)
-    ):
-        kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
+    kinds = [type(g.kv_cache_spec).__name__ for g in groups]
+    if kinds not in (["FullAttentionSpec"], ["SlidingWindowSpec"]):
+        # One group is what vLLM makes of any attention model while its hybrid allocator is
+        # off, which it turns off for a connector without SupportsHMA (this one): sliding-window
+        # layers mixed with full ones are allocated as full attention, every token kept.
         raise ValueError(
-            f"vllm-bidkv: the CPU tier supports one full-attention KV cache group; this model has [{kinds}] "
-            "(hybrid / sliding-window models are not supported yet). Set offload_mode='off'."
+            f"vllm-bidkv: the CPU tier needs one attention KV cache group (full or sliding window); "
+            f"this model has {len(groups)}: [{', '.join(kinds)}] (state-space / Mamba layers?). "
+            "Set offload_mode='off'."
         )
     return num_slots_for(config.cpu_bytes, _block_bytes(kv_cache_config))
 
@@ -108,12 +107,15 @@ class BidKVConnector(KVConnectorBase_V1):
             block_bytes = _block_bytes(kv_cache_config) * vllm_config.parallel_config.world_size
             transfer = vllm_config.kv_transfer_config
             if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
-                # A CPU tier is a cache: a block that fails to load is recomputed, never fatal.
+                # See recomputes_failed_loads; the Scheduler reads this after building us.
                 logger.warning(
                     "vllm-bidkv: kv_load_failure_policy=%r -> 'recompute'", transfer.kv_load_failure_policy
                 )
                 transfer.kv_load_failure_policy = "recompute"
         self._num_slots = num_slots
+        # Only a group of sliding-window layers skips blocks; a hybrid model's one group is full.
+        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec if num_slots else None
+        window = spec.sliding_window if type(spec).__name__ == "SlidingWindowSpec" else None
         self.scheduler_side: BidKVSchedulerSide | None = None
         self._unbound_scheduler: Any = None
         if role == KVConnectorRole.SCHEDULER:
@@ -122,6 +124,7 @@ class BidKVConnector(KVConnectorBase_V1):
                 num_slots=num_slots,
                 block_bytes=block_bytes,
                 world_size=vllm_config.parallel_config.world_size,
+                sliding_window=window,
             )
             if not hooks.bind_hook_installed():
                 # Loaded by module path without the plugin: bind on the first scheduler-side call.
@@ -157,6 +160,10 @@ class BidKVConnector(KVConnectorBase_V1):
         """True while active: our loads cannot race an in-flight step, so frees need not wait."""
         return self.config.active
 
+    def recomputes_failed_loads(self) -> bool:
+        """A CPU tier is a cache: a block that fails to load is recomputed, never fatal."""
+        return self.config.offload_enabled
+
     def chooses_victims(self) -> bool:
         return self.config.active
 
@@ -174,8 +181,8 @@ class BidKVConnector(KVConnectorBase_V1):
         return self._sched.match(request, num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        if num_external_tokens:
-            self._sched.after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens else []
+        self._sched.after_alloc(request, block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return BidKVConnectorMetadata(self._sched.plan_step(step_events(scheduler_output)))

@@ -12,8 +12,9 @@ Test hook (fault injection): ``FaultPlan``, selected by the environment variable
 ``VLLM_BIDKV_FAULTS`` (JSON, read when the first ``CopyWorker`` is built, in each
 worker process) or in-process with ``set_faults``, makes the copy path fail on
 purpose: load jobs that fail (every Nth, or those writing chosen GPU blocks), store
-batches that fail, and, with ``mid_batch``, copies that raise after copying half of
-their blocks. A failure takes the same path as a real one (the job is reported
+batches that fail, with ``mid_batch`` copies that raise after copying half of
+their blocks, and with ``rank`` only in the worker of that rank (one TP rank failing
+while the others succeed). A failure takes the same path as a real one (the job is reported
 failed; a load's blocks are reported as load errors, and vLLM recomputes them).
 Never set it in production.
 """
@@ -73,6 +74,7 @@ class FaultPlan:
     job writing any of these GPU block ids fails. ``store_every``: every Nth store batch
     (one step's rescues, or one step's post-forward stores) fails. ``mid_batch``: a
     failing copy first copies the first half of its blocks, then raises.
+    ``rank``: only the worker of this global rank fails (None: every worker).
     ``injected``: what was failed so far (jobs and blocks by kind), for tests.
     """
 
@@ -80,13 +82,14 @@ class FaultPlan:
     load_blocks: frozenset[int] = frozenset()
     store_every: int = 0
     mid_batch: bool = False
+    rank: int | None = None
     injected: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(("load_jobs", "load_blocks", "store_jobs", "store_blocks"), 0)
     )
     _loads_seen: int = 0
     _stores_seen: int = 0
 
-    KEYS = ("load_every", "load_blocks", "store_every", "mid_batch")
+    KEYS = ("load_every", "load_blocks", "store_every", "mid_batch", "rank")
 
     @classmethod
     def from_json(cls, text: str) -> FaultPlan:
@@ -112,7 +115,10 @@ class FaultPlan:
         mid_batch = spec.get("mid_batch", False)
         if not isinstance(mid_batch, bool):
             raise ValueError(f"vllm-bidkv: {FAULTS_ENV}: mid_batch={mid_batch!r} must be true or false")
-        return cls(spec.get("load_every", 0), frozenset(blocks), spec.get("store_every", 0), mid_batch)
+        rank = spec.get("rank")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+            raise ValueError(f"vllm-bidkv: {FAULTS_ENV}: rank={rank!r} must be a worker rank >= 0 or null")
+        return cls(spec.get("load_every", 0), frozenset(blocks), spec.get("store_every", 0), mid_batch, rank)
 
     def load_fails(self, job: TransferJob) -> bool:
         self._loads_seen += 1
@@ -143,8 +149,9 @@ def set_faults(plan: FaultPlan | None) -> None:
     _faults, _faults_read = plan, True
 
 
-def active_faults() -> FaultPlan | None:
-    """This process's fault plan: ``set_faults``'s, else ``VLLM_BIDKV_FAULTS``'s, else None."""
+def active_faults(rank: int = 0) -> FaultPlan | None:
+    """The fault plan of the worker of global ``rank`` in this process: ``set_faults``'s, else
+    ``VLLM_BIDKV_FAULTS``'s, else None; None too where the plan names another rank."""
     global _faults, _faults_read
     if not _faults_read:
         text = os.environ.get(FAULTS_ENV)
@@ -152,7 +159,12 @@ def active_faults() -> FaultPlan | None:
         _faults_read = True
         if _faults is not None:
             logger.warning("vllm-bidkv: fault injection active (%s=%s): a test hook", FAULTS_ENV, text)
-    return _faults
+    return _faults if _faults is None or _faults.rank in (None, rank) else None
+
+
+def worker_rank() -> int:
+    """This worker's global rank (tensor x pipeline parallel); 0 outside torch.distributed."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 class CopyWorker:
@@ -186,7 +198,8 @@ class CopyWorker:
         check_host_memory(config.cpu_bytes, num_slots * row_bytes, workers_on_host)
         self._cpu = allocate_like(views, num_slots, device="cpu", pin_memory=self._cuda)
         self._backend = config.copy_backend
-        active_faults()  # a bad VLLM_BIDKV_FAULTS fails at start-up, not in the first copy
+        self._rank = worker_rank()
+        active_faults(self._rank)  # a bad VLLM_BIDKV_FAULTS fails at start-up, not in the first copy
         self._results = JobResults()
         self._load_errors: set[int] = set()
         self._inflight: list[tuple[list[int], Any]] = []
@@ -216,7 +229,7 @@ class CopyWorker:
         copy_blocks(src, dst, src_ids, dst_ids, backend=self._backend)
 
     def run_loads(self, plan: StepPlan) -> None:
-        faults = active_faults()
+        faults = active_faults(self._rank)
         for job in plan.pre_forward_loads:
             # Blocks the tier could no longer supply: vLLM must recompute them.
             self._load_errors.update(job.unavailable_gpu_block_ids)
@@ -224,7 +237,9 @@ class CopyWorker:
             try:
                 self._copy(self._cpu, self._gpu, job.cpu_slots, job.gpu_block_ids, fault)
             except Exception:  # noqa: BLE001 - a failed load must turn into a recompute, not a crash
-                logger.exception("vllm-bidkv: load job %d failed; vLLM will recompute", job.job_id)
+                logger.exception(
+                    "vllm-bidkv: rank %d: load job %d failed; vLLM will recompute", self._rank, job.job_id
+                )
                 self._results.failed.add(job.job_id)
                 self._load_errors.update(job.gpu_block_ids)
                 continue
@@ -244,7 +259,7 @@ class CopyWorker:
         gpu_ids = [i for job in jobs for i in job.gpu_block_ids]
         cpu_ids = [s for job in jobs for s in job.cpu_slots]
         job_ids = [job.job_id for job in jobs]
-        faults = active_faults()
+        faults = active_faults(self._rank)
         fault = faults if faults is not None and faults.store_fails(jobs) else None
         try:
             if self._cuda:
@@ -265,7 +280,7 @@ class CopyWorker:
                 self._copy(self._gpu, self._cpu, gpu_ids, cpu_ids, fault)
                 self._finish(job_ids)
         except Exception:  # noqa: BLE001 - a failed store only loses a cache entry
-            logger.exception("vllm-bidkv: store of %d blocks failed", len(gpu_ids))
+            logger.exception("vllm-bidkv: rank %d: store of %d blocks failed", self._rank, len(gpu_ids))
             self._results.failed.update(job_ids)
 
     def _finish(self, job_ids: list[int]) -> None:

@@ -77,6 +77,7 @@ class OffloadPlanner:
         *,
         block_bytes: int = 0,
         min_clean_blocks: int = 16,
+        sliding_window: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"vllm-bidkv: offload_mode={mode!r} is invalid; expected one of {MODES}")
@@ -92,6 +93,7 @@ class OffloadPlanner:
         self._block_size = ctx.block_size
         self._block_bytes = block_bytes  # only for the byte counters; 0 = unknown
         self._min_clean = min_clean_blocks
+        self._window = sliding_window  # tokens each layer attends to; None: all (full attention)
         self._jobs: dict[int, _Pending] = {}  # planned, not finished; ids increase
         self._next_job_id = 0
         self._queued_loads: list[TransferJob] = []
@@ -120,9 +122,12 @@ class OffloadPlanner:
     def match(self, request: RequestView, num_computed_tokens: int) -> int:
         """Tokens after the GPU prefix hit the CPU tier can supply (vLLM's external hit).
 
-        The longest run of READY hashes from block ``num_computed_tokens // block_size``,
-        capped so one token is left to compute. 0 if ``num_computed_tokens`` is not
-        block aligned (copies are whole blocks). O(hit length); changes nothing.
+        The longest hit from block ``num_computed_tokens // block_size`` whose blocks are
+        READY in the tier, capped so one token is left to compute. With a sliding window,
+        only the blocks of the window before the hit's end are needed (vLLM gives the
+        others the null block), so a hit may start past blocks the tier lacks. 0 if
+        ``num_computed_tokens`` is not block aligned (copies are whole blocks). O(hit
+        length); changes nothing.
         """
         bs = self._block_size
         room = request.num_tokens - 1 - num_computed_tokens
@@ -131,12 +136,21 @@ class OffloadPlanner:
         hashes = request.block_hashes
         first = num_computed_tokens // bs
         last = min(len(hashes), first + math.ceil(room / bs))
-        hits = 0
+        run = hit = 0  # READY blocks in a row ending at block i; the best hit so far
         for i in range(first, last):
             if self._tier.lookup(hashes[i]) is None:
-                break
-            hits += 1
-        return min(hits * bs, room)
+                if self._window is None:
+                    break
+                run = 0
+                continue
+            run += 1
+            end = min((i + 1) * bs - num_computed_tokens, room)  # tokens the hit would supply
+            needed_from = first  # the first block vLLM will not null (see get_num_skipped_tokens)
+            if self._window is not None:
+                needed_from = max(first, (num_computed_tokens + end - self._window + 1) // bs)
+            if i + 1 - needed_from <= run:
+                hit = end
+        return hit
 
     def plan_load(
         self,
@@ -148,8 +162,9 @@ class OffloadPlanner:
     ) -> list[int]:
         """Queue the load of a ``match`` result into the blocks vLLM just allocated.
 
-        ``gpu_block_ids``: all of the request's group-0 blocks. Pins the CPU slots and
-        touches the destination blocks. If part of the hit left the tier since
+        ``gpu_block_ids``: all of the request's group-0 blocks; null ones (a sliding
+        window's skipped blocks) are not loaded. Pins the CPU slots and touches the
+        destination blocks. If part of the hit left the tier since
         ``match``, only the prefix still there is loaded; returns the GPU blocks of
         the rest (also in the job's ``unavailable_gpu_block_ids``), which the worker
         reports as load errors so vLLM recomputes them. Usually ``[]``.
@@ -170,13 +185,18 @@ class OffloadPlanner:
                 f"{len(block_hashes)} block hashes and {len(gpu_block_ids)} GPU blocks"
             )
         slots: list[int] = []
+        gpu_ids: list[int] = []
+        lost = end
         for i in range(first, end):
+            if self._ctx.get_block(gpu_block_ids[i]).is_null:
+                continue  # outside a sliding window: vLLM skipped the block, nothing reads it
             slot = self._tier.lookup(block_hashes[i])
             if slot is None:
+                lost = i
                 break
             slots.append(slot)
-        gpu_ids = gpu_block_ids[first : first + len(slots)]
-        unavailable = gpu_block_ids[first + len(slots) : end]
+            gpu_ids.append(gpu_block_ids[i])
+        unavailable = gpu_block_ids[lost:end]
         for slot in slots:
             self._tier.pin(slot)
         try:

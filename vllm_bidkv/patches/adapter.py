@@ -234,7 +234,8 @@ class BlockPoolContext:
         if self._manager is None:
             return []
         blocks = self._manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ())
-        return [block.ref_cnt for block in blocks]
+        # A sliding window's skipped blocks are the null block, whose ref_cnt vLLM does not keep.
+        return [0 if block.is_null else block.ref_cnt for block in blocks]
 
     def get_request(self, request_id: str) -> Any:
         return None if self._scheduler is None else self._scheduler.requests.get(request_id)

@@ -79,6 +79,8 @@ class BoundConnector(Protocol):
 
     def loads_ordered_on_compute_stream(self) -> bool: ...
 
+    def recomputes_failed_loads(self) -> bool: ...
+
     def chooses_victims(self) -> bool: ...
 
     def choose_victim(self, requests: list[Any], requester: Any = None) -> Any:
@@ -90,11 +92,27 @@ class BoundConnector(Protocol):
     def admission_key(self) -> Callable[[Any], Any] | None: ...
 
 
+def bound_connector(scheduler: Any) -> BoundConnector | None:
+    """The scheduler's connector if it is ours, else our child of its ``MultiConnector``; None
+    if neither. A MultiConnector forwards every connector hook to each child, but these
+    calls are not connector hooks, so they go to our child directly."""
+    connector = getattr(scheduler, "connector", None)
+    for candidate in (connector, *getattr(connector, "_connectors", ())):
+        if hasattr(candidate, "bind_scheduler_context"):
+            return candidate  # type: ignore[no-any-return]
+    return None
+
+
 def _bind(scheduler: Any) -> None:
-    connector: BoundConnector | None = getattr(scheduler, "connector", None)
-    if connector is None or not hasattr(connector, "bind_scheduler_context"):
+    connector = bound_connector(scheduler)
+    if connector is None:
         return
     connector.bind_scheduler_context(BlockPoolContext.for_scheduler(scheduler))
+    if connector.recomputes_failed_loads() and not getattr(scheduler, "recompute_kv_load_failures", True):
+        # Our connector sets kv_load_failure_policy='recompute' on its own config; under a
+        # MultiConnector that is a child's copy, which vLLM's Scheduler never reads.
+        logger.warning("vllm-bidkv: kv_load_failure_policy -> 'recompute' for every child connector")
+        scheduler.recompute_kv_load_failures = True
     if getattr(scheduler, "defer_block_free", False) and connector.loads_ordered_on_compute_stream():
         # vLLM defers frees for kv_both/consumer connectors under async scheduling, in case
         # a load into a freed block races the in-flight step still writing it. Our loads run
@@ -110,7 +128,7 @@ def _bind(scheduler: Any) -> None:
 
 # -- victim hook --------------------------------------------------------------
 def install_victim_hook(scheduler: Any) -> bool:
-    """Let ``scheduler.connector.choose_victim`` pick vLLM's next victim (see module doc)."""
+    """Let our connector's ``choose_victim`` pick vLLM's next victim (see module doc)."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
     from vllm.v1.request import RequestStatus
 
@@ -128,7 +146,8 @@ def install_victim_hook(scheduler: Any) -> bool:
 
     def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
         blocks = original(request, *args, **kwargs)
-        connector: BoundConnector = scheduler.connector
+        connector = bound_connector(scheduler)
+        assert connector is not None, "the hook is installed only for a scheduler with our connector"
         # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
         if (
             blocks is None

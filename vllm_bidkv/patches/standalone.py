@@ -30,6 +30,7 @@ def build_scheduler(
     kv_transfer_config: Mapping[str, Any] | None = None,
     enable_prefix_caching: bool = True,
     log_stats: bool = False,
+    sliding_window: int | None = None,
 ) -> Any:
     import torch
     from vllm.config import (
@@ -46,6 +47,7 @@ def build_scheduler(
         KVCacheConfig,
         KVCacheGroupSpec,
         KVCacheTensor,
+        SlidingWindowSpec,
     )
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -66,8 +68,11 @@ def build_scheduler(
         device_config=DeviceConfig("cpu"),
         kv_transfer_config=KVTransferConfig(**kv_transfer_config) if kv_transfer_config else None,
     )
-    spec = FullAttentionSpec(
-        block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size, dtype=torch.bfloat16
+    shape = {"block_size": block_size, "num_kv_heads": num_kv_heads, "head_size": head_size}
+    spec = (  # every layer full attention, or every layer sliding window (one group either way)
+        FullAttentionSpec(**shape, dtype=torch.bfloat16)
+        if sliding_window is None
+        else SlidingWindowSpec(**shape, dtype=torch.bfloat16, sliding_window=sliding_window)
     )
     layers = [f"layers.{i}.attn" for i in range(num_layers)]
     kv_cache_config = KVCacheConfig(
