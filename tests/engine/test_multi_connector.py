@@ -11,7 +11,6 @@ One engine process runs stock and then the composition (``engine_series``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
