@@ -100,6 +100,8 @@ def tiny_model_dir(
         "seed": seed,
         "format": 1,
     }
+    if sliding_layers is not None and sliding_window is None:
+        raise ValueError(f"sliding_layers={sliding_layers!r} needs a sliding_window (tokens)")
     if sliding_window is not None:  # only set keys enter the digest: older models keep their dirs
         layers = range(num_layers) if sliding_layers is None else sliding_layers
         if not all(0 <= i < num_layers for i in layers):

