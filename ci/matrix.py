@@ -339,6 +339,20 @@ def run_release_tests(
     return result
 
 
+def failure_report(result: dict[str, Any], log: Path, tail: int = 25) -> str:
+    """Each failed tier's reason and failing tests, then the end of the row's log."""
+    lines = [
+        f"[matrix]   {name}: {tier.get('reason', '')}; "
+        + (", ".join(tier.get("failures", [])) or "no test named")
+        for name, tier in result.get("tiers", {}).items()
+        if not tier["ok"]
+    ]
+    if result.get("setup_error"):
+        lines.append(f"[matrix]   setup: {result['setup_error']}")
+    text = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return "\n".join(lines + [f"[matrix]   | {line}" for line in text[-tail:]])
+
+
 # -- rendering -------------------------------------------------------------------------
 def _cell(tier: dict[str, Any] | None) -> str:
     if tier is None:
@@ -594,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         where = "" if result["ok"] else f"  log: {cache / 'results' / release.key}.log"
         seconds = f"setup {result['setup_seconds']:.0f} s, tests {result.get('test_seconds', 0):.0f} s"
         print(f"[matrix] {release.label}: {summary} ({seconds}){where}", flush=True)
+        if not result["ok"]:  # CI shows only this output: say why here, not only in the log
+            print(failure_report(result, cache / "results" / f"{release.key}.log"), flush=True)
 
     for release in full:
         run(release, single_thread=False)

@@ -202,16 +202,19 @@ def test_unsupported_kv_layout_is_refused_at_registration(make_scheduler: Any) -
 def test_cpu_tier_larger_than_host_memory_is_refused_at_registration(make_scheduler: Any) -> None:
     """Pages are only taken as the tier fills: without a check at start-up, the kernel kills the
     engine hours later. Refused with the key and both numbers."""
+    from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from vllm_bidkv.connectors.worker import available_host_bytes
 
     available = available_host_bytes()
     assert available is not None, "Linux exposes MemAvailable"
-    scheduler = make_scheduler(
-        kv_transfer_config=connector_config(cpu_bytes=1000 * available)
-    )  # test rows are small
-    worker = BidKVConnector(scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
+    # Only the worker role takes the tier's memory; a scheduler role of this size would build
+    # bookkeeping for billions of 2 KiB slots (a source-patched vLLM binds it at once).
+    scheduler = make_scheduler()
+    vllm_config = scheduler.vllm_config
+    vllm_config.kv_transfer_config = KVTransferConfig(**connector_config(cpu_bytes=1000 * available))
+    worker = BidKVConnector(vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
     caches = {"layers.0.attn": torch.zeros(2, 64, 16, 2, 8)}  # [K/V, num_blocks=64, ...]
     with pytest.raises(ValueError, match=r"cpu_bytes=\d+ does not fit this host: 1 worker\(s\) x \d+ bytes"):
         worker.register_kv_caches(caches)
