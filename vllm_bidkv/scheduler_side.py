@@ -139,7 +139,8 @@ class BidKVSchedulerSide:
         """
         if not self.active or not requests:
             return None
-        candidates = [self.candidate(i, r, r is requester) for i, r in enumerate(requests)]
+        shortfall = None if requester is None else self.shortfall_blocks(requester)
+        candidates = [self.candidate(i, r, r is requester, shortfall) for i, r in enumerate(requests)]
         chosen = self.strategy.choose(candidates) or candidates[-1]
         victim = requests[chosen.order]
         self.counters.add("preemptions")
@@ -153,8 +154,21 @@ class BidKVSchedulerSide:
             self._victims.append(state)
         return victim
 
-    def candidate(self, order: int, request: RequestView, is_requester: bool = False) -> Candidate:
-        """What preempting ``request`` frees and costs, from one batched context call. O(blocks)."""
+    def shortfall_blocks(self, requester: RequestView) -> int:
+        """Blocks ``requester`` lacks to hold all its tokens, beyond the free pool; at least 1
+        (its allocation failed). Exact for a decode step; a chunked prefill asks for less
+        than the rest of its prompt, so this may overstate its need (U then caps less)."""
+        assert self.ctx is not None, "bind() first"
+        groups = self.ctx.request_block_ids(requester.request_id)
+        held = len(groups[0]) if groups else 0
+        needed = -(-requester.num_tokens // self.ctx.block_size) - held
+        return max(1, needed - self.ctx.num_free_blocks())
+
+    def candidate(
+        self, order: int, request: RequestView, is_requester: bool = False, shortfall: int | None = None
+    ) -> Candidate:
+        """What preempting ``request`` frees and costs, from one batched context call. O(blocks).
+        ``shortfall``: the requester's ``shortfall_blocks`` in this decision, if known."""
         assert self.ctx is not None, "bind() first"
         refs = self.ctx.request_ref_counts(request.request_id)
         bs = self.ctx.block_size
@@ -181,6 +195,7 @@ class BidKVSchedulerSide:
             priority=request.priority,
             arrival_time=request.arrival_time,
             is_requester=is_requester,
+            shortfall_blocks=shortfall,
         )
 
     # -- loads ---------------------------------------------------------------------

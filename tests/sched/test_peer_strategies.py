@@ -1,4 +1,5 @@
-"""The peers' victim rules (lcf, reclaim-score, remaining-output, bidkv-0.2) in vLLM's real Scheduler.
+"""Victim rules in vLLM's real Scheduler: the peers' (lcf, reclaim-score, remaining-output,
+bidkv-0.2) and ours (bidkv, offload off).
 
 Each decision is checked against the rule recomputed here from the requests vLLM hands
 the connector (``connector.choose_victim(requests, requester)``, looked up on the
@@ -67,6 +68,40 @@ class Bid02Rule:
         return victim
 
 
+def shortfall(ctx: Any, requester: Any) -> int:
+    """Blocks the requester lacks beyond the free pool (at least 1: its allocation failed)."""
+    groups = ctx.request_block_ids(requester.request_id)
+    held = len(groups[0]) if groups else 0
+    return max(1, -(-requester.num_tokens // ctx.block_size) - held - ctx.num_free_blocks())
+
+
+def bidkv_u(ctx: Any, r: Any, need: int | None) -> float:
+    """Our bid with offload off and the default constants: r capped at the requester's need
+    (uncapped when ``need`` is None) over δ = recompute of what the GPU prefix cache does not
+    keep + progress + starvation."""
+    refs = ctx.request_ref_counts(r.request_id)
+    shared_blocks = next((i for i, ref in enumerate(refs) if ref <= 1), len(refs))
+    start, end = min(r.num_computed_tokens, shared_blocks * ctx.block_size), r.num_computed_tokens
+    recompute = (end - start) + 3.3e-5 * (end * end - start * start) / 2
+    progress = min(1.0, r.num_output_tokens / r.max_tokens)
+    delta = recompute + 64.0 * progress + 256.0 * r.num_preemptions
+    freed = sum(1 for ref in refs if ref == 1)
+    return (freed if need is None else min(freed, need)) / (delta + 1e-6)
+
+
+class BidRule:
+    """bidkv as documented; also records whether the uncapped bid would have picked another."""
+
+    def __init__(self) -> None:
+        self.cap_decided: list[bool] = []
+
+    def __call__(self, ctx: Any, requests: Sequence[Any], requester: Any) -> Any:
+        need = shortfall(ctx, requester)
+        pick = newest_max(requests, lambda r: bidkv_u(ctx, r, need))
+        self.cap_decided.append(pick is not newest_max(requests, lambda r: bidkv_u(ctx, r, None)))
+        return pick
+
+
 def stateless(rule: Callable[[Any, Any], float]) -> Callable[[Any, Sequence[Any], Any], Any]:
     return lambda ctx, requests, requester: newest_max(requests, lambda r: rule(ctx, r))
 
@@ -82,6 +117,7 @@ RULES: dict[str, Callable[[], Callable[[Any, Sequence[Any], Any], Any]]] = {
     ),
     "remaining-output": lambda: stateless(lambda ctx, r: max(0, r.max_tokens - r.num_output_tokens)),
     "bidkv-0.2": Bid02Rule,
+    "bidkv": BidRule,
 }
 
 
@@ -134,3 +170,12 @@ def test_bidkv_02_guards_on_the_real_scheduler(make_scheduler: Any, patched: Non
         g is None and victim is not default
         for g, (default, victim) in zip(rule.guards, decisions, strict=True)
     )
+
+
+def test_bidkv_caps_its_bid_at_the_requesters_shortfall(make_scheduler: Any, patched: None) -> None:
+    """Every decision is U = min(r, shortfall) / (δ + ε), recomputed here; the cap is live:
+    some picks differ from the uncapped bid's, and some from vLLM's own."""
+    rule = BidRule()
+    decisions = run_checked(make_scheduler, "bidkv", rule, seed=4, lo=20, hi=200, max_out=150)
+    assert any(rule.cap_decided), "the cap changed no decision: this workload does not test it"
+    assert any(victim is not default for default, victim in decisions)

@@ -265,6 +265,36 @@ def test_bidkv_starvation_term_spares_repeat_victims() -> None:
     assert choose("bidkv", [other, victim_before], BidKVConfig(bid_starvation_weight=0.0)) == "r1"
 
 
+@pytest.mark.unit
+def test_bidkv_caps_r_at_the_shortfall() -> None:
+    # big: 64 blocks, 960 of its 1024 tokens in the CPU tier (cheap to bring back per block);
+    # small: 3 blocks, nothing restorable, 48 tokens to recompute.
+    big = cand(0, computed=1024, cpu_tokens=960)
+    small = cand(1, computed=48)
+    m = BidCostModel.from_config(CONFIG)
+    assert m.utility(big) > m.utility(small)  # uncapped: blocks per unit of loss
+    assert choose("bidkv", [big, small]) == "r0"
+
+    def need(n: int) -> list[Candidate]:
+        return [dataclasses.replace(c, shortfall_blocks=n) for c in (big, small)]
+
+    # The requester lacks 1 (or 3) blocks: both cover it, so the cheaper to bring back goes.
+    assert choose("bidkv", need(1)) == "r1"
+    assert choose("bidkv", need(3)) == "r1"
+    # 16 blocks: small covers 3 of them at 48 tokens' loss; big covers all 16 at ~196.
+    assert choose("bidkv", need(16)) == "r0"
+    assert m.utility(need(16)[0]) == pytest.approx(16 / (m.delta(big) + CONFIG.bid_epsilon))
+
+
+@pytest.mark.unit
+def test_bidkv_capped_ties_go_to_the_newest() -> None:
+    # Same loss, both cover the shortfall: equal bids although r0 frees 4x the blocks.
+    a = cand(0, computed=256, shortfall_blocks=2)
+    b = cand(1, computed=256, num_blocks=4, freeable_blocks=4, shortfall_blocks=2)
+    assert choose("bidkv", [a, b]) == "r1"
+    assert choose("bidkv", [b, a]) == "r1"  # by order, not by list position
+
+
 # ---------------------------------------------------------------- property
 
 
@@ -272,6 +302,7 @@ def test_bidkv_starvation_term_spares_repeat_victims() -> None:
 def candidate_lists(draw: st.DrawFn) -> list[Candidate]:
     n = draw(st.integers(1, 12))
     orders = draw(st.permutations(range(n)))
+    shortfall = draw(st.none() | st.integers(1, 64))  # one per decision
     out = []
     for order in orders:
         computed = draw(st.integers(0, 20000))
@@ -292,6 +323,7 @@ def candidate_lists(draw: st.DrawFn) -> list[Candidate]:
                 num_preemptions=draw(st.integers(0, 5)),
                 priority=0,
                 arrival_time=float(order),
+                shortfall_blocks=shortfall,
             )
         )
     return out
@@ -310,6 +342,31 @@ def test_property_choices(candidates: list[Candidate], seed: int) -> None:
     assert model.utility(chosen) == best
     assert chosen.order == max(c.order for c in candidates if model.utility(c) == best)
     assert all(model.delta(c) >= 0 for c in candidates)
+    if candidates[0].shortfall_blocks is not None:
+        assert all(
+            model.utility(c) <= c.shortfall_blocks / (model.delta(c) + model.epsilon) for c in candidates
+        )
+
+
+@pytest.mark.unit
+@given(candidate_lists())
+def test_property_with_nothing_restorable_a_capped_bid_is_lcf(candidates: list[Candidate]) -> None:
+    """No shared, CPU or offloadable tokens, no progress or starvation term, and every candidate
+    covers the shortfall: δ grows with computed tokens only, so bidkv picks what lcf picks."""
+    cfg = BidKVConfig(bid_progress_weight=0.0, bid_starvation_weight=0.0)
+    plain = [
+        dataclasses.replace(
+            c,
+            shared_tokens=0,
+            cpu_tokens=0,
+            offloadable_tokens=0,
+            num_blocks=max(c.num_blocks, 1),
+            freeable_blocks=max(c.num_blocks, 1),
+            shortfall_blocks=1,
+        )
+        for c in candidates
+    ]
+    assert choose("bidkv", plain, cfg) == choose("lcf", plain, cfg)
 
 
 # ---------------------------------------------------------------- admission

@@ -12,6 +12,8 @@ keeps (the strategies do not re-check them, they run inside vLLM's scheduling lo
   gap (vLLM's prefix-cache lookup stops at the first miss), so tokens behind a gap
   are not counted in any of the three.
 * ``order`` is unique among the candidates of one decision.
+* ``shortfall_blocks``, when known, is ``>= 1`` (the allocation failed) and equal in
+  every candidate of one decision.
 """
 
 from __future__ import annotations
@@ -70,3 +72,7 @@ class Candidate:
 
     is_requester: bool = False
     """True for the request whose allocation failed (vLLM may preempt it to make room for itself)."""
+
+    shortfall_blocks: int | None = None
+    """Blocks the requester still lacks in this decision, the same for every candidate of
+    one decision (vLLM preempts again until the allocation fits); None when unknown."""

@@ -86,5 +86,16 @@ class BidCostModel:
         )
 
     def utility(self, c: Candidate) -> float:
-        """The bid U = r / (δ + ε), r = ``freeable_blocks``: blocks freed per unit of loss."""
-        return c.freeable_blocks / (self.delta(c) + self.epsilon)
+        """The bid U = r / (δ + ε): blocks that serve the requester per unit of loss.
+
+        r = ``freeable_blocks``, capped at ``shortfall_blocks`` when known: blocks beyond
+        what the requester lacks serve nobody in this decision. Without the cap r and δ
+        both grow with a victim's size, so with nothing restorable U is nearly flat and
+        block rounding decides; with it, every victim that covers the shortfall alone
+        bids the same r and the cheapest to bring back wins (least-computed-first when
+        nothing is restorable, the most restorable when the tier holds victims).
+        """
+        freed = (
+            c.freeable_blocks if c.shortfall_blocks is None else min(c.freeable_blocks, c.shortfall_blocks)
+        )
+        return freed / (self.delta(c) + self.epsilon)

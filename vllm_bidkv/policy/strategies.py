@@ -83,7 +83,8 @@ class LargestFirstStrategy:
 
 
 class BidStrategy:
-    """Ours: max U = freeable_blocks / (δ + ε), δ from ``BidCostModel`` (see cost.py)."""
+    """Ours: max U = min(freeable_blocks, shortfall_blocks) / (δ + ε), δ from ``BidCostModel``
+    (see cost.py); ties to the newest."""
 
     name = "bidkv"
 
