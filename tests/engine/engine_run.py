@@ -118,11 +118,22 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_series(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each spec's ``env`` (optional) is set while it runs: read by the engine and the worker
+    processes it starts (e.g. ``VLLM_BIDKV_FAULTS``), not by vLLM's import (plugins)."""
     import gc
 
     results = []
     for spec in specs:
-        results.append(run(spec))
+        saved = {k: os.environ.get(k) for k in spec.get("env", {})}
+        os.environ.update(spec.get("env", {}))
+        try:
+            results.append(run(spec))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
         gc.collect()  # the finished LLM's engine and KV cache, before the next one allocates
     return results
 

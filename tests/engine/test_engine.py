@@ -145,8 +145,9 @@ def assert_counters_agree(m: dict[str, float]) -> None:
     assert m["vllm:bidkv_tier_used_bytes"] == m["vllm:bidkv_tier_entries"] * block_bytes
 
 
-# Every strategy under FCFS, and SJF admission with vLLM's victim and ours: each engine start
-# costs ~30 s here, and admission is independent of the victim rule (it orders the queue only).
+# Every strategy under FCFS, and SJF admission with vLLM's victim and ours (admission is
+# independent of the victim rule: it orders the queue only). One engine process runs them all:
+# a process start (vLLM's import) costs about what one run does.
 STRATEGY_RUNS = (
     [(policy, "fcfs") for policy in VICTIM_POLICIES]
     + [("vllm-default", a) for a in ADMISSIONS if a != "fcfs"]
@@ -154,11 +155,20 @@ STRATEGY_RUNS = (
 )
 
 
+@pytest.fixture(scope="module")
+def strategy_runs() -> dict[tuple[str, str], dict[str, Any]]:
+    specs = [
+        {"kv_transfer_config": connector({"victim_policy": p, "admission": a, "offload_mode": "off"})}
+        for p, a in STRATEGY_RUNS
+    ]
+    return dict(zip(STRATEGY_RUNS, engine_series(specs), strict=True))
+
+
 @pytest.mark.parametrize(("policy", "admission"), STRATEGY_RUNS)
 def test_every_strategy_and_admission_keeps_outputs(
-    stock: dict[str, Any], policy: str, admission: str
+    stock: dict[str, Any], strategy_runs: dict[tuple[str, str], dict[str, Any]], policy: str, admission: str
 ) -> None:
-    result = engine(connector({"victim_policy": policy, "admission": admission, "offload_mode": "off"}))
+    result = strategy_runs[policy, admission]
     assert result["outputs"] == stock["outputs"]
     # Whatever the order of admission, vLLM admits while a prompt fits, so the 36 blocks fill
     # with prompts and decode growth (5 blocks per 160 tokens) must preempt; a victim policy

@@ -42,17 +42,23 @@ COUNTED = (
 )
 
 
+# Every second load job and store batch fails on rank 1 only (FaultPlan, read by each worker).
+RANK1_FAULTS = {"VLLM_BIDKV_FAULTS": json.dumps({"load_every": 2, "store_every": 2, "rank": 1})}
+
+
 @pytest.fixture(scope="module")
 def tp_runs() -> dict[str, dict[str, Any]]:
-    """Stock TP=2, ours at TP=2 and ours at TP=1, in one engine process."""
+    """Stock TP=2, ours at TP=2, ours at TP=1 and ours at TP=2 with faults on rank 1, in one
+    engine process; only the last run's log has copy failures."""
     specs = [
         {**SMALL, "tensor_parallel_size": 2, "kv_transfer_config": None},
         {**SMALL, "tensor_parallel_size": 2, "kv_transfer_config": connector(LAZY)},
         {**SMALL, "tensor_parallel_size": 1, "kv_transfer_config": connector(LAZY)},
+        {**SMALL, "tensor_parallel_size": 2, "kv_transfer_config": connector(LAZY), "env": RANK1_FAULTS},
     ]
-    stock_tp2, tp2, tp1 = engine_series(specs)
+    stock_tp2, tp2, tp1, faulty = engine_series(specs)
     assert stock_tp2["metrics"]["vllm:num_preemptions"] > 0
-    return {"stock_tp2": stock_tp2, "tp2": tp2, "tp1": tp1}
+    return {"stock_tp2": stock_tp2, "tp2": tp2, "tp1": tp1, "faulty": faulty}
 
 
 def test_tensor_parallel_2_matches_stock_tp2_and_counts_each_block_once(
@@ -74,8 +80,7 @@ def test_copies_failing_on_one_tp_rank_fail_on_every_rank(tp_runs: dict[str, dic
     """Every second load job and store batch fails on rank 1 only; rank 0 copies its heads of
     the same blocks fine. A store committed with rank 1's half missing would be loaded later
     and change the outputs; a load that rank 0 finished must still count as failed."""
-    faults = json.dumps({"load_every": 2, "store_every": 2, "rank": 1})
-    result = engine(connector(LAZY), env={"VLLM_BIDKV_FAULTS": faults}, tensor_parallel_size=2, **SMALL)
+    result = tp_runs["faulty"]
     m = result["metrics"]
     assert result["outputs"] == tp_runs["stock_tp2"]["outputs"], "failed blocks were recomputed"
     failed_loads = [line for line in result["log"].splitlines() if "failed; vLLM will recompute" in line]
