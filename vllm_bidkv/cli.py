@@ -3,20 +3,72 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+# Shown apart from the capability rows: how the probe read vLLM, not what vLLM offers.
+_PROBE_NOTES = ("from_compiled_code", "unknown")
+
+
+def ignored_env(environ: Mapping[str, str]) -> list[str]:
+    """The ``BIDKV_*`` variables the config ignores: names it does not know (the config only
+    warns about them, since the bidkv package on PyPI uses the same prefix)."""
+    from vllm_bidkv.config import BidKVConfig
+
+    keys = {field.name for field in dataclasses.fields(BidKVConfig)}
+    return sorted(
+        name
+        for name in environ
+        if name.startswith("BIDKV_") and name != "BIDKV_DISABLE" and name[len("BIDKV_") :].lower() not in keys
+    )
+
+
+def fault_hook_state(environ: Mapping[str, str]) -> str:
+    """The fault-injection test hook: "off", "ON (<plans>)", or "refused: <why>" (the connector's
+    workers refuse to start then)."""
+    if not any(name.startswith("VLLM_BIDKV_") for name in environ):
+        # Both of the hook's variables carry this prefix: without one, skip importing the worker
+        # module (torch and vLLM: seconds).
+        return "off"
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep JSON on stdout clean
+    try:
+        from vllm_bidkv.connectors.worker import FAULTS_ENV, TEST_HOOKS_ENV, read_faults_env
+    except ImportError as err:
+        return f"unknown: the connector does not import ({err})"
+    if not environ.get(FAULTS_ENV):
+        return "off"
+    if environ.get(TEST_HOOKS_ENV) != "1":
+        return f"refused: {FAULTS_ENV} is set without the opt-in {TEST_HOOKS_ENV}=1"
+    try:
+        read_faults_env(environ)
+    except ValueError as err:
+        return f"refused: {err}"
+    return f"ON ({FAULTS_ENV}={environ[FAULTS_ENV]})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def doctor_report() -> dict[str, Any]:
     """What this vLLM supports, which patches are applied, and a verdict."""
-    import os
-
     from vllm_bidkv.config import BidKVConfig
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep --json stdout clean
-    report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "ignored_env": ignored_env(os.environ),
+        "fault_hook": fault_hook_state(os.environ),
+    }
     try:
         config = BidKVConfig.from_sources()
         report["config"] = {"enabled": config.enabled, "kill_switch": config.kill_switch}
@@ -24,7 +76,7 @@ def doctor_report() -> dict[str, Any]:
         report["config_error"] = str(err)
         config = None
     try:
-        import vllm  # noqa: F401
+        import vllm
     except ImportError as err:
         report.update(
             vllm_version=None,
@@ -36,7 +88,17 @@ def doctor_report() -> dict[str, Any]:
         return report
     from vllm_bidkv import patches
 
-    caps = patches.probe()
+    try:
+        caps = patches.probe()
+    except Exception as err:  # noqa: BLE001 - doctor reports, never crashes
+        report.update(
+            vllm_version=getattr(vllm, "__version__", None),
+            capabilities={},
+            patches=[],
+            supported=False,
+            verdict=f"unsupported: probing vLLM failed: {type(err).__name__}: {err}",
+        )
+        return report
     if config is not None and config.enabled and caps.supported:
         patches.apply(config)
     report.update(
@@ -68,12 +130,24 @@ def _doctor(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(f"vLLM {report.get('vllm_version')} on {report.get('vllm_platform', '?')}: {report['verdict']}")
-        for name, value in report.get("capabilities", {}).items():
-            print(f"  {name:34s} {value}")
+        capabilities = report.get("capabilities", {})
+        for name, value in capabilities.items():
+            if name not in _PROBE_NOTES:
+                print(f"  {name:34s} {'unknown' if name in capabilities['unknown'] else value}")
+        if capabilities.get("from_compiled_code"):
+            print(
+                "  vLLM's source is not installed; read from its compiled code instead: "
+                + ", ".join(capabilities["from_compiled_code"])
+            )
+        if capabilities.get("unknown"):
+            print(f"  could not probe (taken as absent): {', '.join(capabilities['unknown'])}")
         print(f"  patches applied: {', '.join(report['patches']) or 'none'}")
+        print(f"  ignored BIDKV_* variables (unknown names): {', '.join(report['ignored_env']) or 'none'}")
+        print(f"  fault-injection test hook: {report['fault_hook']}")
         if "config_error" in report:
             print(f"  config: {report['config_error']}")
-    return 0 if report["supported"] and "config_error" not in report else 1
+    healthy = "config_error" not in report and not report["fault_hook"].startswith("refused")
+    return 0 if report["supported"] and healthy else 1
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -81,9 +155,15 @@ def _config(args: argparse.Namespace) -> int:
 
     if args.markdown:
         print(markdown_table())
-    else:
-        print(json.dumps(BidKVConfig.from_sources().__dict__, indent=2))
-    return 0
+        return 0
+    print(json.dumps(BidKVConfig.from_sources().__dict__, indent=2))
+    # Beside the config, on stderr: stdout stays the config's JSON.
+    ignored = ignored_env(os.environ)
+    if ignored:
+        print(f"ignored BIDKV_* variables (unknown names): {', '.join(ignored)}", file=sys.stderr)
+    hook = fault_hook_state(os.environ)
+    print(f"fault-injection test hook: {hook}", file=sys.stderr)
+    return 1 if hook.startswith("refused") else 0
 
 
 def _top(args: argparse.Namespace) -> int:
@@ -93,7 +173,7 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-bidkv", description=__doc__)
+    parser = _Parser(prog="vllm-bidkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     doctor = sub.add_parser("doctor", help="what this vLLM supports and which patches are applied")
@@ -122,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: the shell's status for SIGINT, without a traceback
     except ValueError as err:
         # Bad input (a config value, a bench option, a workload file) raises ValueError with a
         # message naming it; say that, not a traceback. Exit 2, like argparse's usage errors.

@@ -102,6 +102,12 @@ _FIELDS: dict[str, _Field] = {
         "Block copies: `triton` kernel, batched `torch`, or `auto` (triton on CUDA, torch on CPU).",
         COPY_BACKENDS,
     ),
+    "async_load_min_tokens": _Field(
+        int,
+        8192,
+        "A CPU-tier hit of at least this many tokens loads asynchronously: the request waits (`WAITING_FOR_REMOTE_KVS`) while the batch runs on; shorter hits load before the forward that reads them. 0: every load asynchronous (always so under vLLM's async scheduling). An asynchronous load costs its request at least a step of waiting for the report, so it pays only where a synchronous one would stall the batch about as long: 8192 tokens of Llama-3-8B are 1 GiB, ≈ 21 ms at 50 GB/s, a decode step of a full H100 batch (docs/RESULTS.md, asynchronous loads).",
+        minimum=0,
+    ),
     "lazy_lookahead_steps": _Field(
         float,
         2.0,
@@ -210,6 +216,7 @@ class BidKVConfig:
     cpu_bytes: int = _FIELDS["cpu_bytes"].default
     cpu_eviction: str = _FIELDS["cpu_eviction"].default
     copy_backend: str = _FIELDS["copy_backend"].default
+    async_load_min_tokens: int = _FIELDS["async_load_min_tokens"].default
     lazy_lookahead_steps: float = _FIELDS["lazy_lookahead_steps"].default
     seed: int = _FIELDS["seed"].default
     bid_recompute_cost: float = _FIELDS["bid_recompute_cost"].default

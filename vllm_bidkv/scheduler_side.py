@@ -55,6 +55,8 @@ class RequestState:
     """Tokens its last ``match`` found computed (GPU hit + CPU hit)."""
     cpu_hit_after: int | None = None
     """GPU prefix hit behind the last CPU hit, until ``after_alloc`` plans its load; None: no hit."""
+    load_asynchronously: bool = False
+    """The last CPU hit is large enough to load while the batch runs on (``async_load_min_tokens``)."""
     computed_at_preemption: int | None = None
     """Computed tokens when our strategy chose it as a victim, until it resumes."""
     victim_blocks: list[tuple[int, BlockHash | None]] = field(default_factory=list)
@@ -75,11 +77,13 @@ class BidKVSchedulerSide:
         world_size: int = 1,
         min_clean_blocks: int = 16,
         sliding_window: int | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         """``num_slots``/``block_bytes``: the CPU tier's size, needed when offload is on;
         ``world_size``: workers that must finish each copy; ``min_clean_blocks``: the lazy
         walk's floor; ``sliding_window``: tokens every layer attends to, None for full
-        attention (see ``OffloadPlanner``)."""
+        attention (see ``OffloadPlanner``); ``async_scheduling``: vLLM schedules a step
+        ahead of the last output, so every load is asynchronous (below)."""
         if config.offload_enabled and num_slots < 1:
             raise ValueError(f"vllm-bidkv: offload_mode={config.offload_mode!r} needs CPU-tier slots")
         self.config = config
@@ -94,6 +98,10 @@ class BidKVSchedulerSide:
         self._min_clean_blocks = min_clean_blocks
         self._sliding_window = sliding_window
         self._victims: list[RequestState] = []  # chosen in this schedule(), blocks not yet rescued
+        # Under async scheduling a synchronous load's failure arrives after the next step was
+        # scheduled; if that step preempts the request, vLLM has cached the blocks and never
+        # repairs them. An asynchronous load's blocks are cached only once it succeeded.
+        self._async_load_min_tokens = 0 if async_scheduling else config.async_load_min_tokens
 
     def bind(self, ctx: SchedulerContext) -> None:
         self.ctx = ctx
@@ -205,7 +213,13 @@ class BidKVSchedulerSide:
         hit = self.planner.match(request, num_computed_tokens) if self.planner is not None else 0
         state.matched_tokens = num_computed_tokens + hit
         state.cpu_hit_after = num_computed_tokens if hit else None
+        state.load_asynchronously = hit > 0 and hit >= self._async_load_min_tokens
         return hit
+
+    def load_is_async(self, request_id: str) -> bool:
+        """Whether the hit the last ``match`` found loads asynchronously (vLLM's ``load_kv_async``)."""
+        state = self.requests.get(request_id)
+        return state is not None and state.cpu_hit_after is not None and state.load_asynchronously
 
     def after_alloc(
         self, request: RequestView, gpu_block_ids: list[int], num_external_tokens: int
@@ -223,7 +237,12 @@ class BidKVSchedulerSide:
             state.matched_tokens = gpu_hit
             return []
         return self.planner.plan_load(
-            request.request_id, request.block_hashes, gpu_block_ids, gpu_hit, num_external_tokens
+            request.request_id,
+            request.block_hashes,
+            gpu_block_ids,
+            gpu_hit,
+            num_external_tokens,
+            asynchronous=state.load_asynchronously,
         )
 
     # -- steps -----------------------------------------------------------------------
@@ -260,14 +279,26 @@ class BidKVSchedulerSide:
         if self.planner is not None:
             self.planner.complete(results)
 
-    def finished(self, request: RequestView, block_ids: Sequence[int]) -> None:
-        """vLLM finished or aborted the request (it still holds ``block_ids``): drop its record."""
+    def finished(self, request: RequestView, block_ids: Sequence[int]) -> bool:
+        """vLLM finished or aborted the request (it still holds ``block_ids``): drop its record.
+
+        Returns:
+            True if vLLM must keep the request's blocks until the workers report its
+            asynchronous load finished (``request_finished``'s ``delay_free_blocks``).
+        """
         state = self.requests.pop(request.request_id, None)
         if state is not None:
             self._unprotect(state)
             self._victims = [s for s in self._victims if s is not state]
-        if self.planner is not None:
-            self.planner.store_finished(request, block_ids)
+        if self.planner is None:
+            return False
+        self.planner.store_finished(request, block_ids)
+        return self.planner.async_load_in_flight(request.request_id)
+
+    def has_jobs_in_flight(self) -> bool:
+        """Copies planned and not finished on every worker: vLLM keeps stepping to hear of
+        them (``has_pending_push_work``), so an idle engine holds no block, pin or slot."""
+        return self.planner is not None and self.planner.has_jobs
 
     def reset(self) -> None:
         """vLLM's ``reset_prefix_cache``: nothing stored before it is a hit after it."""

@@ -6,10 +6,17 @@ connector's external hits), tokens loaded from the tier vs recomputed after
 preemptions, preemptions, and bytes/s each way (the difference of two samples).
 Rendering is rich's (``Table``, ``Live``); ``--once`` prints one plain-text table
 for scripts. Parsing is ``prometheus_client.parser``. No vLLM import.
+
+A server that cannot be read keeps its column, showing why (``fetch``): down
+(refused, unreachable, no answer), not HTTP (something else on that port),
+restarting (it closed the connection mid-response), an HTTP error status, or
+unreadable ``/metrics``.
 """
 
 from __future__ import annotations
 
+import http.client
+import math
 import time
 import urllib.error
 import urllib.parse
@@ -22,6 +29,7 @@ from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from vllm_bidkv.counters import GAUGES
 
@@ -65,12 +73,37 @@ class Snapshot:
 
 
 def fetch(url: str, timeout: float = 5.0) -> Snapshot:
+    """One sample of ``url``'s metrics, or a Snapshot whose ``error`` says why there is none."""
     now = time.monotonic()
     try:
         with urllib.request.urlopen(metrics_url(url), timeout=timeout) as response:
             return Snapshot(url, now, parse_metrics(response.read().decode()))
-    except (OSError, urllib.error.URLError, ValueError) as err:
-        return Snapshot(url, now, error=str(err))
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        return Snapshot(url, now, error=_server_state(err))
+
+
+def _server_state(err: BaseException) -> str:
+    """Why a server could not be read, for its column (see the module doc)."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):  # urllib wraps errors of connecting and sending
+        return _server_state(err.reason) if isinstance(err.reason, BaseException) else f"down ({err.reason})"
+    if isinstance(err, ConnectionRefusedError):
+        return "down (connection refused)"
+    # RemoteDisconnected (nothing came back) is a BadStatusLine too: test it first.
+    if isinstance(err, http.client.IncompleteRead | http.client.RemoteDisconnected | ConnectionError):
+        return "restarting (closed the connection mid-response)"
+    if isinstance(err, http.client.BadStatusLine):
+        return f"not HTTP (answered {err.line[:40]!r})"
+    if isinstance(err, http.client.HTTPException):
+        return f"not HTTP ({type(err).__name__}: {str(err)[:40]})"
+    if isinstance(err, TimeoutError):
+        return "down (no answer in time)"
+    if isinstance(err, OSError):
+        return f"down ({err.strerror or err})"
+    if isinstance(err, UnicodeDecodeError):
+        return "bad /metrics (not UTF-8 text)"
+    return f"bad /metrics ({str(err).removeprefix('vllm-bidkv top: cannot parse /metrics: ')})"
 
 
 def _ratio(num: float, den: float) -> str:
@@ -162,10 +195,11 @@ def render(
     table.add_column("")
     summaries = []
     for snap, before in zip(snapshots, prev, strict=True):
-        table.add_column(snap.url, justify="right")
+        table.add_column(Text(snap.url), justify="right")
         summaries.append(summarize(snap, before))
     for row in ROWS:
-        table.add_row(row, *(s[row] for s in summaries))
+        # Text, not markup: a URL or what a server answered may contain [brackets].
+        table.add_row(row, *(Text(s[row]) for s in summaries))
     return table
 
 
@@ -180,12 +214,15 @@ def run_top(
 ) -> int:
     """``--once``: two samples ``interval`` apart (for the rates), one plain table; else a Live view.
 
-    Returns 0, or 1 if ``--once`` could read no server.
+    Returns 0, or 1 if ``--once`` could read no server. A server that cannot be read shows why
+    in its column, and the view goes on.
     """
     for url in urls:
         metrics_url(url)  # bad --url: ValueError now, not a column of errors
-    if interval <= 0:
-        raise ValueError(f"vllm-bidkv top: --interval {interval} must be > 0")
+    if not (math.isfinite(interval) and interval > 0):
+        raise ValueError(
+            f"vllm-bidkv top: --interval {interval} is invalid; expected a finite number of seconds > 0"
+        )
     if once:
         console = console or Console(color_system=None, force_terminal=False, width=120, soft_wrap=False)
         first = [fetcher(u) for u in urls]

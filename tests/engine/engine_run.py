@@ -37,35 +37,58 @@ def metric_values(llm: Any) -> dict[str, float]:
     for metric in llm.get_metrics():
         if hasattr(metric, "value"):
             values[metric.name] = float(metric.value)
+            if "source" in metric.labels:  # per-tier splits (prompt_tokens_cached_by_source)
+                values[f"{metric.name}:{metric.labels['source']}"] = float(metric.value)
         elif hasattr(metric, "sum"):
             values[metric.name + ":sum"] = float(metric.sum)
     return values
 
 
-_scheduled: list[int] = []
+_scheduled: dict[str, int] = {}
 
 
-def count_scheduled_tokens() -> list[int]:
-    """Instrument (test-only) vLLM's Scheduler: total tokens scheduled, whoever the connector is.
+def count_scheduled_tokens() -> dict[str, int]:
+    """Instrument (test-only) vLLM's Scheduler, whoever the connector is: total tokens
+    scheduled (``tokens``), and requests seen waiting for a KV load after a ``schedule()``
+    (``waiting_for_kv_loads``, summed over steps).
 
     Needs the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0). Installed
-    once per process; each call restarts the count.
+    once per process; each call restarts the counts.
     """
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import RequestStatus
 
     if not _scheduled:
-        _scheduled.append(0)
         schedule = Scheduler.schedule
 
         @functools.wraps(schedule)
         def counting_schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
             out = schedule(self, *args, **kwargs)
-            _scheduled[0] += out.total_num_scheduled_tokens
+            _scheduled["tokens"] += out.total_num_scheduled_tokens
+            _scheduled["waiting_for_kv_loads"] += sum(
+                1 for r in self.requests.values() if r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+            )
             return out
 
         Scheduler.schedule = counting_schedule  # type: ignore[method-assign]
-    _scheduled[0] = 0
+    _scheduled.update(tokens=0, waiting_for_kv_loads=0)
     return _scheduled
+
+
+DRAIN_STEP_LIMIT = 50
+
+
+def drain(llm: Any) -> int:
+    """Step the idle engine as vLLM's engine-core loop does (``while scheduler.has_requests()``)
+    until it stops; returns the steps taken. ``LLM.generate`` stops stepping at its last
+    output, while the engine core's own loop (a server's) goes on while copies are in flight."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    steps = 0
+    while scheduler.has_requests():
+        assert steps < DRAIN_STEP_LIMIT, f"the engine still has work after {steps} idle steps"
+        llm.llm_engine.step()
+        steps += 1
+    return steps
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -101,10 +124,22 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             prompts(num_prompts=spec.get("num_prompts", NUM_PROMPTS)), params, use_tqdm=False
         )
     ]
+    # A fresh prompt for one token ends the run right after a prefill that allocated blocks
+    # and a finish: the copies that queues (lazy walk, eager store) are still in flight when
+    # generate returns, so the drain below is needed, not incidental.
+    one_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    probe = llm.generate(prompts(seed=1, num_prompts=1), one_token, use_tqdm=False)
+    side = getattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "scheduler_side", None)
+    planner = getattr(side, "planner", None)
+    jobs_at_end = len(planner.pending_jobs()) if planner is not None else 0
+    drain_steps = drain(llm)
     metrics = metric_values(llm)
     # Prefill work, recomputation included: every scheduled token minus one decode step per
     # generated token after the first (which prefill samples).
-    metrics["prefill_tokens_computed"] = scheduled[0] - (metrics["vllm:generation_tokens"] - len(outputs))
+    metrics["prefill_tokens_computed"] = scheduled["tokens"] - (
+        metrics["vllm:generation_tokens"] - len(outputs)
+    )
+    metrics["waiting_for_kv_loads"] = scheduled["waiting_for_kv_loads"]
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     groups = [
         [type(g.kv_cache_spec).__name__, getattr(g.kv_cache_spec, "sliding_window", None)]
@@ -114,6 +149,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "outputs": [list(o.outputs[0].token_ids) for o in outputs],
         "metrics": metrics,
         "kv_cache_groups": groups,
+        "probe_output": list(probe[0].outputs[0].token_ids),
+        "jobs_in_flight_after_generate": jobs_at_end,
+        "drain_steps": drain_steps,
+        # Right after the last request: fails while any block is still held (a copy in flight).
+        "reset_prefix_cache": bool(llm.reset_prefix_cache()),
     }
 
 

@@ -50,13 +50,13 @@ def test_bench_engine_runs_a_model_directory_it_did_not_make(tmp_path: Path) -> 
         sys.executable, "-m", "vllm_bidkv.cli", "bench", "engine", "--preset", "cpu-tiny",
         "--model", str(model), "--dtype", "float32", "--num-gpu-blocks-override", "16",
         "--max-num-seqs", "8", "--max-model-len", "480", "--workload", str(trace),
-        "--runs", "1", "--configs", "stock,bidkv+offload",
+        "--runs", "1", "--configs", "stock,vllm-offloading,bidkv+offload",
         "--json", str(out), "--no-progress",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)  # 4 engines, a busy box
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = {r["config"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(records) == {"stock", "bidkv+offload", "unbounded"}
+    assert set(records) == {"stock", "vllm-offloading", "bidkv+offload", "unbounded"}
     for record in records.values():
         assert "error" not in record, record.get("error")
         assert record["model"] == str(model) and record["outputs_match"] is True
@@ -66,6 +66,15 @@ def test_bench_engine_runs_a_model_directory_it_did_not_make(tmp_path: Path) -> 
         3 * 2 * 2 * 64 * 32 * 4
     )
     assert records["stock"]["preemptions"] > 0 and records["bidkv+offload"]["loaded_tokens"] > 0
+    # vLLM's OffloadingConnector, whole but for its worker's copies (a CPU copy handler of
+    # ours, vllm_bidkv.bench.peer_spec): its own counters say it stored, hit and loaded blocks
+    # of this model's shape (the runner fails a peer that never did under preemptions).
+    peer = records["vllm-offloading"]
+    assert "CPU copy handler of ours" in peer["label"] and peer["preemptions"] > 0
+    own, block_bytes = peer["peer_counters"], 3 * 2 * 2 * 64 * 32 * 4
+    assert own["vllm:kv_offload_store_bytes"] > 0 and own["vllm:kv_offload_store_bytes"] % block_bytes == 0
+    assert own["vllm:kv_offload_load_bytes"] == peer["loaded_bytes"] > 0  # every planned load, done
+    assert peer["cpu_hit_rate"] > 0 and "peer_counters" not in records["bidkv+offload"]
     assert (
         records["bidkv+offload"]["profile"]["connector_s"] > 0 == records["stock"]["profile"]["connector_s"]
     )

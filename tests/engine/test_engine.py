@@ -97,17 +97,44 @@ def test_connector_binds_and_keeps_outputs(stock: dict[str, Any], by_module_path
     assert metrics["vllm:bidkv_preempted_blocks_freed"] > 0
 
 
+def delayed(steps: int) -> dict[str, str]:
+    """The test hook holding every copy's completion back ``steps`` steps, as an unfinished
+    CUDA event would (copies on vLLM's CPU backend finish inside the call that issues them)."""
+    return {"VLLM_BIDKV_FAULTS": json.dumps({"complete_after_steps": steps}), "VLLM_BIDKV_TEST_HOOKS": "1"}
+
+
+def assert_drained_and_resettable(result: dict[str, Any]) -> None:
+    """After the last request the engine kept stepping (vLLM's loop asks has_pending_push_work)
+    until every copy was reported, and then let go of every block: the prefix cache resets."""
+    assert result["drain_steps"] > 0
+    assert result["reset_prefix_cache"] is True
+
+
 # lazy: a CPU tier of 128 blocks (64 KiB each), less than the run stores, so it evicts. It is
 # the release-sensitive run: bound by the plugin name, and every preemption through our hook
 # (assert_counters_agree), worker metadata, stores on a step without a forward, pending frees.
+# Both runs complete every copy late (3 and 1 steps); the lazy one loads hits of 64 tokens or
+# more asynchronously (the request waits in WAITING_FOR_REMOTE_KVS while the batch runs on).
 @pytest.mark.parametrize(
-    ("mode", "cpu_bytes"),
-    [pytest.param("lazy", "8MiB", marks=pytest.mark.release_sensitive), ("eager", "64MiB")],
+    ("mode", "cpu_bytes", "delay"),
+    [pytest.param("lazy", "8MiB", 3, marks=pytest.mark.release_sensitive), ("eager", "64MiB", 1)],
 )
-def test_offload_serves_loads_and_keeps_outputs(stock: dict[str, Any], mode: str, cpu_bytes: str) -> None:
-    result = engine(connector({"offload_mode": mode, "cpu_bytes": cpu_bytes}))
+def test_offload_serves_loads_and_keeps_outputs(
+    stock: dict[str, Any], mode: str, cpu_bytes: str, delay: int
+) -> None:
+    extra: dict[str, Any] = {"offload_mode": mode, "cpu_bytes": cpu_bytes}
+    if mode == "lazy":
+        extra["async_load_min_tokens"] = 64
+    result = engine(connector(extra), env=delayed(delay))
     metrics = result["metrics"]
     assert result["outputs"] == stock["outputs"]
+    assert_drained_and_resettable(result)
+    if mode == "eager":
+        # The last request's finish stores its blocks, still in flight when generate returns:
+        # without has_pending_push_work the engine would idle holding them (and fail the above).
+        assert result["jobs_in_flight_after_generate"] > 0, "the run must end with copies in flight"
+    if mode == "lazy":
+        assert metrics["waiting_for_kv_loads"] > 0, "no request waited for an asynchronous load"
     assert metrics["vllm:bidkv_tokens_loaded"] > 0 and metrics["vllm:bidkv_blocks_loaded"] > 0
     assert metrics["vllm:bidkv_blocks_stored"] > 0
     # Victims' blocks were rescued (copied before the forward that reuses them) and the

@@ -49,8 +49,11 @@ def _phase(llm: Any, side: Any, plan: Any) -> dict[str, Any]:
 
     before = side.counters.totals()
     aborted_before = side.planner.aborted_store_blocks
+    from tests.engine.engine_run import drain
+
     set_faults(plan)
     outputs = _generate(llm)
+    drain_steps = drain(llm)  # as vLLM's engine loop: while copies are in flight
     set_faults(None)
     side.planner.tier.check()
     after = side.counters.totals()
@@ -60,6 +63,7 @@ def _phase(llm: Any, side: Any, plan: Any) -> dict[str, Any]:
         "aborted_store_blocks": side.planner.aborted_store_blocks - aborted_before,
         "injected": dict(plan.injected),
         "gauges": side.gauges(),
+        "drain_steps": drain_steps,
     }
 
 
@@ -90,9 +94,10 @@ def run(mode: str) -> dict[str, Any]:
     if mode == "stock":
         return {"outputs": _generate(llm)}
     side = llm.llm_engine.engine_core.engine_core.scheduler.connector.scheduler_side
-    stores = _phase(llm, side, FaultPlan(store_every=1, mid_batch=True))
+    # Completions come 3 and 1 steps late, as unfinished CUDA events would.
+    stores = _phase(llm, side, FaultPlan(store_every=1, mid_batch=True, complete_after_steps=3))
     assert llm.reset_prefix_cache(reset_connector=True)
-    loads = _phase(llm, side, FaultPlan(load_every=2, mid_batch=True))
+    loads = _phase(llm, side, FaultPlan(load_every=2, mid_batch=True, complete_after_steps=1))
     return {"stores_fail": stores, "loads_fail": loads}
 
 
@@ -142,6 +147,7 @@ def test_failed_stores_leave_no_entry_and_nothing_pinned(
     assert phase["gauges"]["tier_entries"] == 0 and phase["gauges"]["tier_used_bytes"] == 0
     assert phase["counters"]["blocks_loaded"] == 0 and phase["counters"]["cpu_hit_blocks"] == 0
     _assert_idle(phase["gauges"])
+    assert phase["drain_steps"] > 0, "completions came late: the engine drained them after the run"
     assert phase["outputs"] == stock_outputs
 
 
@@ -155,6 +161,7 @@ def test_failed_loads_are_recomputed_and_counted(
     assert phase["counters"]["blocks_loaded"] > 0  # the loads that were not failed still served
     assert phase["counters"]["cpu_hit_blocks"] == phase["counters"]["blocks_loaded"] + injected["load_blocks"]
     _assert_idle(phase["gauges"])
+    assert phase["drain_steps"] > 0
     assert phase["outputs"] == stock_outputs
 
 

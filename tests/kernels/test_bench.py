@@ -1,5 +1,7 @@
-"""The copy benchmark (``vllm_bidkv.bench.copy``): output format, arguments, and that importing the
-kernels does not import triton."""
+"""The copy benchmark (``vllm_bidkv.bench.copy``): output format, arguments, and what importing it
+and the kernels does not import (triton; vLLM and the CLI's extras, absent on a bare GPU box).
+
+Runs are on the CPU even where CUDA is available (the CUDA sweep is ``scripts/gpu_check.sh``'s)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,13 @@ pytestmark = pytest.mark.kernels
 def test_run_copy_bench_writes_results_and_machine(tmp_path: Path) -> None:
     json_path = tmp_path / "copy.json"
     report = copy_bench.run_copy_bench(
-        str(json_path), block_counts=[4], block_sizes_bytes=[4096], layers=2, repeats=2, verbose=False
+        str(json_path),
+        block_counts=[4],
+        block_sizes_bytes=[4096],
+        layers=2,
+        repeats=2,
+        device="cpu",
+        verbose=False,
     )
     assert json.loads(json_path.read_text()) == report
     rows = report["results"]
@@ -51,7 +59,7 @@ def test_cli_arguments_reach_the_sweep(tmp_path: Path, capsys: pytest.CaptureFix
     json_path = tmp_path / "copy.json"
     args = parser.parse_args(
         ["--json", str(json_path), "--blocks", "2", "--block-kib", "4", "--layers", "1", "--repeats", "1"]
-        + ["--ids", "random"]
+        + ["--ids", "random", "--device", "cpu"]
     )
     assert copy_bench.main(args) == 0
     assert "ratio" in capsys.readouterr().out
@@ -91,3 +99,25 @@ def test_importing_and_copying_on_cpu_does_not_import_triton() -> None:
         "assert 'triton' not in sys.modules, 'triton was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_copy_bench_and_kernels_import_without_vllm_or_the_cli_extras() -> None:
+    """``python -m vllm_bidkv.bench.copy`` runs on a GPU box with torch and triton only."""
+    code = (
+        "import sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('vllm', 'rich', 'prometheus_client'):\n"
+        "            raise ImportError(f'{name} is absent')\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        "import runpy\n"
+        "sys.argv = ['copy', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('vllm_bidkv.bench.copy', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "import vllm_bidkv.kernels.triton_copy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--device" in done.stdout

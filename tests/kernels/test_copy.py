@@ -293,25 +293,52 @@ def test_property_a_run_of_tier_slots_is_one_pass_whatever_the_cache_ids(
     assert pairs == {(int(s), int(d)) for s, d in zip(src_ids, dst_ids, strict=True)}
 
 
+@pytest.mark.parametrize("route", ["_gather_move_scatter", "_store_runs", "_load_runs"])
+@pytest.mark.parametrize(
+    ("src_ids", "dst_ids"),
+    [([9, 2, 7, 0, 4], [3, 6, 0, 5, 1]), ([4, 5, 6, 6, 1, 2], [2, 3, 4, 0, 6, 5])],
+    ids=["random", "runs-and-repeats"],
+)
 @pytest.mark.parametrize(
     ("row_bytes", "stride", "offset"),
     [(48, 48, 0), (48, 64, 0), (12, 20, 4), (6, 6, 2), (5, 7, 1)],
     ids=["8-byte-units", "padded-rows", "4-byte-units", "2-byte-units", "bytes"],
 )
-def test_device_gather_scatter_equals_torch_indexing(
-    row_bytes: int, stride: int, offset: int, monkeypatch: pytest.MonkeyPatch
+def test_device_routes_equal_torch_indexing(
+    route: str,
+    src_ids: list[int],
+    dst_ids: list[int],
+    row_bytes: int,
+    stride: int,
+    offset: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The gather/scatter that serves CUDA and cross-device pairs, run on CPU tensors (no GPU
-    here): every row alignment, padded rows, and staging split into several chunks."""
-    monkeypatch.setattr(torch_copy, "_DEVICE_STAGING_BYTES", 2 * row_bytes)  # 2 rows per chunk
+    """The three routes that serve CUDA pairs (device to device, store to the host, load from
+    it), run on CPU tensors (no GPU here; CPU views take the load route, pointed at each route
+    in turn): every row alignment, padded host rows (a DMA per row), runs of consecutive ids
+    (a DMA per run), repeated sources, and staging split into chunks of 2 rows."""
+    monkeypatch.setattr(torch_copy, "_load_runs", getattr(torch_copy, route))
+    monkeypatch.setattr(torch_copy, "_DEVICE_STAGING_BYTES", 2 * row_bytes)
     src = random_bytes((SRC_BLOCKS * stride + offset,), torch.uint8)[offset:].view(SRC_BLOCKS, stride)
     dst = random_bytes((DST_BLOCKS * stride + offset,), torch.uint8)[offset:].view(DST_BLOCKS, stride)
     src, dst = src[:, :row_bytes], dst[:, :row_bytes]
-    src_ids, dst_ids = np.array([9, 2, 7, 0, 4]), np.array([3, 6, 0, 5, 1])
     expected = dst.clone()
     expected[dst_ids] = src[src_ids]
-    torch_copy._copy_on_devices(src, dst, src_ids, dst_ids)
+    torch_copy._copy_on_devices(src, dst, np.array(src_ids), np.array(dst_ids))
     assert torch.equal(dst, expected)
+
+
+@pytest.mark.parametrize(
+    ("sorted_ids", "runs"),
+    [
+        ([7], [(0, 7, 1)]),
+        ([0, 1, 2, 5, 6, 9], [(0, 0, 3), (3, 5, 2), (5, 9, 1)]),
+        ([3, 4, 4, 5], [(0, 3, 2), (2, 4, 2)]),
+    ],
+    ids=["single", "three-runs", "repeat-starts-a-run"],
+)
+def test_consecutive_runs(sorted_ids: list[int], runs: list[tuple[int, int, int]]) -> None:
+    assert list(torch_copy._consecutive_runs(np.array(sorted_ids))) == runs
 
 
 def test_pairs_with_a_device_view_take_the_device_path(monkeypatch: pytest.MonkeyPatch) -> None:

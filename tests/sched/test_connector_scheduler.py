@@ -75,7 +75,7 @@ class DelayedCopyWorker:
         while self.in_flight and self.in_flight[0][0] <= self.step:
             _, job = self.in_flight.popleft()
             if self.rng.random() < self.fail_rate:
-                results.failed.add(job.job_id)
+                results.failed[job.job_id] = 1
                 continue
             results.done[job.job_id] = 1
             if job.kind == "store":
@@ -104,7 +104,9 @@ def test_no_block_reused_or_read_while_a_copy_is_in_flight(
     worker = DelayedCopyWorker(delay, fail_rate)
     requests = add_requests(scheduler, 24, seed=7, prefix_len=48, lo=40, hi=160, max_out=120)
     steps = 0
-    while scheduler.has_requests() or worker.in_flight:
+    # As vLLM's engine loop: step while the scheduler has requests, which asks the connector
+    # whether copies are in flight (has_pending_push_work).
+    while scheduler.has_requests():
         # A block a store reads must keep its content (hash) and a load's destination its
         # owner until the copy completes: neither may be free, so vLLM cannot reuse it.
         busy = worker.busy_gpu_blocks()
@@ -254,22 +256,186 @@ def test_sliding_window_victims_free_no_null_block(make_scheduler: Any, patched:
     assert_drained(scheduler, requests)
 
 
-def test_fault_plan_parses_a_rank_and_refuses_bad_values() -> None:
+def test_fault_plan_parses_ranks_and_delays_and_refuses_bad_values() -> None:
     from vllm_bidkv.connectors.worker import FaultPlan, active_faults, set_faults
 
-    plan = FaultPlan.from_json('{"load_every": 1, "rank": 1}')
-    assert plan.rank == 1 and plan.load_every == 1
+    (plan,) = FaultPlan.from_json('{"load_every": 1, "rank": 1}')
+    assert plan.rank == 1 and plan.load_every == 1 and plan.complete_after_steps == 0
+    fails, slow = FaultPlan.from_json(
+        '[{"store_every": 1, "rank": 1}, {"complete_after_steps": 3, "rank": 0}]'
+    )
+    assert (fails.rank, fails.store_every, slow.rank, slow.complete_after_steps) == (1, 1, 0, 3)
     for bad, key in (
         ('{"rank": -1}', "rank=-1"),
         ('{"rank": true}', "rank=True"),
         ('{"ranks": 1}', "'ranks'"),
+        ('{"complete_after_steps": -2}', "complete_after_steps=-2"),
+        ('[{"rank": 1}, {"rank": 1}]', "two plans for rank"),
+        ("[3]", "a JSON object or a list of them"),
     ):
         with pytest.raises(ValueError, match=key):
             FaultPlan.from_json(bad)
     set_faults(plan)
     try:
         assert active_faults(1) is plan and active_faults(0) is None, "only rank 1 fails"
+        set_faults([fails, slow])
+        assert active_faults(1) is fails and active_faults(0) is slow and active_faults(2) is None
         set_faults(FaultPlan(load_every=1))
         assert active_faults(0) is not None and active_faults(3) is not None, "no rank: every worker"
     finally:
         set_faults(None)
+
+
+def test_fault_hook_needs_the_test_hooks_opt_in() -> None:
+    """VLLM_BIDKV_FAULTS left in a production environment would silently turn the cache into
+    recompute: without VLLM_BIDKV_TEST_HOOKS=1 it is refused, naming the opt-in."""
+    from vllm_bidkv.connectors.worker import read_faults_env
+
+    assert read_faults_env({}) == []
+    with pytest.raises(ValueError, match="VLLM_BIDKV_TEST_HOOKS=1"):
+        read_faults_env({"VLLM_BIDKV_FAULTS": '{"load_every": 1}'})
+    with pytest.raises(ValueError, match="VLLM_BIDKV_TEST_HOOKS=1"):
+        read_faults_env({"VLLM_BIDKV_FAULTS": '{"load_every": 1}', "VLLM_BIDKV_TEST_HOOKS": "0"})
+    (plan,) = read_faults_env({"VLLM_BIDKV_FAULTS": '{"load_every": 1}', "VLLM_BIDKV_TEST_HOOKS": "1"})
+    assert plan.load_every == 1
+
+
+class ContentTrackingWorker(DelayedCopyWorker):
+    """The delayed stand-in, tracking whether each GPU block and CPU slot holds valid KV.
+
+    A failed load leaves its blocks garbage (reported as load errors when issued, as the real
+    worker does), and so is every block a forward computes for a request after a garbage
+    block (attention reads it); a forward that recomputes a block from valid KV repairs it.
+    Asynchronous loads are reported in ``finished_recving`` when their job is.
+    """
+
+    def __init__(self, scheduler: Any, requests: dict[str, Any], delay: int, load_fail_rate: float) -> None:
+        super().__init__(delay)
+        self.scheduler = scheduler
+        self.requests = requests
+        self.load_fail_rate = load_fail_rate
+        self.garbage: set[int] = set()
+        self.slot_valid: dict[int, bool] = {}
+        self.failed_loads: set[int] = set()
+        self.load_errors: set[int] = set()
+        self.async_loads = 0
+
+    def _blocks(self, request_id: str) -> list[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(request_id)[0])
+
+    def submit_step(self, out: Any, computed_before: dict[str, int]) -> None:
+        plan = out.kv_connector_metadata.plan
+        for job in plan.pre_forward_stores:  # rescues: before the forward
+            self._store(job)
+        for job in plan.pre_forward_loads:
+            for slot in job.cpu_slots:
+                assert self.slot_valid.get(slot), (
+                    f"load of slot {slot}: KV from a failed load reached the tier"
+                )
+            self.async_loads += job.asynchronous
+            if self.rng.random() < self.load_fail_rate:
+                self.failed_loads.add(job.job_id)
+                self.garbage.update(job.gpu_block_ids)
+                self.load_errors.update(job.gpu_block_ids)
+            else:
+                self.garbage.difference_update(job.gpu_block_ids)
+        bs = self.scheduler.block_size
+        for request_id, n in out.num_scheduled_tokens.items():
+            blocks = self._blocks(request_id)
+            start = computed_before[request_id]
+            tainted = any(b in self.garbage for b in blocks[: start // bs])
+            for block_id in blocks[start // bs : (start + n) // bs]:
+                if tainted:
+                    self.garbage.add(block_id)
+                else:
+                    self.garbage.discard(block_id)
+        for job in plan.post_forward_stores:
+            self._store(job)
+        self.submit(out.kv_connector_metadata)
+
+    def _store(self, job: Any) -> None:
+        for block_id, slot in zip(job.gpu_block_ids, job.cpu_slots, strict=True):
+            self.slot_valid[slot] = block_id not in self.garbage
+
+    def output(self) -> Any:
+        from vllm.v1.outputs import KVConnectorOutput
+
+        meta = self.finish_due()
+        for job_id in list(meta.results.done):
+            if job_id in self.failed_loads:
+                del meta.results.done[job_id]
+                meta.results.failed[job_id] = 1
+        recving = {job.request_id for job in self.reported if job.asynchronous}
+        errors, self.load_errors = self.load_errors, set()
+        return KVConnectorOutput(
+            kv_connector_worker_meta=meta, finished_recving=recving or None, invalid_block_ids=errors
+        )
+
+    def finish_due(self) -> Any:
+        due = [job for step, job in self.in_flight if step <= self.step + 1]
+        self.reported = due
+        return super().finish_due()
+
+
+@offload_only
+@pytest.mark.parametrize("delay", [1, 3])
+def test_async_scheduling_with_failed_loads_keeps_the_tier_clean(
+    make_scheduler: Any, patched: None, delay: int
+) -> None:
+    """vLLM's AsyncScheduler (step N+1 scheduled before step N's output), lazy offload,
+    completions ``delay`` steps late and a third of the loads failing: every load is
+    asynchronous (a failed one is cached by vLLM only up to its valid prefix), no garbage
+    KV is ever stored into the tier or served from it, and the engine drains."""
+    from types import SimpleNamespace
+
+    from vllm.v1.request import RequestStatus
+
+    scheduler = make_scheduler(
+        num_gpu_blocks=40,
+        max_num_seqs=8,
+        kv_transfer_config=connector_config(offload_mode="lazy", cpu_bytes=64 * 1024 * 1024),
+        async_scheduling=True,
+    )
+    requests = add_requests(scheduler, 24, seed=11, prefix_len=48, lo=40, hi=160, max_out=100)
+    worker = ContentTrackingWorker(scheduler, requests, delay, load_fail_rate=0.34)
+    waited_for_load = set()
+    pending: list[tuple[Any, dict[str, Any]]] = []
+    steps = 0
+    while scheduler.has_requests() or pending:
+        if scheduler.has_requests():
+            out = scheduler.schedule()
+            snapshot = {
+                rid: SimpleNamespace(
+                    num_computed_tokens=requests[rid].num_computed_tokens,
+                    num_tokens=requests[rid].num_tokens,
+                )
+                for rid in out.num_scheduled_tokens
+            }
+            before = {
+                rid: requests[rid].num_computed_tokens - n for rid, n in out.num_scheduled_tokens.items()
+            }
+            worker.submit_step(out, before)
+            waited_for_load |= {
+                r.request_id for r in requests.values() if r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+            }
+            pending.append((out, snapshot))
+        if len(pending) == 2 or (pending and not scheduler.has_requests()):
+            done, snapshot = pending.pop(0)  # one step late, as the engine's batch queue
+            kwargs = {"kv_connector_output": worker.output()}
+            scheduler.update_from_output(done, model_output(done, snapshot, **kwargs))
+        steps += 1
+        if steps == 60:
+            for req in list(requests.values())[:8]:
+                clone = add_again(scheduler, req)
+                requests[clone.request_id] = clone
+        tier = scheduler.connector.scheduler_side.planner.tier
+        for slot in range(tier.num_slots):
+            block_hash = tier.hash_of(slot)
+            if block_hash is not None and tier.lookup(block_hash) == slot:
+                assert worker.slot_valid.get(slot), f"slot {slot} holds KV derived from a failed load"
+        assert steps < 8000
+    stats = scheduler.connector.planner_stats()
+    assert worker.failed_loads and worker.async_loads > 0 and waited_for_load
+    assert stats["blocks_loaded"] > 0 and stats["load_errors"] > 0
+    assert stats["pending_jobs"] == 0 and stats["gpu_blocks_held"] == 0
+    assert_drained(scheduler, {k: v for k, v in requests.items()})

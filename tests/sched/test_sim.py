@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -12,7 +14,7 @@ from vllm_bidkv.bench.configs import CONFIGS, parse_configs
 from vllm_bidkv.bench.costmodel import H100_LLAMA3_8B
 from vllm_bidkv.bench.metrics import summarize
 from vllm_bidkv.bench.presets import get_preset
-from vllm_bidkv.bench.sim import simulate
+from vllm_bidkv.bench.sim import _BidKVWorker, simulate
 from vllm_bidkv.bench.workloads import (
     CLOSED_LOOP,
     WORKLOADS,
@@ -22,6 +24,8 @@ from vllm_bidkv.bench.workloads import (
     make_workload,
     write_jsonl,
 )
+from vllm_bidkv.connectors.bidkv_connector import BidKVConnectorMetadata
+from vllm_bidkv.offload import StepPlan, TransferJob
 
 pytestmark = pytest.mark.sched
 
@@ -66,6 +70,97 @@ def test_offload_loads_instead_of_recomputing() -> None:
     assert offload.loaded_blocks > 0 and offload.stored_blocks > 0
     assert offload.recomputed_prefill_tokens < stock.recomputed_prefill_tokens
     assert runs["offload"].load_s > 0 and runs["offload"].store_s > 0
+
+
+def _plan_step(*jobs: TransferJob) -> SimpleNamespace:
+    """A scheduler output with only what ``_BidKVWorker`` reads: the plan, and vLLM's flag
+    that decides whether ``start_load_kv`` runs before the forward."""
+    plan = StepPlan(pre_forward_loads=list(jobs))
+    has_sync = any(not job.asynchronous for job in jobs)
+    return SimpleNamespace(kv_connector_metadata=BidKVConnectorMetadata(plan), has_sync_kv_loads=has_sync)
+
+
+def _load(job_id: int, blocks: int, request_id: str, *, asynchronous: bool) -> TransferJob:
+    ids = list(range(job_id * 100, job_id * 100 + blocks))
+    return TransferJob(job_id, "load", ids, ids, request_id, asynchronous=asynchronous)
+
+
+@pytest.mark.usefixtures("offload_supported")  # BidKV worker metadata: vLLM 0.19+
+def test_bidkv_worker_async_loads_overlap_the_forward() -> None:
+    cost = H100_LLAMA3_8B
+    block_bytes = 16 * cost.kv_bytes_per_token
+    worker = _BidKVWorker(cost, block_bytes)
+    copy = cost.copy_s(4 * block_bytes, to_device=True, duplex=False)
+
+    # Only an asynchronous load: nothing waits before the forward; the load starts when it ends.
+    step = _plan_step(_load(0, 4, "a", asynchronous=True))
+    assert worker.before_forward(step, 0.0) == 0.0
+    worker.after_forward(step, 1.0)
+    assert worker.report(1.0) is None and worker.busy()
+    finish = worker.next_event()
+    assert finish is not None and finish == pytest.approx(1.0 + copy)
+    out = worker.report(finish)
+    assert out.finished_recving == {"a"} and out.kv_connector_worker_meta.results.done == {0: 1}
+    assert not worker.busy()
+
+    # With a synchronous load: it delays the forward; the asynchronous one starts with the
+    # forward, does not delay it, and is reported at the first step end after it is done.
+    step = _plan_step(_load(1, 4, "b", asynchronous=False), _load(2, 4, "c", asynchronous=True))
+    assert worker.before_forward(step, 2.0) == pytest.approx(copy)
+    worker.after_forward(step, 2.0 + copy + copy / 2)
+    out = worker.report(2.0 + copy + copy / 2)
+    assert out.finished_recving is None and out.kv_connector_worker_meta.results.done == {1: 1}
+    finish = worker.next_event()
+    assert finish is not None and finish == pytest.approx(2.0 + 2 * copy)
+    out = worker.report(finish)
+    assert out.finished_recving == {"c"} and out.kv_connector_worker_meta.results.done == {2: 1}
+    assert worker.load_s == pytest.approx(copy) and worker.async_load_s == pytest.approx(2 * copy)
+
+
+# A closed loop whose turns reload their history from the CPU tier, some of it 256+ tokens.
+CHAT = replace(SMALL, num_gpu_blocks=64, max_model_len=1024)
+ASYNC_FROM = 256  # tokens: below the default, so that this short run has asynchronous loads
+
+
+@pytest.mark.usefixtures("offload_supported")
+@pytest.mark.parametrize("config", ["bidkv+offload", "bidkv+offload-sync"])
+def test_bidkv_loads_async_and_sync_finish(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asynchronous loads are reported (job and ``finished_recving``), so their requests leave
+    ``WAITING_FOR_REMOTE_KVS`` and the run ends; with the threshold out of reach every load
+    is synchronous."""
+    loads: list[TransferJob] = []
+    recving: list[str] = []
+    start_loads, report = _BidKVWorker._start_loads, _BidKVWorker.report
+
+    def spy_start(self: _BidKVWorker, plan: StepPlan, at: float) -> None:
+        loads.extend(plan.pre_forward_loads)
+        start_loads(self, plan, at)
+
+    def spy_report(self: _BidKVWorker, now: float) -> Any:
+        out = report(self, now)
+        if out is not None:
+            recving.extend(out.finished_recving or ())
+        return out
+
+    monkeypatch.setattr(_BidKVWorker, "_start_loads", spy_start)
+    monkeypatch.setattr(_BidKVWorker, "report", spy_report)
+    workload = make_workload("chat", 30, 4.0, 0, length_scale=0.3, max_context=900)
+    run = CONFIGS[config]
+    if config == "bidkv+offload":
+        run = replace(run, connector_options=(("async_load_min_tokens", ASYNC_FROM),))
+    result = simulate(workload, run, CHAT, H100_LLAMA3_8B)
+    assert all(t.finish_s is not None for t in result.timings)
+    assert all(t.num_output_tokens == t.expected_output_tokens for t in result.timings)
+    assert result.free_blocks_at_end == result.num_gpu_blocks  # every job reported
+    assert result.counters.loaded_blocks > 0 and result.load_s > 0
+    async_loads = [job for job in loads if job.asynchronous]
+    if config == "bidkv+offload":
+        hits = [len(job.gpu_block_ids) + len(job.unavailable_gpu_block_ids) for job in async_loads]
+        assert hits and min(hits) * CHAT.block_size >= ASYNC_FROM
+        assert sorted(recving) == sorted(str(job.request_id) for job in async_loads)
+        assert result.async_load_s > 0
+    else:
+        assert not async_loads and not recving and result.async_load_s == 0
 
 
 def test_sim_is_deterministic() -> None:
@@ -195,6 +290,11 @@ def test_config_names() -> None:
     with pytest.raises(ValueError, match="unknown config 'bidk'"):
         parse_configs("bidk")
     assert CONFIGS["stock"].kv_transfer_config("fcfs", 1) is None
+    # The sync-loads variant differs from bidkv+offload by the threshold alone.
+    base = CONFIGS["bidkv+offload"].connector_extra("fcfs", 1)
+    assert base is not None and "async_load_min_tokens" not in base
+    sync = CONFIGS["bidkv+offload-sync"].connector_extra("fcfs", 1)
+    assert sync == {**base, "async_load_min_tokens": 2**31}
     assert CONFIGS["stock"].connector_extra("sjf", 1) == {
         "victim_policy": "vllm-default",
         "offload_mode": "off",

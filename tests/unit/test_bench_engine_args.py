@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import http.server
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +118,69 @@ def test_closed_loop_request_ids_name_session_and_turn() -> None:
     session = workload.turns[0][0]
     index = workload.on_finish(0, [5, 6], [7], 1.0)
     assert index is not None and workload.request_id(index) == f"chat-{session}.1"
+
+
+# Stands in for vLLM's OpenAI server under `python -m vllm.entrypoints.openai.api_server`: binds
+# --host/--port as vLLM does (SO_REUSEADDR; a port another process listens on fails with
+# EADDRINUSE) and answers every GET with its pid.
+FAKE_API_SERVER = """
+import argparse, http.server, os
+parser = argparse.ArgumentParser()
+parser.add_argument("--host")
+parser.add_argument("--port", type=int)
+args, _ = parser.parse_known_args()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = str(os.getpid()).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+http.server.HTTPServer((args.host, args.port), Handler).serve_forever()
+"""
+
+
+def test_openai_server_survives_losing_its_port_to_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """free_port's port is free only when asked: here another process (a server answering
+    /health like vLLM) takes it first. The launcher must not take that server for its own,
+    and must start its server on a fresh port."""
+    from vllm_bidkv.bench import server as launcher
+
+    fake = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
+    fake.mkdir(parents=True)
+    for package in (fake, fake.parent, fake.parent.parent):
+        (package / "__init__.py").write_text("")
+    (fake / "api_server.py").write_text(FAKE_API_SERVER)
+
+    class Thief(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"thief")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    thief = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Thief)
+    threading.Thread(target=thief.serve_forever, daemon=True).start()
+    taken = thief.server_address[1]
+    ports = iter([taken])
+    real_free_port = launcher.free_port
+    monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or real_free_port())
+    try:
+        with launcher.openai_server(
+            "m", None, tmp_path / "server.log", start_timeout_s=60, env={"PYTHONPATH": str(tmp_path / "fake")}
+        ) as running:
+            assert running.port != taken
+            assert launcher.get(f"{running.url}/health") == str(running.proc.pid)
+        assert running.proc.poll() is not None  # stopped on leaving
+    finally:
+        thief.shutdown()
+        thief.server_close()

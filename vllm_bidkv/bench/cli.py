@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from vllm_bidkv.bench.args import byte_size, positive_float, positive_float_list, positive_int
 
 DEFAULT_PRESET = {"sim": "h100-llama3-8b", "engine": "cpu-tiny"}
 
@@ -46,7 +49,7 @@ def add_commands(sub: Any) -> None:
 
     soak_parser = kinds.add_parser("soak", help="OpenAI server + connector under N requests, some hung up")
     soak.add_cli_args(soak_parser)
-    soak_parser.set_defaults(func=soak.main)
+    soak_parser.set_defaults(func=lambda args: _soak(soak_parser, args))
 
     for kind, text in (
         ("sim", "vLLM's real Scheduler + BidKVConnector, timed by an H100 cost model"),
@@ -60,16 +63,16 @@ def add_commands(sub: Any) -> None:
         "calibrate", help="fit the cost model's efficiency to bidkv's stock calibration"
     )
     calibrate.add_argument("--preset", default="h100-llama3-8b")
-    calibrate.add_argument("--seeds", type=int, default=3, help="workload seeds per point (median)")
+    calibrate.add_argument("--seeds", type=positive_int, default=3, help="workload seeds per point (median)")
     calibrate.add_argument("--json", metavar="FILE")
     calibrate.set_defaults(func=_calibrate)
 
     trace = kinds.add_parser("trace", help="write a generated workload as a JSONL trace")
     trace.add_argument("workload", help="mixed, multi-turn, long-context or bursty")
-    trace.add_argument("--rate", type=float, required=True, help="requests per second")
-    trace.add_argument("--num-requests", type=int, required=True)
+    trace.add_argument("--rate", type=positive_float, required=True, help="requests per second")
+    trace.add_argument("--num-requests", type=positive_int, required=True)
     trace.add_argument("--seed", type=int, default=0)
-    trace.add_argument("--length-scale", type=float, default=1.0)
+    trace.add_argument("--length-scale", type=positive_float, default=1.0)
     trace.add_argument("--out", required=True, metavar="FILE")
     trace.set_defaults(func=_trace)
 
@@ -92,9 +95,9 @@ def _matrix_args(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--preset", help=f"benchmark preset (default {DEFAULT_PRESET[kind]})")
     parser.add_argument("--workload", metavar="FILE|NAME", help="a JSONL trace, or a generator name")
     parser.add_argument("--configs", help="comma-separated configs (unbounded is always added)")
-    parser.add_argument("--rates", help="comma-separated request rates (req/s)")
-    parser.add_argument("--runs", type=int, help="runs per (config, rate); medians are reported")
-    parser.add_argument("--num-requests", type=int)
+    parser.add_argument("--rates", type=positive_float_list, help="comma-separated request rates (req/s)")
+    parser.add_argument("--runs", type=positive_int, help="runs per (config, rate); medians are reported")
+    parser.add_argument("--num-requests", type=positive_int)
     parser.add_argument(
         "--admission", choices=("fcfs", "sjf"), default="fcfs", help="the same for every config"
     )
@@ -159,7 +162,11 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=_positive_int)
     group.add_argument("--gpu-memory-utilization", type=_fraction)
     group.add_argument("--tensor-parallel-size", type=_positive_int)
-    group.add_argument("--cpu-bytes", type=_positive_int, help="CPU tier bytes per worker (offload configs)")
+    group.add_argument(
+        "--cpu-bytes",
+        type=byte_size,
+        help="CPU tier size per worker (offload configs): bytes, or 512MiB, 1TiB",
+    )
     group.add_argument(
         "--server",
         metavar="URL,...|auto",
@@ -194,7 +201,7 @@ def matrix_from_args(args: argparse.Namespace) -> Any:
         if getattr(args, flag, None) is not None
     }
     preset = replace(preset, **overrides)
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else list(preset.rates)
+    rates = args.rates or list(preset.rates)
     configs = parse_configs(args.configs or list(preset.configs), with_unbounded=preset.with_unbounded)
     servers = None
     if getattr(args, "server", None):
@@ -205,7 +212,7 @@ def matrix_from_args(args: argparse.Namespace) -> Any:
         preset=preset,
         configs=configs,
         rates=rates,
-        runs=args.runs or preset.runs,
+        runs=preset.runs if args.runs is None else args.runs,
         admission=args.admission,
         seed=args.seed,
         trace=trace,
@@ -266,6 +273,22 @@ def _run_matrix(args: argparse.Namespace) -> int:
     meta["trace"] = matrix.trace
     print(write_outputs(records, args, meta, f"{args.kind}-{matrix.preset.name}"))
     return 1 if any("error" in r for r in records) else 0
+
+
+# bench soak flags that soak.main does not check: a bad value otherwise reaches the server,
+# which fails only after starting vLLM.
+SOAK_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"gpu_blocks": positive_int, "cpu_bytes": byte_size}
+
+
+def _soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from vllm_bidkv.bench import soak
+
+    for dest, check in SOAK_FLAG_TYPES.items():
+        try:
+            check(str(getattr(args, dest)))
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument --{dest.replace('_', '-')}: {err}")
+    return soak.main(args)
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -16,12 +16,22 @@ Kinds of config:
   connector path and of our patches.
 * BidKV: a victim strategy (``vllm_bidkv.policy.STRATEGIES``) with offload ``off`` (victim
   rule alone), ``lazy`` or ``eager``. Names: the strategy (``lcf``), ``+offload`` for lazy
-  (``lcf+offload``); ``offload`` is vLLM's own victim with our lazy tier.
+  (``lcf+offload``); ``offload`` is vLLM's own victim with our lazy tier. A CPU-tier hit of
+  ``async_load_min_tokens`` (8192) tokens or more loads asynchronously (the request waits
+  while the batch runs on); ``bidkv+offload-sync`` loads every hit synchronously, before the
+  forward that reads it, so that against ``bidkv+offload`` it shows what asynchronous loads
+  change. ``bidkv+offload-late2`` (real engine only) runs ``bidkv+offload`` with every copy
+  reported two steps late (the ``complete_after_steps`` test hook), as CUDA would: against
+  ``bidkv+offload`` it shows what late completions cost on the engine.
 * Peers, run through their **own** scheduler-side code from the installed vLLM (the
   simulator plays their worker): ``vllm-offloading`` (``OffloadingConnector`` with its CPU
   manager, ``eviction_policy`` LRU; ``vllm-offloading-arc``: ARC) and
   ``vllm-simple-offload`` (``SimpleCPUOffloadConnector``, eager; ``-lazy``: its lazy mode).
   Each gets the preset's ``cpu_bytes``, the same CPU memory as ours. vLLM's victim rule.
+  On the real engine the peer runs whole, worker included; where vLLM's own worker refuses
+  the platform (``OffloadingConnector``'s CPU spec builds its worker on CUDA-alike and XPU
+  only), ``vllm-offloading*`` run with ``vllm_bidkv.bench.peer_spec``: vLLM's
+  ``CPUOffloadingSpec`` with a CPU copy handler of ours in its worker (``CPU_COPY_PEERS``).
 * ``ideal-tier``: the bound for a CPU tier with this GPU memory — BidKV's ``bidkv`` victim
   rule and lazy tier, but a tier without a size limit (``cpu_bytes`` large enough to hold
   every block the run can produce: nothing is ever evicted) and host↔device copies that
@@ -51,18 +61,30 @@ class RunConfig:
     connector: str = "bidkv"
     """``bidkv``, or a peer: ``offloading`` (vLLM's OffloadingConnector), ``simple-offload``
     (vLLM's SimpleCPUOffloadConnector)."""
-    peer_options: tuple[tuple[str, Any], ...] = ()
-    """The peer's own ``kv_connector_extra_config`` keys (beside ``cpu_bytes_to_use``)."""
+    connector_options: tuple[tuple[str, Any], ...] = ()
+    """More ``kv_connector_extra_config`` keys: a peer's own (beside ``cpu_bytes_to_use``), or
+    BidKVConnector's beyond those the fields above set."""
     ideal: bool = False
     """``ideal-tier``: CPU tier without a size limit, copies that take no time."""
     label: str = ""
     """How reports describe the config (empty: nothing to add)."""
     kill_switch: bool = False
     """BidKVConnector loaded and patched in, but inert (``kill_switch``): vLLM's connector path alone."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Environment of the engine process (the real engine only): a test hook such as
+    ``VLLM_BIDKV_FAULTS``, e.g. completions held back as CUDA events would hold them."""
 
     @property
     def is_peer(self) -> bool:
         return self.connector in PEER_CONNECTORS
+
+    def engine_label(self, cpu_copy_peer: bool) -> str:
+        """``label`` as the real engine runs the config: says so when our CPU copy handler
+        stands in for a peer's worker (``kv_transfer_config(cpu_copy_peer=True)``)."""
+        if not (cpu_copy_peer and self.connector in CPU_COPY_PEERS):
+            return self.label
+        vllm_name, ours = f"vLLM {PEER_CONNECTORS[self.connector]}", CPU_COPY_PEERS[self.connector][1]
+        return self.label.replace(vllm_name, ours, 1) if vllm_name in self.label else f"{ours}; {self.label}"
 
     def connector_extra(self, admission: str, cpu_bytes: int) -> dict[str, Any] | None:
         """``kv_connector_extra_config``, or None when the run is stock vLLM without the connector."""
@@ -71,7 +93,7 @@ class RunConfig:
                 raise ValueError(
                     f"config {self.name}: vLLM's {PEER_CONNECTORS[self.connector]} has no {admission} admission"
                 )
-            return {"cpu_bytes_to_use": cpu_bytes, **dict(self.peer_options)}
+            return {"cpu_bytes_to_use": cpu_bytes, **dict(self.connector_options)}
         if self.victim_policy is None and admission == "fcfs":
             return None
         extra: dict[str, Any] = {
@@ -83,13 +105,20 @@ class RunConfig:
             extra["cpu_bytes"] = cpu_bytes
         if self.kill_switch:
             extra["kill_switch"] = True
-        return extra
+        return {**extra, **dict(self.connector_options)}
 
-    def kv_transfer_config(self, admission: str, cpu_bytes: int) -> dict[str, Any] | None:
+    def kv_transfer_config(
+        self, admission: str, cpu_bytes: int, *, cpu_copy_peer: bool = False
+    ) -> dict[str, Any] | None:
+        """vLLM's ``kv_transfer_config``, or None for stock vLLM. ``cpu_copy_peer`` (the real
+        engine on a platform vLLM's own offloading worker refuses, e.g. vLLM on CPU): a peer
+        in ``CPU_COPY_PEERS`` gets the spec keys that swap in our CPU copy handler."""
         extra = self.connector_extra(admission, cpu_bytes)
         if extra is None:
             return None
         if self.is_peer:
+            if cpu_copy_peer and self.connector in CPU_COPY_PEERS:
+                extra = {**extra, **CPU_COPY_PEERS[self.connector][0]}
             return {
                 "kv_connector": PEER_CONNECTORS[self.connector],
                 "kv_role": "kv_both",
@@ -104,6 +133,18 @@ class RunConfig:
 
 
 PEER_CONNECTORS = {"offloading": "OffloadingConnector", "simple-offload": "SimpleCPUOffloadConnector"}
+
+# Peers whose worker the real engine swaps for a CPU copy handler of ours where vLLM's own
+# refuses the platform: the ``kv_connector_extra_config`` keys that select it (vLLM's
+# ``OffloadingSpecFactory``: ``spec_name`` / ``spec_module_path``), and how reports name
+# the result. ``vllm_bidkv.bench.peer_spec`` holds the spec (vLLM's CPUOffloadingSpec, our
+# worker); it is named here, not imported, so that configs need no vLLM.
+CPU_COPY_PEERS: dict[str, tuple[dict[str, str], str]] = {
+    "offloading": (
+        {"spec_name": "CPUCopyOffloadingSpec", "spec_module_path": "vllm_bidkv.bench.peer_spec"},
+        "vLLM OffloadingConnector with a CPU copy handler of ours",
+    ),
+}
 
 # Victim rules added by issue 14 (``vllm_bidkv.policy.STRATEGIES``): each alone and with the lazy tier.
 NEW_VICTIM_RULES = ("lcf", "reclaim-score", "remaining-output", "bidkv-0.2")
@@ -123,31 +164,46 @@ CONFIGS: dict[str, RunConfig] = {
         RunConfig("offload-eager", "vllm-default", "eager"),
         RunConfig("bidkv+offload", "bidkv", "lazy"),
         RunConfig("bidkv+offload-eager", "bidkv", "eager"),
+        RunConfig(
+            "bidkv+offload-sync",
+            "bidkv",
+            "lazy",
+            # No hit reaches it: every load runs before the forward that reads it.
+            connector_options=(("async_load_min_tokens", 2**31),),
+            label="bidkv+offload, every load synchronous",
+        ),
+        RunConfig(
+            "bidkv+offload-late2",
+            "bidkv",
+            "lazy",
+            env=(("VLLM_BIDKV_FAULTS", '{"complete_after_steps": 2}'), ("VLLM_BIDKV_TEST_HOOKS", "1")),
+            label="bidkv+offload, every copy reported 2 steps late (test hook; real engine only)",
+        ),
         *(RunConfig(rule, rule) for rule in NEW_VICTIM_RULES),
         *(RunConfig(f"{rule}+offload", rule, "lazy") for rule in NEW_VICTIM_RULES),
         RunConfig("bidkv-0.1+offload", "bidkv-0.1", "lazy"),
         RunConfig(
             "vllm-offloading",
             connector="offloading",
-            peer_options=(("eviction_policy", "lru"),),
+            connector_options=(("eviction_policy", "lru"),),
             label="vLLM OffloadingConnector, CPU manager, LRU",
         ),
         RunConfig(
             "vllm-offloading-arc",
             connector="offloading",
-            peer_options=(("eviction_policy", "arc"),),
+            connector_options=(("eviction_policy", "arc"),),
             label="vLLM OffloadingConnector, CPU manager, ARC",
         ),
         RunConfig(
             "vllm-simple-offload",
             connector="simple-offload",
-            peer_options=(("lazy_offload", False),),
+            connector_options=(("lazy_offload", False),),
             label="vLLM SimpleCPUOffloadConnector, eager",
         ),
         RunConfig(
             "vllm-simple-offload-lazy",
             connector="simple-offload",
-            peer_options=(("lazy_offload", True),),
+            connector_options=(("lazy_offload", True),),
             label="vLLM SimpleCPUOffloadConnector, lazy",
         ),
         RunConfig(
@@ -155,6 +211,8 @@ CONFIGS: dict[str, RunConfig] = {
             "bidkv",
             "lazy",
             ideal=True,
+            # A free copy stalls nothing: loading it before the forward costs no step of waiting.
+            connector_options=(("async_load_min_tokens", 2**31),),
             label="bound: same GPU blocks, unlimited CPU tier, free copies (bidkv victim)",
         ),
     )

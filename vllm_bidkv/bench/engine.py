@@ -18,6 +18,10 @@ workload is played twice in each process and only the second pass is measured (s
 parts of each measured step.
 Latencies come from vLLM's per-request ``RequestOutput.metrics`` (arrival, first-token
 latency, first/last token timestamps); engine-wide counters from ``LLM.get_metrics()``.
+A vLLM peer (``vllm-offloading*``) runs whole; where vLLM's own worker refuses the platform
+(vLLM on CPU) its worker copies with ``vllm_bidkv.bench.peer_spec`` (``cpu_copy_peer``). Its
+own counters are recorded as ``peer_counters``, and a peer that never stored or loaded in a
+pass with preemptions fails the run (``peer_counters``).
 
 The parent (``run_config``) pickles the workload, starts
 ``python -m vllm_bidkv.bench.engine JOB RESULT`` and reads the result back.
@@ -83,6 +87,7 @@ def run_config(
         if config.kv_transfer_config(admission, preset.cpu_bytes) is None:
             env["BIDKV_DISABLE"] = "1"
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.update(dict(config.env))
         proc = subprocess.run(
             [sys.executable, "-m", "vllm_bidkv.bench.engine", str(job), str(result)],
             env=env,
@@ -110,7 +115,8 @@ def _child(job_path: str, result_path: str) -> None:
 
     from vllm_bidkv.tiny_model import model_path
 
-    kv = config.kv_transfer_config(job["admission"], preset.cpu_bytes)
+    cpu_copy_peer = _cpu_copy_peer()
+    kv = config.kv_transfer_config(job["admission"], preset.cpu_bytes, cpu_copy_peer=cpu_copy_peer)
     started = time.perf_counter()
     llm = LLM(
         model=model_path(preset.model),
@@ -140,6 +146,7 @@ def _child(job_path: str, result_path: str) -> None:
     if not llm.reset_prefix_cache(reset_connector=True):
         raise RuntimeError("engine: could not reset the prefix cache after the warm-up pass")
     before = _metrics(llm)
+    host_hits_before = _host_hit_tokens(llm) if config.is_peer else 0.0
     profile = StepProfile(engine, scheduler, preset.max_num_seqs)  # inside the probe: times vLLM only
     probe = SchedulerProbe(scheduler)
     timings, outputs, prompts, run_s = _replay(engine, workload, "")
@@ -160,6 +167,10 @@ def _child(job_path: str, result_path: str) -> None:
     }
     if workload.sessions is not None:  # closed loop: what each turn really sent
         result["prompts"] = prompts
+    if config.is_peer:
+        result["label"] = config.engine_label(cpu_copy_peer)
+        host_hits = _host_hit_tokens(llm) - host_hits_before
+        result["peer_counters"] = peer_counters(config, probe, scheduler, host_hits)
     Path(result_path).write_text(json.dumps(result))
 
 
@@ -305,6 +316,54 @@ def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 def _metrics(llm: Any) -> dict[str, float]:
     return {m.name: m.value for m in llm.get_metrics() if m.name in ENGINE_METRICS}
+
+
+def _host_hit_tokens(llm: Any) -> float:
+    """vLLM's ``prompt_tokens_cached_by_source{source="host"}``: prompt tokens of new requests
+    that a connector attributed to its CPU tier (``get_external_cache_hit_sources``)."""
+    return sum(
+        float(m.value)
+        for m in llm.get_metrics()
+        if m.name == "vllm:prompt_tokens_cached_by_source" and m.labels.get("source") == "host"
+    )
+
+
+# Per peer, its own counters (``get_kv_connector_stats``, summed over the measured pass) that
+# must move when it stores and when it loads: a peer that never did either under pressure
+# (preemptions) did not run, and the run fails rather than report it as a result.
+PEER_ACTIVITY = {
+    "offloading": ("vllm:kv_offload_store_bytes", "vllm:kv_offload_load_bytes"),
+    "simple-offload": ("vllm:simple_kv_offload_load_blocks_total",),
+}
+
+
+def _cpu_copy_peer() -> bool:
+    """Whether vLLM's own offloading worker refuses this platform (``CPUOffloadingSpec.get_worker``
+    builds one on CUDA-alike and XPU only), so a peer runs with our CPU copy handler."""
+    from vllm.platforms import current_platform
+
+    return not (current_platform.is_cuda_alike() or current_platform.is_xpu())
+
+
+def peer_counters(
+    config: RunConfig, probe: SchedulerProbe, scheduler: Any, host_hit_tokens: float
+) -> dict[str, float]:
+    """A peer's own counters over the measured pass, as the simulator records them: its stats
+    (``get_kv_connector_stats`` through vLLM's scheduler stats, reduced and summed) and the
+    tokens it said its CPU tier supplied (``host_hit_tokens``: vLLM's
+    ``prompt_tokens_cached_by_source{source="host"}``, from the connector's
+    ``get_external_cache_hit_sources``; new requests only). Raises when the peer did not store
+    or load in a pass with preemptions."""
+    counters = probe.connector_stats(type(scheduler.connector))
+    counters["host_hit_tokens"] = host_hit_tokens
+    if probe.counters.preemptions > 0:
+        idle = [name for name in PEER_ACTIVITY.get(config.connector, ()) if not counters.get(name)]
+        if idle:
+            raise RuntimeError(
+                f"config {config.name}: {probe.counters.preemptions} preemptions but the peer's own "
+                f"counters never moved ({', '.join(idle)}): its worker did not store or load"
+            )
+    return counters
 
 
 def _replay(

@@ -145,6 +145,7 @@ def _sim_record(
         "wall_s": result.wall_s,
         "virtual_s": result.virtual_s,
         "load_wait_s": result.load_s,
+        "async_load_busy_s": result.async_load_s,
         "store_busy_s": result.store_s,
         "scheduler_s": result.scheduler_s,
         "connector_s": result.connector_s,
@@ -200,6 +201,9 @@ def _engine_record(
     }
     if "server" in raw:
         extra["server"] = raw["server"]
+    if "peer_counters" in raw:  # a vLLM peer: its own counters, and what ran (engine_label)
+        extra["peer_counters"] = raw["peer_counters"]
+        extra["label"] = raw["label"]
     if "profile" in raw:  # in-process engines: where each step's time went
         extra["profile"] = raw["profile"]
         extra["connector_share"] = raw["profile"]["connector_share"]

@@ -16,8 +16,14 @@ load and a store stream at the cost model's host↔device rates (a copy that ove
 other direction gets the duplex share of the link), and reports each completion back
 through ``KVConnectorOutput`` in the form that connector's scheduler side expects:
 
-* BidKV: jobs in ``kv_connector_worker_meta`` (``BidKVWorkerMetadata``); rescues and loads
-  run before the forward (critical path), stores after it on the side stream.
+* BidKV (``connectors/worker.py``): jobs in ``kv_connector_worker_meta``
+  (``BidKVWorkerMetadata``), reported in issue order; rescues and synchronous loads run
+  before the forward (critical path), stores after it on the store stream. Asynchronous
+  loads (a hit of ``async_load_min_tokens`` or more: the request waits in
+  ``WAITING_FOR_REMOTE_KVS``) run on the load stream, from the end of the forward (vLLM
+  calls ``start_load_kv`` after launching it when the step has no synchronous load) or,
+  in a step with synchronous loads, from its start; they never delay it, and their
+  requests are reported in ``finished_recving``.
 * OffloadingConnector (``offloading/worker.py``): loads are asynchronous (the request
   waits in ``WAITING_FOR_REMOTE_KVS``) and reported as ``finished_recving`` plus
   ``OffloadingWorkerMetadata.completed_jobs``; a step's stores are deferred to the start of
@@ -44,13 +50,14 @@ import heapq
 import math
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm_bidkv.bench.configs import RunConfig
 from vllm_bidkv.bench.costmodel import CostModel
-from vllm_bidkv.bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe, StepCounters, plan_blocks
+from vllm_bidkv.bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe, StepCounters
 from vllm_bidkv.bench.presets import BenchPreset
 from vllm_bidkv.bench.workloads import FIRST_TOKEN_ID, Workload
 from vllm_bidkv.patches.standalone import build_scheduler, make_request, model_output
@@ -71,6 +78,9 @@ class SimResult:
     """Virtual time steps waited for copies before their forward (critical path)."""
     store_s: float
     """Virtual time the store stream was busy (overlapped)."""
+    async_load_s: float
+    """Virtual time the load stream was busy (overlapped): asynchronous loads, which are
+    every load of a peer and BidKV's loads of ``async_load_min_tokens`` or more."""
     max_running: int
     mean_running: float
     """Running requests averaged over the time steps took (idle gaps excluded)."""
@@ -128,6 +138,10 @@ def simulate(
     busy_threshold: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> SimResult:
+    if config.env:
+        raise ValueError(
+            f"config {config.name!r} sets the engine's environment (a test hook): real engine only"
+        )
     workload = workload.replay()  # closed-loop workloads grow while they run: start from turn 1
     block_bytes = preset.block_size * cost.kv_bytes_per_token
     cpu_bytes = preset.cpu_bytes
@@ -179,12 +193,14 @@ class _Streams:
         self.block_bytes = block_bytes
         self.load_free_at = 0.0
         self.store_free_at = 0.0
+        self.load_s = 0.0  # seconds each stream was busy
         self.store_s = 0.0
 
     def load(self, blocks: int, at: float) -> float:
         """Submit a load of ``blocks`` at ``at``; its finish time."""
         start = max(at, self.load_free_at)
         secs = self.cost.copy_s(blocks * self.block_bytes, to_device=True, duplex=self.store_free_at > start)
+        self.load_s += secs
         self.load_free_at = start + secs
         return self.load_free_at
 
@@ -199,8 +215,18 @@ class _Streams:
 class _Worker:
     """What a connector's worker does with a step's metadata, on the virtual clock."""
 
-    load_s = 0.0  # critical-path wait before forwards
-    store_s = 0.0
+    def __init__(self, cost: CostModel, block_bytes: int) -> None:
+        self.streams = _Streams(cost, block_bytes)
+        self.block_bytes = block_bytes
+        self.load_s = 0.0  # critical-path wait before forwards
+
+    @property
+    def store_s(self) -> float:
+        return self.streams.store_s
+
+    @property
+    def async_load_s(self) -> float:
+        return self.streams.load_s
 
     def before_forward(self, out: Any, now: float) -> float:
         """Copies and waits before the forward; returns the seconds the forward waits."""
@@ -224,49 +250,69 @@ class _Worker:
         return {}
 
 
+def _num_blocks(jobs: Any) -> int:
+    return sum(len(job.gpu_block_ids) for job in jobs)
+
+
 class _BidKVWorker(_Worker):
-    """BidKVConnector's worker: rescues and loads before the forward, stores after it."""
+    """BidKVConnector's ``CopyWorker`` (``connectors/worker.py``) on the virtual clock."""
 
     def __init__(self, cost: CostModel, block_bytes: int) -> None:
-        self.cost = cost
-        self.block_bytes = block_bytes
-        self.store_free_at = 0.0  # when the store stream has drained
-        self.inflight_stores: list[tuple[float, list[int]]] = []  # (finish time, job ids), FIFO
+        super().__init__(cost, block_bytes)
+        # Copies issued and not reported: (finish, job ids, an asynchronous load's request).
+        # In issue order, as CopyWorker.poll reports them: a copy done early waits for those
+        # issued before it.
+        self.issued: deque[tuple[float, list[int], str | None]] = deque()
         self.load_errors: set[int] = set()  # GPU blocks of loads whose CPU data was gone
-        self.done: dict[int, int] = {}
+
+    @staticmethod
+    def _loads_after_forward(out: Any) -> bool:
+        # vLLM 0.32+ calls start_load_kv after launching the forward when the step has no
+        # synchronous load (earlier releases: always before it).
+        return not getattr(out, "has_sync_kv_loads", True)
 
     def before_forward(self, out: Any, now: float) -> float:
-        load_blocks, rescue_blocks, _ = plan_blocks(out)
-        duplex = self.store_free_at > now
-        # Rescues and loads both finish before the forward starts: both are on its critical path.
-        load = self.cost.copy_s(rescue_blocks * self.block_bytes, to_device=False, duplex=duplex)
-        load += self.cost.copy_s(load_blocks * self.block_bytes, to_device=True, duplex=duplex)
-        self.load_s += load
-        return load
+        plan = out.kv_connector_metadata.plan
+        cost, bb = self.streams.cost, self.block_bytes
+        duplex = self.streams.store_free_at > now
+        # Rescues and synchronous loads run on the compute stream before the forward: its
+        # critical path.
+        wait = cost.copy_s(_num_blocks(plan.pre_forward_stores) * bb, to_device=False, duplex=duplex)
+        sync_loads = [job for job in plan.pre_forward_loads if not job.asynchronous]
+        wait += cost.copy_s(_num_blocks(sync_loads) * bb, to_device=True, duplex=duplex)
+        self.load_s += wait
+        if plan.pre_forward_stores:
+            self.issued.append((now + wait, [job.job_id for job in plan.pre_forward_stores], None))
+        if not self._loads_after_forward(out):
+            self._start_loads(plan, now + wait)
+        return wait
+
+    def _start_loads(self, plan: Any, at: float) -> None:
+        """``start_load_kv`` at ``at``: a synchronous load is done by then (``before_forward``
+        waited for it); an asynchronous one starts on the load stream."""
+        for job in plan.pre_forward_loads:
+            self.load_errors.update(job.unavailable_gpu_block_ids)
+            finish = self.streams.load(len(job.gpu_block_ids), at) if job.asynchronous else at
+            self.issued.append((finish, [job.job_id], job.request_id if job.asynchronous else None))
 
     def after_forward(self, out: Any, step_end: float) -> None:
-        plan = getattr(out.kv_connector_metadata, "plan", None)
-        if plan is None:
-            return
-        for job in plan.pre_forward_stores:
-            self.done[job.job_id] = 1
-        for job in plan.pre_forward_loads:
-            self.done[job.job_id] = 1
-            self.load_errors.update(job.unavailable_gpu_block_ids)
+        plan = out.kv_connector_metadata.plan
+        if self._loads_after_forward(out):
+            # The load stream waits for the forward enqueued before it on the compute stream.
+            self._start_loads(plan, step_end)
         if plan.post_forward_stores:
-            _, _, store_blocks = plan_blocks(out)
-            store = self.cost.copy_s(store_blocks * self.block_bytes, to_device=False, duplex=False)
-            self.store_s += store
-            self.store_free_at = max(self.store_free_at, step_end) + store
-            self.inflight_stores.append(
-                (self.store_free_at, [job.job_id for job in plan.post_forward_stores])
-            )
+            finish = self.streams.store(_num_blocks(plan.post_forward_stores), step_end)
+            self.issued.append((finish, [job.job_id for job in plan.post_forward_stores], None))
 
     def report(self, now: float) -> Any:
-        while self.inflight_stores and self.inflight_stores[0][0] <= now:
-            for job_id in self.inflight_stores.pop(0)[1]:
-                self.done[job_id] = 1
-        if not self.done and not self.load_errors:
+        done: dict[int, int] = {}
+        recving: set[str] = set()
+        while self.issued and self.issued[0][0] <= now:
+            _, job_ids, request_id = self.issued.popleft()
+            done.update(dict.fromkeys(job_ids, 1))
+            if request_id is not None:
+                recving.add(request_id)
+        if not done and not self.load_errors:
             return None
         from vllm.v1.outputs import KVConnectorOutput
 
@@ -274,14 +320,15 @@ class _BidKVWorker(_Worker):
         from vllm_bidkv.offload import JobResults
 
         output = KVConnectorOutput(
-            kv_connector_worker_meta=BidKVWorkerMetadata(JobResults(done=self.done)),
+            finished_recving=recving or None,
+            kv_connector_worker_meta=BidKVWorkerMetadata(JobResults(done=done)),
             invalid_block_ids=self.load_errors,
         )
-        self.done, self.load_errors = {}, set()
+        self.load_errors = set()
         return output
 
     def next_event(self) -> float | None:
-        return self.inflight_stores[0][0] if self.inflight_stores else None
+        return self.issued[0][0] if self.issued else None
 
 
 @dataclass
@@ -297,8 +344,7 @@ class _PeerWorker(_Worker):
     """Shared by the two vLLM peers: copies in flight on two streams, counted per job."""
 
     def __init__(self, cost: CostModel, block_bytes: int) -> None:
-        self.streams = _Streams(cost, block_bytes)
-        self.block_bytes = block_bytes
+        super().__init__(cost, block_bytes)
         self.inflight: dict[int, _Copy] = {}
         self.jobs = {
             "peer_store_jobs": 0,
@@ -306,10 +352,6 @@ class _PeerWorker(_Worker):
             "peer_load_jobs": 0,
             "peer_loaded_blocks": 0,
         }
-
-    @property
-    def store_s(self) -> float:  # type: ignore[override]
-        return self.streams.store_s
 
     def _submit(
         self, key: int, blocks: int, at: float, *, is_load: bool, req_ids: tuple[str, ...] = ()
@@ -561,6 +603,7 @@ class _Simulator:
             connector_s=self.timer.total if self.timer else 0.0,
             load_s=self.worker.load_s,
             store_s=self.worker.store_s,
+            async_load_s=self.worker.async_load_s,
             max_running=max_running,
             mean_running=running_s / busy_s if busy_s else 0.0,
             busy_scheduler_s=busy_sched_s,
@@ -577,8 +620,12 @@ class _Simulator:
         cached = out.scheduled_cached_reqs
         for req_id, start in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
             chunks.append((start, out.num_scheduled_tokens[req_id]))
-        wait = self.worker.before_forward(out, self.clock) if out.kv_connector_metadata is not None else 0.0
+        has_meta = out.kv_connector_metadata is not None
+        wait = self.worker.before_forward(out, self.clock) if has_meta else 0.0
         forward = self.cost.forward_s(chunks)
+        step_end = self.clock + wait + forward
+        if has_meta:  # before the jump below: copies issued after an empty forward start now
+            self.worker.after_forward(out, step_end)
         if wait + forward == 0 and not out.preempted_req_ids:
             # Nothing ran and nothing changed (e.g. blocks pinned by copies in flight, a request
             # waiting for its load): next event. A step that only preempted takes no time.
@@ -594,10 +641,6 @@ class _Simulator:
                     f"{len(self.scheduler.waiting)} waiting)"
                 )
             step_end = max(self.clock, min(events))
-        else:
-            step_end = self.clock + wait + forward
-        if out.kv_connector_metadata is not None:
-            self.worker.after_forward(out, step_end)
         return step_end
 
     def _record(self, result: Any) -> int:

@@ -129,6 +129,7 @@ class BidKVConnector(KVConnectorBase_V1):
                 block_bytes=block_bytes,
                 world_size=vllm_config.parallel_config.world_size,
                 sliding_window=window,
+                async_scheduling=bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)),
             )
             if not hooks.bind_hook_installed():
                 # Loaded by module path without the plugin: bind on the first scheduler-side call.
@@ -182,7 +183,8 @@ class BidKVConnector(KVConnectorBase_V1):
         return self._sched.admission_key()
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._sched.match(request, num_computed_tokens), False
+        hit = self._sched.match(request, num_computed_tokens)
+        return hit, self._sched.load_is_async(request.request_id)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         block_ids = blocks.get_block_ids()[0] if num_external_tokens else []
@@ -197,8 +199,14 @@ class BidKVConnector(KVConnectorBase_V1):
             self._sched.complete(meta.results)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._sched.finished(request, list(block_ids))
-        return False, None
+        # True while its asynchronous load is in flight: vLLM frees the blocks when every
+        # worker reported it (finished_recving), not under a copy still writing them.
+        return self._sched.finished(request, list(block_ids)), None
+
+    def has_pending_push_work(self) -> bool:
+        """Copies in flight: vLLM keeps stepping until every worker reported them, so an idle
+        engine holds no touched block, pin or slot (and reset_prefix_cache succeeds)."""
+        return self.scheduler_side is not None and self.scheduler_side.has_jobs_in_flight()
 
     def reset_cache(self) -> bool | None:
         self._sched.reset()
@@ -230,7 +238,8 @@ class BidKVConnector(KVConnectorBase_V1):
             self.worker.run_loads(self._get_connector_metadata().plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete on the compute stream before the forward starts
+        return  # synchronous loads run on the compute stream before the forward; asynchronous
+        # ones are for requests this forward does not run
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -247,7 +256,9 @@ class BidKVConnector(KVConnectorBase_V1):
             # run and their blocks would stay pinned (the eager engine run hangs). Nothing to
             # wait for, so they run now.
             self.wait_for_save()
-        return None, None
+        if self.worker is None:
+            return None, None
+        return None, self.worker.take_finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors() if self.worker is not None else set()
@@ -256,7 +267,13 @@ class BidKVConnector(KVConnectorBase_V1):
         if self.worker is None:
             return None
         results = self.worker.take_results()
-        return BidKVWorkerMetadata(results) if results.done or results.failed else None
+        return BidKVWorkerMetadata(results) if results else None
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        super().shutdown()
 
     # -------------------------------------------------------------------- stats
     def get_kv_connector_stats(self) -> BidKVStats | None:

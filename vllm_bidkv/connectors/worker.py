@@ -1,29 +1,38 @@
 """The connector's worker side: the CPU tier's bytes and the copies of each step's plan.
 
-Rescues run before the forward (``bind_connector_metadata``), loads before the
-forward (``start_load_kv``), both on the compute stream; stores after it
-(``wait_for_save``; on CUDA a side stream that waits for an event recorded after
-the forward, so a block is never read before the compute that wrote it). The
-worker counts nothing: it reports which jobs finished or failed
-(``take_results``) and the scheduler side counts each job once, however many
-workers ran it.
+The life of a copy on one worker: *issued* (rescues in ``bind_connector_metadata``
+before the forward; loads in ``start_load_kv``; stores in ``wait_for_save`` after
+the forward), *in flight* until its copy can no longer read or write its blocks
+(on CUDA: an event recorded after it completed; on the CPU at once), then
+*reported* done or failed, in issue order, by ``poll`` (once per step, from
+``get_finished``): job results for the scheduler side (``take_results``) and the
+requests whose asynchronous loads finished (vLLM's ``finished_recving``).
+Synchronous loads and rescues run on the compute stream, ordered before the
+forward; asynchronous loads on a load stream and stores on a store stream, each
+waiting for an event recorded on the compute stream when issued, so a copy never
+meets a block before the compute that writes it. A failed copy is reported only
+once what it had enqueued is done (a torn copy may still be writing). A load's
+blocks that cannot be trusted are reported as load errors at once, for vLLM to
+recompute. The worker counts nothing; the scheduler side counts each job once
+every worker reported it.
 
-Test hook (fault injection): ``FaultPlan``, selected by the environment variable
-``VLLM_BIDKV_FAULTS`` (JSON, read when the first ``CopyWorker`` is built, in each
-worker process) or in-process with ``set_faults``, makes the copy path fail on
-purpose: load jobs that fail (every Nth, or those writing chosen GPU blocks), store
-batches that fail, with ``mid_batch`` copies that raise after copying half of
-their blocks, and with ``rank`` only in the worker of that rank (one TP rank failing
-while the others succeed). A failure takes the same path as a real one (the job is reported
-failed; a load's blocks are reported as load errors, and vLLM recomputes them).
-Never set it in production.
+Test hook: ``FaultPlan``, from ``VLLM_BIDKV_FAULTS`` (JSON, read when the first
+``CopyWorker`` is built, in each worker process; only with ``VLLM_BIDKV_TEST_HOOKS=1``
+too, else refused) or in-process with ``set_faults``. It fails copies on purpose
+(load jobs: every Nth or those writing chosen GPU blocks; store batches; with
+``mid_batch`` after copying half) and holds completions back
+(``complete_after_steps``: each report waits that many more steps, as an
+unfinished CUDA event would). A JSON list gives one plan per ``rank`` (one TP rank
+failing while another is slow). Never set it in production.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +69,7 @@ def check_host_memory(cpu_bytes: int, tier_bytes: int, workers_on_host: int) -> 
 
 
 FAULTS_ENV = "VLLM_BIDKV_FAULTS"
+TEST_HOOKS_ENV = "VLLM_BIDKV_TEST_HOOKS"
 
 
 class InjectedFault(RuntimeError):
@@ -68,13 +78,16 @@ class InjectedFault(RuntimeError):
 
 @dataclass
 class FaultPlan:
-    """Test hook: which copies fail on purpose (see the module doc). Not for production.
+    """Test hook: which copies fail on purpose and how late completions arrive (see the
+    module doc). Not for production.
 
     ``load_every``: every Nth load job fails (1: all; 0: none). ``load_blocks``: a load
     job writing any of these GPU block ids fails. ``store_every``: every Nth store batch
     (one step's rescues, or one step's post-forward stores) fails. ``mid_batch``: a
     failing copy first copies the first half of its blocks, then raises.
-    ``rank``: only the worker of this global rank fails (None: every worker).
+    ``complete_after_steps``: every copy is reported that many steps after the step that
+    issued it (done or failed), loads, rescues and stores alike.
+    ``rank``: only the worker of this global rank uses the plan (None: every worker).
     ``injected``: what was failed so far (jobs and blocks by kind), for tests.
     """
 
@@ -83,29 +96,42 @@ class FaultPlan:
     store_every: int = 0
     mid_batch: bool = False
     rank: int | None = None
+    complete_after_steps: int = 0
     injected: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(("load_jobs", "load_blocks", "store_jobs", "store_blocks"), 0)
     )
     _loads_seen: int = 0
     _stores_seen: int = 0
 
-    KEYS = ("load_every", "load_blocks", "store_every", "mid_batch", "rank")
+    KEYS = ("load_every", "load_blocks", "store_every", "mid_batch", "rank", "complete_after_steps")
 
     @classmethod
-    def from_json(cls, text: str) -> FaultPlan:
-        """Parse ``VLLM_BIDKV_FAULTS``; an unknown key or a bad value raises ValueError naming it."""
+    def from_json(cls, text: str) -> list[FaultPlan]:
+        """Parse ``VLLM_BIDKV_FAULTS``: one plan (an object) or one per rank (a list of them).
+        An unknown key or a bad value raises ValueError naming it."""
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"vllm-bidkv: {FAULTS_ENV} is not JSON: {err}") from err
+        specs = spec if isinstance(spec, list) else [spec]
+        plans = [cls.from_dict(item, text) for item in specs]
+        ranks = [plan.rank for plan in plans]
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"vllm-bidkv: {FAULTS_ENV}: two plans for rank {ranks}; give each rank one plan")
+        return plans
+
+    @classmethod
+    def from_dict(cls, spec: Any, text: str = "") -> FaultPlan:
         if not isinstance(spec, dict):
-            raise ValueError(f"vllm-bidkv: {FAULTS_ENV} must be a JSON object, got {text!r}")
+            raise ValueError(
+                f"vllm-bidkv: {FAULTS_ENV} must be a JSON object or a list of them, got {text!r}"
+            )
         for key in spec:
             if key not in cls.KEYS:
                 raise ValueError(
                     f"vllm-bidkv: {FAULTS_ENV}: unknown key {key!r}; known: {', '.join(cls.KEYS)}"
                 )
-        for key in ("load_every", "store_every"):
+        for key in ("load_every", "store_every", "complete_after_steps"):
             value = spec.get(key, 0)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"vllm-bidkv: {FAULTS_ENV}: {key}={value!r} must be an integer >= 0")
@@ -118,7 +144,14 @@ class FaultPlan:
         rank = spec.get("rank")
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
             raise ValueError(f"vllm-bidkv: {FAULTS_ENV}: rank={rank!r} must be a worker rank >= 0 or null")
-        return cls(spec.get("load_every", 0), frozenset(blocks), spec.get("store_every", 0), mid_batch, rank)
+        return cls(
+            load_every=spec.get("load_every", 0),
+            load_blocks=frozenset(blocks),
+            store_every=spec.get("store_every", 0),
+            mid_batch=mid_batch,
+            rank=rank,
+            complete_after_steps=spec.get("complete_after_steps", 0),
+        )
 
     def load_fails(self, job: TransferJob) -> bool:
         self._loads_seen += 1
@@ -139,32 +172,64 @@ class FaultPlan:
         return fails
 
 
-_faults: FaultPlan | None = None
+_faults: list[FaultPlan] = []
 _faults_read = False
 
 
-def set_faults(plan: FaultPlan | None) -> None:
-    """Test hook: replace this process's fault plan (None: no faults)."""
+def set_faults(plan: FaultPlan | list[FaultPlan] | None) -> None:
+    """Test hook: replace this process's fault plans (None: no faults). No opt-in needed:
+    only code running in this process (a test) can call it."""
     global _faults, _faults_read
-    _faults, _faults_read = plan, True
+    _faults = [] if plan is None else [plan] if isinstance(plan, FaultPlan) else list(plan)
+    _faults_read = True
+
+
+def read_faults_env(environ: Any = None) -> list[FaultPlan]:
+    """The plans ``VLLM_BIDKV_FAULTS`` asks for; ValueError if it is set without the opt-in
+    ``VLLM_BIDKV_TEST_HOOKS=1`` (a test hook left in a production environment would silently
+    turn the cache into recompute) or is malformed."""
+    env = os.environ if environ is None else environ
+    text = env.get(FAULTS_ENV)
+    if not text:
+        return []
+    if env.get(TEST_HOOKS_ENV) != "1":
+        raise ValueError(
+            f"vllm-bidkv: {FAULTS_ENV} is set but test hooks are off: it injects copy failures and "
+            f"delays, for tests only. Unset {FAULTS_ENV}, or set {TEST_HOOKS_ENV}=1 to run the test hook."
+        )
+    return FaultPlan.from_json(text)
 
 
 def active_faults(rank: int = 0) -> FaultPlan | None:
     """The fault plan of the worker of global ``rank`` in this process: ``set_faults``'s, else
-    ``VLLM_BIDKV_FAULTS``'s, else None; None too where the plan names another rank."""
+    ``VLLM_BIDKV_FAULTS``'s; the plan naming ``rank``, else the one naming no rank, else None."""
     global _faults, _faults_read
     if not _faults_read:
-        text = os.environ.get(FAULTS_ENV)
-        _faults = FaultPlan.from_json(text) if text else None
+        _faults = read_faults_env()
         _faults_read = True
-        if _faults is not None:
-            logger.warning("vllm-bidkv: fault injection active (%s=%s): a test hook", FAULTS_ENV, text)
-    return _faults if _faults is None or _faults.rank in (None, rank) else None
+        if _faults:
+            logger.warning(
+                "vllm-bidkv: TEST HOOK ACTIVE (%s=%s): copies fail or complete late on purpose",
+                FAULTS_ENV,
+                os.environ.get(FAULTS_ENV),
+            )
+    mine = next((plan for plan in _faults if plan.rank == rank), None)
+    return mine or next((plan for plan in _faults if plan.rank is None), None)
 
 
 def worker_rank() -> int:
     """This worker's global rank (tensor x pipeline parallel); 0 outside torch.distributed."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+@dataclass
+class _Copy:
+    """One issued copy on this worker, until ``poll`` reports it."""
+
+    jobs: list[TransferJob]
+    ok: bool
+    done_event: Any  # CUDA: recorded after what the copy enqueued; None: done when issued
+    due_poll: int  # the earliest poll that may report it (the test hook's delay)
 
 
 class CopyWorker:
@@ -196,13 +261,17 @@ class CopyWorker:
         self._cuda = views[0].is_cuda
         row_bytes = sum(v.shape[1] for v in views)
         check_host_memory(config.cpu_bytes, num_slots * row_bytes, workers_on_host)
-        self._cpu = allocate_like(views, num_slots, device="cpu", pin_memory=self._cuda)
-        self._backend = config.copy_backend
         self._rank = worker_rank()
         active_faults(self._rank)  # a bad VLLM_BIDKV_FAULTS fails at start-up, not in the first copy
+        self._cpu = allocate_like(views, num_slots, device="cpu", pin_memory=self._cuda)
+        self._backend = config.copy_backend
         self._results = JobResults()
+        self._finished_loads: set[str] = set()  # requests whose asynchronous loads were reported
         self._load_errors: set[int] = set()
-        self._inflight: list[tuple[list[int], Any]] = []
+        self._copies: deque[_Copy] = deque()  # issued, not reported yet; in issue order
+        self._polls = 0
+        self._polled = False  # poll() ran since the last take_results()
+        self._load_stream = torch.cuda.Stream() if self._cuda else None
         self._store_stream = torch.cuda.Stream() if self._cuda else None
         logger.info(
             "vllm-bidkv: CPU tier %d blocks x %d B = %.2f GiB",
@@ -210,6 +279,11 @@ class CopyWorker:
             row_bytes,
             num_slots * row_bytes / 2**30,
         )
+
+    @property
+    def in_flight(self) -> int:
+        """Copies issued and not reported yet."""
+        return len(self._copies)
 
     def _copy(
         self,
@@ -228,77 +302,126 @@ class CopyWorker:
             raise InjectedFault(f"vllm-bidkv: injected copy failure after {half} of {len(src_ids)} blocks")
         copy_blocks(src, dst, src_ids, dst_ids, backend=self._backend)
 
+    def _issue(
+        self,
+        jobs: list[TransferJob],
+        to_gpu: bool,
+        stream: Any,
+        fault: FaultPlan | None,
+    ) -> bool:
+        """Copy ``jobs`` (all loads or all stores) on ``stream`` (None: the current one, which
+        the forward uses) and queue their report; returns whether the copy was issued."""
+        gpu_ids = [b for job in jobs for b in job.gpu_block_ids]
+        cpu_ids = [s for job in jobs for s in job.cpu_slots]
+        src, dst = (self._cpu, self._gpu) if to_gpu else (self._gpu, self._cpu)
+        src_ids, dst_ids = (cpu_ids, gpu_ids) if to_gpu else (gpu_ids, cpu_ids)
+        ok = True
+        done_event = None
+        if stream is not None:
+            # Wait for everything the compute stream has enqueued so far (the forward that
+            # writes a stored block; the last owner of a loaded block).
+            issued = torch.cuda.Event()
+            issued.record()
+            stream.wait_event(issued)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            try:
+                self._copy(src, dst, src_ids, dst_ids, fault)
+            except Exception:  # noqa: BLE001 - a failed copy turns into a recompute or a miss
+                logger.exception(
+                    "vllm-bidkv: rank %d: %s of %d blocks (jobs %s) failed",
+                    self._rank,
+                    "load" if to_gpu else "store",
+                    len(gpu_ids),
+                    [job.job_id for job in jobs],
+                )
+                ok = False
+            if self._cuda:
+                # Reported only once this completes: a torn copy may still be writing.
+                done_event = torch.cuda.Event()
+                done_event.record()
+        delay = self._delay()
+        self._copies.append(_Copy(jobs, ok, done_event, self._polls + 1 + delay))
+        return ok
+
+    def _delay(self) -> int:
+        faults = active_faults(self._rank)
+        return faults.complete_after_steps if faults is not None else 0
+
     def run_loads(self, plan: StepPlan) -> None:
+        """Every load of the step: synchronous ones on the compute stream (the forward reads
+        them), asynchronous ones on the load stream (their requests wait for the report)."""
         faults = active_faults(self._rank)
         for job in plan.pre_forward_loads:
             # Blocks the tier could no longer supply: vLLM must recompute them.
             self._load_errors.update(job.unavailable_gpu_block_ids)
             fault = faults if faults is not None and faults.load_fails(job) else None
-            try:
-                self._copy(self._cpu, self._gpu, job.cpu_slots, job.gpu_block_ids, fault)
-            except Exception:  # noqa: BLE001 - a failed load must turn into a recompute, not a crash
-                logger.exception(
-                    "vllm-bidkv: rank %d: load job %d failed; vLLM will recompute", self._rank, job.job_id
-                )
-                self._results.failed.add(job.job_id)
+            stream = self._load_stream if job.asynchronous else None
+            if not self._issue([job], True, stream, fault):
                 self._load_errors.update(job.gpu_block_ids)
-                continue
-            self._finish([job.job_id])
 
     def run_rescues(self, plan: StepPlan) -> None:
         """Rescues copy on the compute stream: the forward that reuses their blocks waits for them."""
-        self._store(plan.pre_forward_stores, after_forward=False)
+        self._store(plan.pre_forward_stores, stream=None)
 
     def run_stores(self, plan: StepPlan) -> None:
         """Stores copy on their own stream once the forward is done, overlapping the next steps."""
-        self._store(plan.post_forward_stores, after_forward=True)
+        self._store(plan.post_forward_stores, stream=self._store_stream)
 
-    def _store(self, jobs: list[TransferJob], *, after_forward: bool) -> None:
+    def _store(self, jobs: list[TransferJob], stream: Any) -> None:
         if not jobs:
             return
-        gpu_ids = [i for job in jobs for i in job.gpu_block_ids]
-        cpu_ids = [s for job in jobs for s in job.cpu_slots]
-        job_ids = [job.job_id for job in jobs]
         faults = active_faults(self._rank)
         fault = faults if faults is not None and faults.store_fails(jobs) else None
-        try:
-            if self._cuda:
-                copied = torch.cuda.Event()
-                if after_forward:
-                    assert self._store_stream is not None
-                    forward_done = torch.cuda.Event()
-                    forward_done.record()
-                    with torch.cuda.stream(self._store_stream):
-                        self._store_stream.wait_event(forward_done)
-                        self._copy(self._gpu, self._cpu, gpu_ids, cpu_ids, fault)
-                        copied.record()
-                else:
-                    self._copy(self._gpu, self._cpu, gpu_ids, cpu_ids, fault)
-                    copied.record()
-                self._inflight.append((job_ids, copied))
-            else:
-                self._copy(self._gpu, self._cpu, gpu_ids, cpu_ids, fault)
-                self._finish(job_ids)
-        except Exception:  # noqa: BLE001 - a failed store only loses a cache entry
-            logger.exception("vllm-bidkv: rank %d: store of %d blocks failed", self._rank, len(gpu_ids))
-            self._results.failed.update(job_ids)
+        self._issue(jobs, False, stream, fault)
 
-    def _finish(self, job_ids: list[int]) -> None:
-        for job_id in job_ids:
-            self._results.done[job_id] = self._results.done.get(job_id, 0) + 1
+    def poll(self) -> set[str]:
+        """Once per step: report the copies that are done (and due), in issue order.
+
+        Returns:
+            The requests whose asynchronous loads this worker finished since the last
+            poll (vLLM's ``finished_recving``; vLLM admits them once every worker did).
+        """
+        self._polls += 1
+        self._polled = True
+        finished: set[str] = set()
+        # In issue order: a store issued after a load is reported after it on this rank,
+        # so the scheduler side always hears of a failed load before of a store that
+        # could have read KV computed from it.
+        while self._copies:
+            copy = self._copies[0]
+            if copy.due_poll > self._polls or (copy.done_event is not None and not copy.done_event.query()):
+                break
+            self._copies.popleft()
+            counts = self._results.done if copy.ok else self._results.failed
+            for job in copy.jobs:
+                counts[job.job_id] = counts.get(job.job_id, 0) + 1
+                if job.asynchronous:
+                    finished.add(job.request_id)  # type: ignore[arg-type]
+        return finished
 
     def take_results(self) -> JobResults:
-        """Jobs finished or failed since the last call (CUDA copies once their event completed)."""
-        still: list[tuple[list[int], Any]] = []
-        for job_ids, event in self._inflight:
-            if event.query():
-                self._finish(job_ids)
-            else:
-                still.append((job_ids, event))
-        self._inflight = still
+        """Jobs reported done or failed since the last call (polls first if this step did not)."""
+        if not self._polled:
+            self._finished_loads |= self.poll()
+        self._polled = False
         results, self._results = self._results, JobResults()
         return results
+
+    def take_finished_loads(self) -> set[str]:
+        """Requests whose asynchronous loads finished here (polls for this step)."""
+        finished = self.poll() | self._finished_loads
+        self._finished_loads = set()
+        return finished
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def close(self) -> None:
+        """At shutdown: wait for copies in flight, then give back the tier's page-locked memory."""
+        from vllm_bidkv.kernels import release_pinned
+
+        if self._cuda:
+            torch.cuda.synchronize()
+        self._copies.clear()
+        release_pinned(self._cpu)

@@ -11,25 +11,32 @@ runs on one of two backends:
   thread plus a small pool.
 
 ``"auto"`` picks triton when a view is on CUDA and the kernel can address every view, torch
-otherwise.
+otherwise. If triton fails to import, compile or launch, ``auto`` logs one warning and copies
+with torch from then on, in this process; ``"triton"`` raises instead.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
+import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from vllm_bidkv.kernels.torch_copy import copy_blocks_torch
 
-if TYPE_CHECKING:
-    from types import ModuleType
+logger = logging.getLogger("vllm_bidkv")
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[Backend, ...] = ("auto", "triton", "torch")
+
+# Why triton failed, once it has: "auto" then goes straight to torch. A compile failure is
+# not transient, and retrying would cost a compile attempt and a traceback per copy.
+_triton_failure: str | None = None
+_triton_failure_lock = threading.Lock()
 
 
 def copy_blocks(
@@ -47,35 +54,86 @@ def copy_blocks(
     mismatched list lengths, row sizes or dtypes; id lists of different lengths; ids out of
     range (naming the id and the range); a destination id given twice; a view that is both
     read and written at the same block (the copy order would be undefined). Empty id lists are
-    a no-op. CUDA work (the kernel, or torch's device ops) is issued on the current stream, and
-    the caller orders it against compute; host-to-host copies are done when this returns.
+    a no-op. Copies touching CUDA (the kernel, or torch's device ops and DMA, host memory
+    included) are issued on the current stream without waiting for it, and are done when the
+    stream gets there: the caller orders them against compute and waits (an event) before
+    reading a host destination. They wait for nothing when host views are pinned. Host-to-host
+    copies are done when this returns.
+
+    ``backend="triton"`` raises ValueError when the kernel cannot address the views (or
+    triton is missing) and RuntimeError when it fails to compile or launch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     src_ids, dst_ids = _validated_ids(src, dst, src_block_ids, dst_block_ids)
     if src_ids.size == 0:
         return
-    views = [*src, *dst]
-    if backend == "torch" or (backend == "auto" and not any(view.is_cuda for view in views)):
+    use_triton = backend == "triton" or (
+        backend == "auto" and _triton_failure is None and _has_cuda_view([*src, *dst])
+    )
+    if not (use_triton and _copied_by_triton(src, dst, src_ids, dst_ids, required=backend == "triton")):
         copy_blocks_torch(src, dst, src_ids, dst_ids)
-        return
-    triton_copy, reason = _triton_backend(views)
-    if triton_copy is not None:
-        triton_copy.copy_blocks_triton(src, dst, torch.from_numpy(src_ids), torch.from_numpy(dst_ids))
-    elif backend == "auto":
-        copy_blocks_torch(src, dst, src_ids, dst_ids)
-    else:
-        raise ValueError(f"backend='triton' cannot run this copy: {reason}")
 
 
-def _triton_backend(views: Sequence[torch.Tensor]) -> tuple[ModuleType | None, str]:
-    """The triton_copy module if it can run a copy over ``views``, else (None, why not)."""
+def _has_cuda_view(views: Sequence[torch.Tensor]) -> bool:
+    return any(view.is_cuda for view in views)
+
+
+def _copied_by_triton(
+    src: Sequence[torch.Tensor],
+    dst: Sequence[torch.Tensor],
+    src_ids: np.ndarray,
+    dst_ids: np.ndarray,
+    *,
+    required: bool,
+) -> bool:
+    """Run the copy with the Triton kernel if it can be.
+
+    Args:
+        required: ``backend="triton"`` was asked for: raise rather than return False.
+
+    Returns:
+        True once the kernel is launched; False when the torch path must do the copy: the
+        kernel cannot address the views, or triton failed to import, compile or launch (then
+        remembered, with one warning, so that "auto" does not try triton again).
+
+    Raises:
+        ValueError: required, and the kernel cannot address the views or triton is missing.
+        RuntimeError: required, and the kernel failed to compile or launch.
+    """
     try:
         from vllm_bidkv.kernels import triton_copy
     except ImportError as error:
-        return None, f"triton is not importable ({error})"
-    reason = triton_copy.unsupported_reason(views)
-    return (None, reason) if reason else (triton_copy, "")
+        if required:
+            raise ValueError(
+                f"backend='triton' cannot run this copy: triton is not importable ({error})"
+            ) from error
+        _give_up_on_triton(f"triton is not importable ({error})")
+        return False
+    reason = triton_copy.unsupported_reason([*src, *dst])
+    if reason:
+        if required:
+            raise ValueError(f"backend='triton' cannot run this copy: {reason}")
+        return False
+    try:
+        triton_copy.copy_blocks_triton(src, dst, src_ids, dst_ids)
+    except Exception as error:  # whatever Triton raised, the torch path can still do the copy
+        if required:
+            raise RuntimeError(
+                f"backend='triton': the kernel failed to compile or launch: {error}"
+            ) from error
+        _give_up_on_triton(f"the Triton kernel failed to compile or launch ({type(error).__name__}: {error})")
+        return False
+    return True
+
+
+def _give_up_on_triton(reason: str) -> None:
+    global _triton_failure
+    with _triton_failure_lock:
+        if _triton_failure is not None:
+            return
+        _triton_failure = reason
+    logger.warning("vllm-bidkv: %s; block copies use the torch backend from now on", reason)
 
 
 def _validated_ids(

@@ -6,14 +6,31 @@ backend's layout. A block view ``v`` of a cache with ``num_blocks`` blocks has s
 ``v.stride(0) >= row_bytes`` (rows of different blocks never overlap). One cache tensor gives
 one view per *region*: the parts of a block that are not contiguous with each other, e.g. the
 K half and the V half of ``[2, num_blocks, ...]``.
+
+Host memory lives here too: the CPU tier's page-locked arena (``allocate_like``, undone by
+``release_pinned``), whether a kernel can dereference a host view (``unaddressable_reason``),
+and small argument tables staged for the device without blocking the host (``stage_int64``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import math
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+logger = logging.getLogger("vllm_bidkv")
+
+# cudaHostRegisterPortable | cudaHostRegisterMapped: page-locked for every context, and mapped
+# into the device address space, so that kernels can dereference it.
+_HOST_REGISTER_PORTABLE_MAPPED = 3
+_CU_POINTER_ATTRIBUTE_DEVICE_POINTER = 3
 
 
 def block_views(
@@ -90,10 +107,11 @@ def allocate_like(
     All of them are slices of ONE allocation of ``num_blocks × Σ row_bytes`` bytes, so the
     tier takes what it is sized to and no more. The contents are uninitialized (on the
     host the pages are taken as the tier fills). ``pin_memory`` page-locks that one host
-    buffer with a single ``cudaHostRegister`` so that CUDA copies (DMA, or the Triton kernel
-    reading it through unified addressing) can use it; torch's pinned allocator is not
-    used because it rounds each allocation up to a power of two (up to 2× the bytes).
-    It needs an accelerator build of torch.
+    buffer with a single ``cudaHostRegister``, mapped into the device address space, so that
+    CUDA copies (DMA, or the Triton kernel dereferencing its host addresses) can use it;
+    torch's pinned allocator is not used because it rounds each allocation up to a power of
+    two (up to 2× the bytes). It needs a CUDA build of torch. The registration is undone
+    when the last tensor over the buffer is freed, or earlier by ``release_pinned``.
     """
     for index, view in enumerate(views):
         if view.dim() != 2 or view.dtype != torch.uint8:
@@ -107,9 +125,11 @@ def allocate_like(
     if pin_memory and device.type != "cpu":
         raise ValueError(f"pin_memory applies to host buffers, not device {device}")
     rows = [int(view.shape[1]) for view in views]
-    arena = torch.empty(num_blocks * sum(rows), dtype=torch.uint8, device=device)
-    if pin_memory and arena.numel():
-        _register_pinned(arena)
+    size = num_blocks * sum(rows)
+    if pin_memory and size:
+        arena = _pinned_arena(size)
+    else:
+        arena = torch.empty(size, dtype=torch.uint8, device=device)
     out, offset = [], 0
     for row in rows:
         out.append(arena[offset : offset + num_blocks * row].view(num_blocks, row))
@@ -117,11 +137,130 @@ def allocate_like(
     return out
 
 
-def _register_pinned(buffer: torch.Tensor) -> None:
-    """Page-lock ``buffer`` in place, once (CUDA only; it stays registered for the process)."""
-    err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+@dataclass(frozen=True)
+class _Registration:
+    """One arena page-locked by ``allocate_like``."""
+
+    unregister: weakref.finalize  # runs once: at release_pinned, or when the arena is freed
+    unaddressable: str  # why a kernel cannot dereference its host addresses ("" when it can)
+
+
+# By base address. An entry leaves before its memory is freed, so a later arena at the same
+# address is never mistaken for it.
+_registrations: dict[int, _Registration] = {}
+
+
+def _pinned_arena(size: int) -> torch.Tensor:
+    """``size`` bytes of page-locked host memory, mapped into the device address space."""
+    # numpy owns the memory so that its end is observable: the tensors over it keep the array
+    # alive, and the array's finalizer runs before the memory is freed.
+    owner = np.empty(size, dtype=np.uint8)
+    base = owner.ctypes.data
+    err = torch.cuda.cudart().cudaHostRegister(base, size, _HOST_REGISTER_PORTABLE_MAPPED)
     if int(err) != 0:  # cudaSuccess
-        raise RuntimeError(f"cudaHostRegister of {buffer.numel()} bytes failed: error {int(err)}")
+        raise RuntimeError(f"cudaHostRegister of {size} bytes failed: error {int(err)}")
+    unregister = weakref.finalize(owner, _unregister, base)
+    # At exit the OS unlocks the pages anyway; unregistering a large tier would only delay exit.
+    unregister.atexit = False
+    _registrations[base] = _Registration(unregister, _mapping_reason(base))
+    return torch.from_numpy(owner)
+
+
+def _unregister(base: int) -> None:
+    _registrations.pop(base, None)
+    err = torch.cuda.cudart().cudaHostUnregister(base)
+    if int(err) != 0:  # runs from the garbage collector too, where raising would only print
+        logger.warning("vllm-bidkv: cudaHostUnregister of the CPU tier failed: error %d", int(err))
+
+
+def release_pinned(buffers: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    """Undo the page-locking of the arenas under ``buffers`` (from ``allocate_like(pin_memory=True)``).
+
+    Call it at shutdown, once the copies that use the buffers have completed (their stream was
+    synchronized or their events queried done): otherwise the pages stay locked until the last
+    tensor over them is freed. The buffers stay valid, as pageable memory, which copies then
+    move synchronously and the Triton kernel refuses. Idempotent; tensors over other memory are
+    ignored.
+
+    Args:
+        buffers: a tensor or tensors over the arenas, e.g. every tier buffer ``allocate_like``
+            returned.
+
+    Returns:
+        How many arenas this call unregistered (0 when all were already released).
+    """
+    tensors = [buffers] if isinstance(buffers, torch.Tensor) else buffers
+    released = 0
+    for tensor in tensors:
+        registration = _registrations.get(tensor.untyped_storage().data_ptr())
+        if registration is not None and registration.unregister.alive:
+            registration.unregister()
+            released += 1
+    return released
+
+
+def unaddressable_reason(host_view: torch.Tensor) -> str:
+    """Why a CUDA kernel cannot dereference ``host_view``'s host addresses ("" when it can).
+
+    That takes page-locked memory mapped into the device address space at its host address:
+    ``cudaHostAlloc`` memory (torch's ``pin_memory``) under unified addressing, or
+    ``cudaHostRegister`` memory registered mapped on a device that can use host pointers for
+    registered memory. ``is_pinned()`` alone does not tell. Arenas from ``allocate_like`` were
+    checked when registered; other pinned memory is asked of the CUDA driver, in the current
+    thread's context.
+    """
+    registration = _registrations.get(host_view.untyped_storage().data_ptr())
+    if registration is not None:
+        return registration.unaddressable
+    if not host_view.is_pinned():
+        return "it is pageable host memory"
+    return _mapping_reason(host_view.data_ptr())
+
+
+@functools.cache
+def _cuda_driver() -> ctypes.CDLL:
+    # The driver, not the runtime: its library name does not change with the CUDA version.
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+    driver.cuPointerGetAttribute.restype = ctypes.c_int
+    return driver
+
+
+def _mapping_reason(host_pointer: int) -> str:
+    """Why kernels in the current context cannot dereference ``host_pointer`` ("" when they can)."""
+    try:
+        driver = _cuda_driver()
+    except OSError as error:
+        return f"the CUDA driver library is not loadable ({error})"
+    device_pointer = ctypes.c_uint64()
+    status = driver.cuPointerGetAttribute(
+        ctypes.byref(device_pointer), _CU_POINTER_ATTRIBUTE_DEVICE_POINTER, host_pointer
+    )
+    if status != 0:  # CUDA_SUCCESS
+        return f"it is not mapped into the device address space (cuPointerGetAttribute error {status})"
+    if device_pointer.value != host_pointer:
+        return "the device maps it at another address (no host pointers for registered memory)"
+    return ""
+
+
+def stage_int64(parts: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """The int64 ``parts``, concatenated, as one tensor on ``device``, without blocking the host.
+
+    For CUDA the values go through page-locked host memory with an asynchronous copy on the
+    current stream: from pageable memory the copy would wait for the stream's earlier work. The
+    staging buffer comes from torch's pinned caching allocator, which records the copy on it
+    and reuses it only once the copy is done, so the host never waits for that either.
+
+    Args:
+        parts: 1-D integer arrays (or sequences).
+        device: where the result lives; on the CPU the staging tensor itself is returned.
+
+    Returns:
+        A 1-D int64 tensor of ``sum(len(part))`` values.
+    """
+    host = torch.empty(sum(len(part) for part in parts), dtype=torch.int64, pin_memory=device.type == "cuda")
+    np.concatenate([np.asarray(part, dtype=np.int64) for part in parts], out=host.numpy())
+    return host.to(device, non_blocking=True)
 
 
 def widest_alignment(values: Sequence[int], limit: int) -> int:

@@ -1,7 +1,12 @@
 """The torch backend of ``copy_blocks``: no Triton, any device or device pair.
 
-CUDA and cross-device copies (the Triton kernel's leftovers) use a plain torch gather and
-scatter. Host-to-host copies, i.e. every copy of a CPU-only vLLM, take the path below. Each
+CUDA and cross-device copies (the Triton kernel's leftovers) never wait for the GPU: a store or
+a load touches the host side only by asynchronous DMA, one per run of consecutive host rows
+(the tier's slots are one run), and gathers or scatters on the device; CUDA-to-CUDA copies
+are a torch gather and scatter. Ids reach the device through pinned memory. With a pageable
+host side the DMA itself waits (CUDA stages pageable memory synchronously).
+
+Host-to-host copies, i.e. every copy of a CPU-only vLLM, take the path below. Each
 choice was measured with ``vllm_bidkv.bench.copy`` and scratch variants on a 2-core box
 shared with other jobs, at 256 random blocks x 64 KiB x 8 regions:
 
@@ -38,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from vllm_bidkv.kernels.layout import widest_alignment
+from vllm_bidkv.kernels.layout import stage_int64, widest_alignment
 
 _UNITS = {16: torch.complex128, 8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 # Bytes per host job: a core's L2, so the staged rows stay in cache between gather and scatter,
@@ -254,20 +259,83 @@ def _run_jobs(jobs: list[Job], threads: int) -> None:
 def _copy_on_devices(
     src_view: torch.Tensor, dst_view: torch.Tensor, src_ids: np.ndarray, dst_ids: np.ndarray
 ) -> None:
-    """Gather on the source device, move, scatter on the destination device (CUDA or mixed).
+    """One region's rows between devices or within one (CUDA, or CUDA and the host).
 
     Rows are moved as the widest element their alignment allows (index_copy_ moves one element
-    per step)."""
+    per step), at most ``_DEVICE_STAGING_BYTES`` per device temporary."""
     views = (src_view, dst_view)
     # view(dtype) needs the storage offset aligned too, not just the address.
     addresses = [int(number) for view in views for number in (view.data_ptr(), view.storage_offset())]
     unit = _UNITS[
         widest_alignment([src_view.shape[1], *addresses, *(view.stride(0) for view in views)], limit=16)
     ]
-    src_units, dst_units = src_view.view(unit), dst_view.view(unit)
-    src_index = torch.from_numpy(src_ids).to(src_view.device)
-    dst_index = torch.from_numpy(dst_ids).to(dst_view.device)
     rows_per_chunk = max(1, _DEVICE_STAGING_BYTES // src_view.shape[1])
+    if src_view.device.type == "cpu":
+        move = _load_runs
+    elif dst_view.device.type == "cpu":
+        move = _store_runs
+    else:
+        move = _gather_move_scatter
+    move(src_view.view(unit), dst_view.view(unit), src_ids, dst_ids, rows_per_chunk)
+
+
+def _gather_move_scatter(
+    src: torch.Tensor, dst: torch.Tensor, src_ids: np.ndarray, dst_ids: np.ndarray, rows_per_chunk: int
+) -> None:
+    """Device to device: gather on the source device, move, scatter on the destination device."""
+    src_index = stage_int64([src_ids], src.device)
+    dst_index = stage_int64([dst_ids], dst.device)
     for first in range(0, src_ids.size, rows_per_chunk):
-        staged = torch.index_select(src_units, 0, src_index[first : first + rows_per_chunk])
-        dst_units.index_copy_(0, dst_index[first : first + rows_per_chunk], staged.to(dst_view.device))
+        staged = torch.index_select(src, 0, src_index[first : first + rows_per_chunk])
+        dst.index_copy_(
+            0, dst_index[first : first + rows_per_chunk], staged.to(dst.device, non_blocking=True)
+        )
+
+
+def _store_runs(
+    src: torch.Tensor, dst: torch.Tensor, src_ids: np.ndarray, dst_ids: np.ndarray, rows_per_chunk: int
+) -> None:
+    """Device to host: gather on the device in destination order, then one DMA per run of
+    consecutive destination rows."""
+    order = np.argsort(dst_ids, kind="stable")
+    src_index = stage_int64([src_ids[order]], src.device)
+    sorted_dst = dst_ids[order]
+    for first in range(0, order.size, rows_per_chunk):
+        staged = torch.index_select(src, 0, src_index[first : first + rows_per_chunk])
+        for start, row, count in _consecutive_runs(sorted_dst[first : first + rows_per_chunk]):
+            _copy_rows(dst[row : row + count], staged[start : start + count])
+
+
+def _load_runs(
+    src: torch.Tensor, dst: torch.Tensor, src_ids: np.ndarray, dst_ids: np.ndarray, rows_per_chunk: int
+) -> None:
+    """Host to device: one DMA per run of consecutive source rows into a device temporary in
+    source order, then a scatter on the device."""
+    order = np.argsort(src_ids, kind="stable")
+    dst_index = stage_int64([dst_ids[order]], dst.device)
+    sorted_src = src_ids[order]
+    for first in range(0, order.size, rows_per_chunk):
+        chunk = sorted_src[first : first + rows_per_chunk]
+        staged = torch.empty((chunk.size, dst.shape[1]), dtype=dst.dtype, device=dst.device)
+        for start, row, count in _consecutive_runs(chunk):
+            _copy_rows(staged[start : start + count], src[row : row + count])
+        dst.index_copy_(0, dst_index[first : first + chunk.size], staged)
+
+
+def _consecutive_runs(sorted_ids: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(position, first id, length) of each run of consecutive ids in ascending ``sorted_ids``
+    (a repeated id starts a new run)."""
+    starts = np.flatnonzero(np.diff(sorted_ids, prepend=sorted_ids[0] - 2) != 1)
+    ends = np.append(starts[1:], sorted_ids.size)
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield start, int(sorted_ids[start]), end - start
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` without waiting for the stream: a row at a time unless both sides are
+    contiguous, since torch would stage strided host rows in pageable memory."""
+    if dst.is_contiguous() and src.is_contiguous():
+        dst.copy_(src, non_blocking=True)
+        return
+    for dst_row, src_row in zip(dst, src, strict=True):
+        dst_row.copy_(src_row, non_blocking=True)

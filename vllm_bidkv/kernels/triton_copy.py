@@ -14,8 +14,13 @@ Host memory: on CUDA the kernel dereferences host pointers directly. That is val
 memory mapped into the device address space, which is what torch's pinned allocator
 (``cudaHostAlloc``) gives under unified virtual addressing on 64-bit platforms: the host
 pointer is the device pointer. Memory pinned with ``cudaHostRegister`` works the same way only
-with ``cudaHostRegisterMapped`` on devices that can use host pointers for registered memory.
-Pageable host memory is refused. Copies over PCIe then run as the kernel's loads and stores.
+with ``cudaHostRegisterMapped`` on devices that can use host pointers for registered memory
+(``allocate_like`` registers so). ``unsupported_reason`` checks it per host buffer (see
+``layout.unaddressable_reason``) and refuses the rest. Copies over PCIe then run as the
+kernel's loads and stores.
+
+The launch never waits for the GPU: the argument table goes to the device through pinned
+memory with an asynchronous copy on the current stream (``layout.stage_int64``).
 
 Without a GPU the kernel runs on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before this module is imported): that is how it is tested.
@@ -27,14 +32,16 @@ indexing (``python -m vllm_bidkv.kernels.triton_copy``). The benchmark lives wit
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from vllm_bidkv.kernels.layout import widest_alignment
+from vllm_bidkv.kernels.layout import stage_int64, unaddressable_reason, widest_alignment
 
 # %%
 # The kernel
@@ -101,19 +108,31 @@ def unsupported_reason(views: Sequence[torch.Tensor]) -> str:
         return "no view is on CUDA (set TRITON_INTERPRET=1 before import to run on CPU tensors)"
     if len(devices) > 1 or next(iter(devices)).type != "cuda":
         return f"views must be on one CUDA device, got {sorted(map(str, devices))}"
-    if any(view.device.type == "cpu" and not view.is_pinned() for view in views):
-        return "host views must be pinned (the kernel addresses them through unified addressing)"
+    # One check per host allocation: the tier's views all share one arena.
+    host_views = {view.untyped_storage().data_ptr(): view for view in views if view.device.type == "cpu"}
+    for view in host_views.values():
+        reason = unaddressable_reason(view)
+        if reason:
+            return (
+                f"the kernel cannot dereference a host view: {reason} (it needs pinned memory mapped "
+                "at its host address: allocate_like(pin_memory=True) or torch's pin_memory)"
+            )
     return ""
 
 
 def copy_blocks_triton(
-    src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor], src_ids: torch.Tensor, dst_ids: torch.Tensor
+    src: Sequence[torch.Tensor],
+    dst: Sequence[torch.Tensor],
+    src_ids: np.ndarray | torch.Tensor,
+    dst_ids: np.ndarray | torch.Tensor,
 ) -> None:
-    """Launch ``copy_blocks_kernel`` once for all regions and pairs, on the current stream.
+    """Launch ``copy_blocks_kernel`` once for all regions and pairs, on the views' device's current
+    stream, without waiting for it.
 
     Expects what ``copy_blocks`` validated: equal-length lists of 2-D uint8 views with equal row
-    sizes per region, equally long int64 id tensors with ids in range and no repeated
-    destination, and ``unsupported_reason(src + dst) == ""``.
+    sizes per region, equally long integer ids (host arrays or CPU tensors) in range with no
+    repeated destination, and ``unsupported_reason(src + dst) == ""``. Raises what Triton
+    raises when the kernel fails to compile or launch.
     """
     views = [*src, *dst]
     align = widest_alignment(
@@ -130,10 +149,7 @@ def copy_blocks_triton(
         *(view.stride(0) // width for view in dst),
         *(view.shape[1] // width for view in src),
     ]
-    num_regions, num_pairs = len(src), src_ids.numel()
-    device = next((view.device for view in views if view.device.type == "cuda"), torch.device("cpu"))
-    # One host-to-device transfer for the table and the ids together.
-    arguments = torch.cat([torch.tensor(region_table, dtype=torch.int64), src_ids, dst_ids]).to(device)
+    num_regions, num_pairs = len(src), len(src_ids)
     longest_row = max(view.shape[1] for view in src) // width
     if longest_row == 0:
         return
@@ -141,15 +157,20 @@ def copy_blocks_triton(
     chunks = triton.cdiv(longest_row, block)
     if num_regions > _MAX_GRID_YZ or chunks > _MAX_GRID_YZ:
         raise ValueError(f"{num_regions} regions x {chunks} chunks per row exceed the launch grid")
-    copy_blocks_kernel[(num_pairs, num_regions, chunks)](
-        arguments,
-        arguments[len(region_table) :],
-        num_regions,
-        num_pairs,
-        UNIT=_UNITS[width],
-        ALIGN=align,
-        BLOCK=block,
-    )
+    device = next((view.device for view in views if view.device.type == "cuda"), torch.device("cpu"))
+    # Triton launches on the current device: make it the views' one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        # One host-to-device transfer for the table and the ids together.
+        arguments = stage_int64([region_table, src_ids, dst_ids], device)
+        copy_blocks_kernel[(num_pairs, num_regions, chunks)](
+            arguments,
+            arguments[len(region_table) :],
+            num_regions,
+            num_pairs,
+            UNIT=_UNITS[width],
+            ALIGN=align,
+            BLOCK=block,
+        )
 
 
 # %%

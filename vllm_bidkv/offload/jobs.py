@@ -8,9 +8,11 @@ the blocks of a request preempted in this very step, which run before the loads
 and the forward, the last moment their bytes are surely still the victim's (vLLM
 may already have handed them to another request). Workers -> scheduler:
 ``JobResults``, merged over workers and steps; the planner treats a job as
-finished once all ``world_size`` workers reported it done, or any reported it
-failed. A worker reports a job failed only once its own copy for it has stopped:
-the scheduler releases the job's blocks as soon as it sees the failure.
+finished once every one of the ``world_size`` workers reported it, done or
+failed, and as failed if any worker failed it. A worker reports a job (either
+way) only once its own copy for it can no longer read or write (on CUDA: its
+event completed), so when the scheduler releases a job's GPU blocks and CPU
+slots, no rank is still copying them, however late its report arrives.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ class TransferJob:
     whose data the CPU tier lost between the match and the allocation. The worker
     reports them as load errors (``get_block_ids_with_load_errors``) so vLLM
     recomputes them; nothing is copied into them.
+
+    ``asynchronous`` (loads only): the request waits in vLLM's ``WAITING_FOR_REMOTE_KVS``
+    while the batch runs on; the load starts with the step's other loads, may finish
+    any number of steps later, and each worker reports the request in
+    ``finished_recving`` once its copy is done (vLLM admits it when every worker did).
+    A synchronous load is ordered before the step's forward, which reads it.
     """
 
     job_id: int
@@ -37,6 +45,7 @@ class TransferJob:
     cpu_slots: list[int]
     request_id: str | None = None
     unavailable_gpu_block_ids: list[int] = field(default_factory=list)
+    asynchronous: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("store", "load"):
@@ -46,8 +55,12 @@ class TransferJob:
                 f"vllm-bidkv: job {self.job_id}: {len(self.gpu_block_ids)} GPU blocks "
                 f"but {len(self.cpu_slots)} CPU slots"
             )
-        if self.kind == "store" and self.unavailable_gpu_block_ids:
-            raise ValueError(f"vllm-bidkv: job {self.job_id}: a store has no unavailable blocks")
+        if self.kind == "store" and (self.unavailable_gpu_block_ids or self.asynchronous):
+            raise ValueError(
+                f"vllm-bidkv: job {self.job_id}: a store has no unavailable blocks and is never asynchronous"
+            )
+        if self.asynchronous and self.request_id is None:
+            raise ValueError(f"vllm-bidkv: job {self.job_id}: an asynchronous load needs its request id")
 
 
 @dataclass
@@ -65,14 +78,18 @@ class StepPlan:
 
 @dataclass
 class JobResults:
-    """Worker -> scheduler: ``done`` job id -> workers that finished it; ``failed`` job ids."""
+    """Worker -> scheduler: job id -> how many workers finished it (``done``) or failed it
+    (``failed``). Counts, not sets: with TP every rank reports each job once."""
 
     done: dict[int, int] = field(default_factory=dict)
-    failed: set[int] = field(default_factory=set)
+    failed: dict[int, int] = field(default_factory=dict)
 
     def merge(self, other: JobResults) -> JobResults:
         """Add ``other`` into this one (in place, like vLLM's ``aggregate``) and return self."""
-        for job_id, count in other.done.items():
-            self.done[job_id] = self.done.get(job_id, 0) + count
-        self.failed |= other.failed
+        for mine, theirs in ((self.done, other.done), (self.failed, other.failed)):
+            for job_id, count in theirs.items():
+                mine[job_id] = mine.get(job_id, 0) + count
         return self
+
+    def __bool__(self) -> bool:
+        return bool(self.done or self.failed)

@@ -34,7 +34,21 @@ Stores:
 * ``off``: no stores (loads of whatever the tier holds still work).
 
 Loads: ``match`` finds the longest run of READY hashes after the GPU prefix hit;
-``plan_load`` pins those slots and touches the destination blocks.
+``plan_load`` pins those slots and touches the destination blocks. A load is
+synchronous (before the forward that reads it) or asynchronous (the request waits
+in ``WAITING_FOR_REMOTE_KVS`` while the batch runs on); the ledger is the same.
+
+Completions arrive late (CUDA events, async scheduling, TP ranks finishing
+apart), so nothing here assumes a copy is done before every worker said so:
+a job is finished when all ``world_size`` workers reported it, done or failed,
+and failed if any failed it. Until then its blocks stay touched and its slots
+PENDING or pinned, so no rank's late copy can meet a reused block or slot.
+A block a load wrote is *unverified* until that load finished everywhere: a
+store never reads it (nor any later block of the request, which attends to it),
+and a store issued while loads were unverified commits only if none of them
+failed meanwhile. A failed load's blocks and the request's later blocks stay
+*distrusted* until vLLM reuses them for other content: KV computed from a failed
+load is never stored into the tier.
 """
 
 from __future__ import annotations
@@ -58,10 +72,14 @@ _Mark = tuple[int, BlockHash | None]  # a block the lazy walk visited, with its 
 class _Pending:
     job: TransferJob
     sent: bool = False  # emitted by plan_step; only sent jobs can be reported on
-    acks: int = 0  # workers that reported the job done
+    done: int = 0  # workers that reported the job done
+    failed: int = 0  # workers that reported the job failed
     tokens: int = 0  # loads: tokens the job saves from recompute
     stale: bool = False  # a store planned before reset(): aborted, never committed
     touched: bool = True  # owns a touch per GPU block (all but rescues)
+    # Stores: the planner's load-failure count at issue, if loads were unverified then; a
+    # failure since means the source blocks may hold KV computed from a failed load.
+    load_failures_at_issue: int | None = None
 
 
 class OffloadPlanner:
@@ -101,6 +119,12 @@ class OffloadPlanner:
         self._queued_rescues: list[TransferJob] = []
         self._held_gpu_blocks = 0  # touches owned by pending jobs
         self._held_store_blocks = 0  # of which by stores
+        self._async_loads: dict[str, int] = {}  # request id -> its asynchronous load's job id
+        # Loads not finished everywhere: job id -> (request id, GPU blocks it writes).
+        self._unverified_loads: dict[int, tuple[str | None, list[int]]] = {}
+        self._unverified_blocks: dict[int, int] = {}  # GPU block -> unverified loads writing it
+        self._distrusted: dict[int, BlockHash] = {}  # GPU block -> hash it had when its load failed
+        self._load_failures = 0
         # The tier's counter sink (the scheduler side's): stores, loads, hits, errors.
         self._counters = tier.counters
         # Lazy walk: where it stopped — the last visited block, and the last visited one
@@ -159,15 +183,22 @@ class OffloadPlanner:
         gpu_block_ids: list[int],
         num_computed_tokens: int,
         num_external_tokens: int,
+        asynchronous: bool = False,
     ) -> list[int]:
         """Queue the load of a ``match`` result into the blocks vLLM just allocated.
 
-        ``gpu_block_ids``: all of the request's group-0 blocks; null ones (a sliding
-        window's skipped blocks) are not loaded. Pins the CPU slots and touches the
-        destination blocks. If part of the hit left the tier since
-        ``match``, only the prefix still there is loaded; returns the GPU blocks of
-        the rest (also in the job's ``unavailable_gpu_block_ids``), which the worker
-        reports as load errors so vLLM recomputes them. Usually ``[]``.
+        Args:
+            gpu_block_ids: all of the request's group-0 blocks; null ones (a sliding
+                window's skipped blocks) are not loaded.
+            asynchronous: the request waits in ``WAITING_FOR_REMOTE_KVS`` until every
+                worker finished the load (``TransferJob.asynchronous``).
+
+        Returns:
+            The GPU blocks of the part of the hit that left the tier since ``match``
+            (also in the job's ``unavailable_gpu_block_ids``), which the worker reports
+            as load errors so vLLM recomputes them. Usually ``[]``.
+
+        Pins the CPU slots and touches the destination blocks until the job finishes.
         """
         if num_external_tokens <= 0:
             return []
@@ -205,8 +236,13 @@ class OffloadPlanner:
             for slot in slots:
                 self._tier.unpin(slot)
             raise
-        pending = self._new_job("load", gpu_ids, slots, request_id, unavailable)
+        pending = self._new_job("load", gpu_ids, slots, request_id, unavailable, asynchronous=asynchronous)
         pending.tokens = min(num_external_tokens, len(slots) * bs)
+        self._unverified_loads[pending.job.job_id] = (request_id, gpu_ids)
+        for block_id in gpu_ids:
+            self._unverified_blocks[block_id] = self._unverified_blocks.get(block_id, 0) + 1
+        if asynchronous:
+            self._async_loads[request_id] = pending.job.job_id
         self._queued_loads.append(pending.job)
         self._counters.add("cpu_hit_blocks", len(slots))
         self._counters.add("load_errors", len(unavailable))
@@ -222,7 +258,11 @@ class OffloadPlanner:
         """
         if self._mode == "lazy":
             self._walk(blocks_allocated)
-        plan = StepPlan(self._queued_loads, self._queued_stores, self._queued_rescues)
+        plan = StepPlan(
+            pre_forward_loads=self._queued_loads,
+            post_forward_stores=self._queued_stores,
+            pre_forward_stores=self._queued_rescues,
+        )
         self._queued_loads, self._queued_stores, self._queued_rescues = [], [], []
         for job in plan.jobs():
             self._jobs[job.job_id].sent = True
@@ -245,7 +285,11 @@ class OffloadPlanner:
         visited = 0
         for view in self._ctx.iter_free_blocks(after_block=after):
             block_hash = view.block_hash
-            if block_hash is not None and not self._tier.contains(block_hash):
+            if (
+                block_hash is not None
+                and not self._tier.contains(block_hash)
+                and self._trusted(view.block_id, block_hash)
+            ):
                 slot = self._tier.reserve(block_hash)
                 if slot is None:  # every slot pinned or pending: resume here next step
                     break
@@ -300,6 +344,8 @@ class OffloadPlanner:
         for block_id, block_hash in blocks:
             if block_hash is None:
                 break  # blocks after the first uncomputed one are not computed either
+            if not self._trusted(block_id, block_hash):
+                break  # its KV, and that of every later block attending to it, is unsure
             if self._tier.contains(block_hash):
                 continue
             view = self._ctx.get_block(block_id)
@@ -314,10 +360,30 @@ class OffloadPlanner:
             pending = self._new_job("store", gpu_ids, slots, request_id, touched=False)
             self._queued_rescues.append(pending.job)
 
+    def _trusted(self, block_id: int, block_hash: BlockHash) -> bool:
+        """Whether a store may read ``block_id`` while it carries ``block_hash``: not while a
+        load into it is unfinished, nor after a load into it (or before it) failed."""
+        if block_id in self._unverified_blocks:
+            return False
+        distrusted = self._distrusted.get(block_id)
+        if distrusted is None:
+            return True
+        if distrusted == block_hash:
+            return False
+        del self._distrusted[block_id]  # reused for other content since: computed afresh
+        return True
+
+    def async_load_in_flight(self, request_id: str) -> bool:
+        """The request's asynchronous load is unfinished: vLLM must keep its blocks until the
+        workers report it (``finished_recving``), even if the request is aborted meanwhile."""
+        return request_id in self._async_loads
+
     def _store_request(self, request: RequestView, block_ids: Sequence[int]) -> None:
         picks: list[tuple[int, int]] = []
         # zip stops at the last full block: only full blocks have a hash.
         for block_id, block_hash in zip(block_ids, request.block_hashes, strict=False):
+            if not self._trusted(block_id, block_hash):
+                break
             if self._tier.contains(block_hash):
                 continue
             view = self._ctx.get_block(block_id)
@@ -347,26 +413,28 @@ class OffloadPlanner:
     def complete(self, results: JobResults) -> None:
         """Apply worker results (``update_connector_output``); releases finished jobs.
 
-        A job is finished when ``world_size`` workers reported it done, or one
-        reported it failed. Reports on finished jobs are ignored (duplicates, or the
-        other workers of a failed job); a job id never planned, or planned but not
-        sent yet, raises ValueError (checked before anything changes).
+        A job is finished once every one of the ``world_size`` workers reported it,
+        done or failed; it failed if any worker failed it. Each worker reports a job
+        only when its own copy can no longer touch the job's blocks or slots, so
+        releasing them then is safe on every rank. Reports on finished jobs are
+        ignored (late duplicates); a job id never planned, or planned but not sent
+        yet, raises ValueError (checked before anything changes).
         """
         for job_id in (*results.failed, *results.done):
             pending = self._jobs.get(job_id)
             if not 0 <= job_id < self._next_job_id or (pending is not None and not pending.sent):
                 raise ValueError(f"vllm-bidkv: worker reported job {job_id}, which was never sent")
-        for job_id in sorted(results.failed):
-            pending = self._jobs.get(job_id)
-            if pending is not None:
-                self._finish(pending, ok=False)
-        for job_id, count in results.done.items():
-            pending = self._jobs.get(job_id)
-            if pending is None:
-                continue
-            pending.acks += count
-            if pending.acks >= self._world_size:
-                self._finish(pending, ok=True)
+        for reports, failed in ((results.failed, True), (results.done, False)):
+            for job_id in sorted(reports):
+                pending = self._jobs.get(job_id)
+                if pending is None:
+                    continue
+                if failed:
+                    pending.failed += reports[job_id]
+                else:
+                    pending.done += reports[job_id]
+                if pending.done + pending.failed >= self._world_size:
+                    self._finish(pending, ok=not pending.failed)
 
     def _finish(self, pending: _Pending, *, ok: bool) -> None:
         job = pending.job
@@ -377,7 +445,11 @@ class OffloadPlanner:
                 self._held_store_blocks -= len(job.gpu_block_ids)
         n = len(job.cpu_slots)
         if job.kind == "store":
-            commit = ok and not pending.stale
+            tainted = (
+                pending.load_failures_at_issue is not None
+                and self._load_failures > pending.load_failures_at_issue
+            )
+            commit = ok and not pending.stale and not tainted
             for slot in job.cpu_slots:
                 if commit:
                     self._tier.commit(slot)
@@ -391,6 +463,7 @@ class OffloadPlanner:
             else:
                 self.aborted_store_blocks += n
         else:
+            self._verified(job, ok)
             for slot in job.cpu_slots:
                 self._tier.unpin(slot, drop=not ok)  # a failed load's data is suspect
             if ok:
@@ -403,6 +476,33 @@ class OffloadPlanner:
         # place a block (it was held when touched), the request's tail is evicted first.
         if pending.touched:
             self._ctx.free_blocks(job.gpu_block_ids[::-1])
+
+    def _verified(self, job: TransferJob, ok: bool) -> None:
+        """A load finished everywhere: its blocks are trusted again, or distrusted from the
+        first failed one on (with the request's later blocks, which attended to it)."""
+        self._unverified_loads.pop(job.job_id, None)
+        for block_id in job.gpu_block_ids:
+            left = self._unverified_blocks[block_id] - 1
+            if left:
+                self._unverified_blocks[block_id] = left
+            else:
+                del self._unverified_blocks[block_id]
+        if job.request_id is not None and self._async_loads.get(job.request_id) == job.job_id:
+            del self._async_loads[job.request_id]
+        if ok or not job.gpu_block_ids:
+            return
+        self._load_failures += 1
+        first = job.gpu_block_ids[0]
+        later: list[int] = []
+        if job.request_id is not None:
+            groups = self._ctx.request_block_ids(job.request_id)
+            held = groups[0] if groups else []
+            if first in held:
+                later = held[held.index(first) :]
+        for block_id in dict.fromkeys([*job.gpu_block_ids, *later]):
+            block_hash = self._ctx.get_block(block_id).block_hash
+            if block_hash is not None:
+                self._distrusted[block_id] = block_hash
 
     # -- misc --------------------------------------------------------------------
     def reset(self) -> None:
@@ -443,6 +543,11 @@ class OffloadPlanner:
         offloadable = min(offloadable, max(0, self._tier.num_slots - cpu))
         return cpu * self._block_size, offloadable * self._block_size
 
+    @property
+    def has_jobs(self) -> bool:
+        """Any job planned and not finished: the engine must keep stepping to hear of it."""
+        return bool(self._jobs)
+
     def pending_jobs(self) -> list[TransferJob]:
         """Jobs planned and not finished (queued or sent), oldest first."""
         return [pending.job for pending in self._jobs.values()]
@@ -477,10 +582,15 @@ class OffloadPlanner:
         unavailable: list[int] | None = None,
         *,
         touched: bool = True,
+        asynchronous: bool = False,
     ) -> _Pending:
-        job = TransferJob(self._next_job_id, kind, gpu_ids, slots, request_id, unavailable or [])
+        job = TransferJob(
+            self._next_job_id, kind, gpu_ids, slots, request_id, unavailable or [], asynchronous
+        )
         self._next_job_id += 1
         pending = _Pending(job, touched=touched)
+        if kind == "store" and self._unverified_loads:
+            pending.load_failures_at_issue = self._load_failures
         self._jobs[job.job_id] = pending
         if touched:
             self._held_gpu_blocks += len(gpu_ids)

@@ -1,10 +1,14 @@
 """The capability table: what the installed vLLM offers, found by probing it.
 
 Every version difference the rest of ``patches/`` cares about is one field here,
-read from the live classes (signatures, attributes), never guessed from the
-version string. Whether CI tested a release is a separate fact: the matrix's rows,
-shipped as ``vllm_bidkv/compat.json`` (written by ci/matrix.py with docs/COMPAT.md). A
-release with no passing row works if the probe finds every required capability (with an
+read from the live classes (signatures, attributes, source text), never guessed from
+the version string. A vLLM installed without its ``.py`` files has no source text:
+each such check then reads the names the compiled function uses instead, and one
+that cannot is reported as unknown (``Capabilities.unknown``, taken as absent).
+
+Whether CI tested a release is a separate fact: the matrix's rows, shipped as
+``vllm_bidkv/compat.json`` (written by ci/matrix.py with docs/COMPAT.md). A release
+with no passing row works if the probe finds every required capability (with an
 "untested release" warning) and is refused naming the missing one otherwise.
 """
 
@@ -90,12 +94,19 @@ class Capabilities:
     # 0.30 it does not, so work queued for wait_for_save waits for the next forward.
     no_forward_step_saves: bool
     connector_takes_kv_cache_config: bool  # __init__(vllm_config, role, kv_cache_config) (0.13+)
+    # Scheduler.has_requests() asks connector.has_pending_push_work(), so the engine keeps
+    # stepping while copies are in flight (0.32+); before, the bind hook wraps has_requests.
+    connector_keeps_engine_stepping: bool
     # A vLLM carrying patches/vllm-*-scheduler-context.patch binds the connector itself
     # (and asks it for victims and admission order): the runtime patches stand down.
     vllm_binds_context: bool
     # Only the standalone Scheduler driver needs these.
     request_takes_eos_token_id: bool  # Request(..., eos_token_id) is required up to 0.15
     model_output_needs_logprobs: bool  # ModelRunnerOutput(logprobs=, ...) has no defaults up to 0.13
+    # Without vLLM's source (compiled files only): the capabilities read from compiled code
+    # instead, and those neither could answer (unknown, taken as absent). Empty otherwise.
+    from_compiled_code: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
 
     REQUIRED = (
         "connector_base_v1",
@@ -123,22 +134,31 @@ class Capabilities:
 
     def verdict(self) -> str:
         if not self.supported:
-            return f"unsupported: vLLM {self.vllm_version} lacks {', '.join(self.missing())}"
+            lacks = [name for name in self.missing() if name not in self.unknown]
+            unprobed = [name for name in self.missing() if name in self.unknown]
+            reasons = [f"lacks {', '.join(lacks)}"] if lacks else []
+            if unprobed:
+                reasons.append(f"cannot probe {', '.join(unprobed)} ({_UNKNOWN_WHY})")
+            return f"unsupported: vLLM {self.vllm_version} {'; '.join(reasons)}"
         ci = self.ci
         patch = " + source patch" if self.vllm_binds_context else ""
+        unknown = f"; could not probe {', '.join(self.unknown)}: {_UNKNOWN_WHY}" if self.unknown else ""
         if ci["status"] != "tested":
             return (
                 f"supported (untested release {self.vllm_version}{patch}; nearest tested: "
                 f"{ci['nearest_below'] or 'none'} below, {ci['nearest_above'] or 'none'} above; "
-                "every required capability found)"
+                f"every required capability found{unknown})"
             )
         return (
             f"supported (tested: the CI row for vLLM {self.vllm_version}{patch} passed "
-            f"{', '.join(ci['row']['tiers'])} on {ci['date']} at commit {ci['commit']})"
+            f"{', '.join(ci['row']['tiers'])} on {ci['date']} at commit {ci['commit']}{unknown})"
         )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_UNKNOWN_WHY = "vLLM's source is not installed and its compiled code does not tell; taken as absent"
 
 
 def _params(fn: Any) -> list[str]:
@@ -156,12 +176,85 @@ def _has_no_default(cls: Any, field: str) -> bool:
     return param is not None and param.default is inspect.Parameter.empty
 
 
-def _no_forward_step_saves() -> bool:
+def _source(fn: Any) -> str | None:
+    """``fn``'s source text; None where it is not installed (compiled files only)."""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+
+
+def _source_mentions(fn: Any, text: str) -> bool | None:
+    """Whether ``fn``'s source contains ``text``; False without a function, None without its source."""
+    return False if fn is None else _contains(_source(fn), text)
+
+
+def _code_names(fn: Any) -> set[str] | None:
+    """The names ``fn``'s compiled code uses (attributes, globals, locals, keyword arguments of its
+    calls), with the functions nested in it; None without a function or a code object."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    names: set[str] = set()
+    pending = [code]
+    while pending:
+        code = pending.pop()
+        names.update(code.co_names, code.co_varnames)
+        for const in code.co_consts:
+            if inspect.iscode(const):
+                pending.append(const)
+            elif isinstance(const, tuple) and all(isinstance(item, str) for item in const):
+                names.update(const)  # the keyword names of a call
+    return names
+
+
+def _contains(found: str | set[str] | None, *parts: str) -> bool | None:
+    """Every part in a source text or a set of names; None when there was nothing to read."""
+    return None if found is None else all(part in found for part in parts)
+
+
+class _Reading:
+    """Decides a source-text capability: the source's answer; without source, the compiled code's;
+    with neither, unknown (False). Remembers which capabilities took the second or third way."""
+
+    def __init__(self) -> None:
+        self.from_compiled_code: dict[str, None] = {}
+        self.unknown: dict[str, None] = {}
+
+    def __call__(self, capability: str, in_source: bool | None, in_code: bool | None) -> bool:
+        if in_source is not None:
+            return in_source
+        if in_code is not None:
+            self.from_compiled_code[capability] = None
+            return in_code
+        self.unknown[capability] = None
+        return False
+
+
+def _no_forward_step_saves(read: _Reading) -> bool:
     try:
         from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
     except ImportError:
         return False
-    return "wait_for_save=False" not in inspect.getsource(KVConnectorModelRunnerMixin.kv_connector_no_forward)
+    fn = KVConnectorModelRunnerMixin.kv_connector_no_forward
+    # Up to 0.30 it passes wait_for_save=False; later releases pass no such keyword.
+    skips = _contains(_source(fn), "wait_for_save=False")
+    passes_keyword = _contains(_code_names(fn), "wait_for_save")
+    return read(
+        "no_forward_step_saves",
+        None if skips is None else not skips,
+        None if passes_keyword is None else not passes_keyword,
+    )
+
+
+def _touch_takes_group_tuple(read: _Reading, touch: Any) -> bool:
+    source = _source(touch)
+    names = _code_names(touch)
+    return read(
+        "touch_takes_group_tuple",
+        None if source is None else "tuple[" in source.split(")")[0] or "for blocks_per_group in" in source,
+        None if names is None else "tuple[" in str(inspect.signature(touch)) or "blocks_per_group" in names,
+    )
 
 
 @functools.cache
@@ -193,40 +286,84 @@ def probe() -> Capabilities:
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
-    queue_cls = kv_cache_utils.FreeKVCacheBlockQueue
-    init_src = inspect.getsource(inspect.unwrap(Scheduler.__init__))  # vLLM's, not our bind hook
-    schedule_src = inspect.getsource(Scheduler.schedule)
-    touch_src = inspect.getsource(BlockPool.touch)
+    read = _Reading()
+    queue_init = kv_cache_utils.FreeKVCacheBlockQueue.__init__
+    init = inspect.unwrap(Scheduler.__init__)  # vLLM's, not our bind hook
+    init_src, init_names = _source(init), _code_names(init)
+    schedule_src, schedule_names = _source(Scheduler.schedule), _code_names(Scheduler.schedule)
+    has_requests = getattr(Scheduler, "has_requests", None)
     base = KVConnectorBase_V1
-    return Capabilities(
+    # Built before the Capabilities: reading them fills `read`'s record of how each was read.
+    caps = dict(
         vllm_version=version,
         connector_base_v1=base is not None,
         connector_factory_register=has_register,
-        scheduler_running_list="self.running: list[Request]" in init_src
-        and "self.kv_cache_manager" in init_src,
+        # Compiled code keeps no annotation of a local: it shows `running` is set, not its type.
+        scheduler_running_list=read(
+            "scheduler_running_list",
+            _contains(init_src, "self.running: list[Request]", "self.kv_cache_manager"),
+            _contains(init_names, "running", "kv_cache_manager"),
+        ),
         allocate_slots=hasattr(KVCacheManager, "allocate_slots")
-        and "kv_cache_manager.allocate_slots" in schedule_src,
-        free_queue_linked_list="fake_free_list_head" in inspect.getsource(queue_cls.__init__),
+        and read(
+            "allocate_slots",
+            _contains(schedule_src, "kv_cache_manager.allocate_slots"),
+            _contains(schedule_names, "allocate_slots"),
+        ),
+        free_queue_linked_list=read(
+            "free_queue_linked_list",
+            _source_mentions(queue_init, "fake_free_list_head"),
+            _contains(_code_names(queue_init), "fake_free_list_head"),
+        ),
         connector_prom_metrics=has_prom_metrics,
-        touch_takes_group_tuple="tuple[" in touch_src.split(")")[0] or "for blocks_per_group in" in touch_src,
-        free_queue_iter_blocks_after=hasattr(queue_cls, "iter_blocks_after"),
-        # 0.23 has prepend_n behind a `prepend` flag; 0.24+ prepends whatever has no hash.
-        free_blocks_prepends_unhashed=all(
-            key in inspect.getsource(BlockPool.free_blocks) for key in ("prepend_n", "block_hash is None")
+        touch_takes_group_tuple=_touch_takes_group_tuple(read, BlockPool.touch),
+        free_queue_iter_blocks_after=hasattr(kv_cache_utils.FreeKVCacheBlockQueue, "iter_blocks_after"),
+        # 0.23 has prepend_n behind a `prepend` flag; 0.24+ prepends whatever has no hash. The
+        # names compiled code uses cannot tell a flag from that test: without source, unknown
+        # (only tests that predict vLLM's free order read it).
+        free_blocks_prepends_unhashed=read(
+            "free_blocks_prepends_unhashed",
+            _contains(_source(BlockPool.free_blocks), "prepend_n", "block_hash is None"),
+            None,
         ),
         bind_hook=next(
-            (name for name in ("bind_kv_cache_manager", "bind_gpu_block_pool") if f".{name}(" in init_src), ""
+            (
+                name
+                for name in ("bind_kv_cache_manager", "bind_gpu_block_pool")
+                if read("bind_hook", _contains(init_src, f".{name}("), _contains(init_names, name))
+            ),
+            "",
         ),
         preempt_drop_stale_output="drop_stale_output"
         in _params(getattr(Scheduler, "_preempt_request", None)),
         request_blocks_can_be_freed=hasattr(Scheduler, "_request_blocks_can_be_freed"),
         connector_worker_meta=base is not None and hasattr(base, "build_connector_worker_meta"),
-        no_forward_step_saves=_no_forward_step_saves(),
-        connector_pending_block_frees=".has_pending_block_frees()" in schedule_src,
+        no_forward_step_saves=_no_forward_step_saves(read),
+        connector_pending_block_frees=read(
+            "connector_pending_block_frees",
+            _contains(schedule_src, ".has_pending_block_frees()"),
+            _contains(schedule_names, "has_pending_block_frees"),
+        ),
         connector_takes_kv_cache_config=base is not None and "kv_cache_config" in _params(base.__init__),
-        vllm_binds_context=hasattr(base, "bind_scheduler_context") and ".bind_scheduler_context(" in init_src,
+        connector_keeps_engine_stepping=has_requests is not None
+        and read(
+            "connector_keeps_engine_stepping",
+            _source_mentions(has_requests, ".has_pending_push_work()"),
+            _contains(_code_names(has_requests), "has_pending_push_work"),
+        ),
+        vllm_binds_context=hasattr(base, "bind_scheduler_context")
+        and read(
+            "vllm_binds_context",
+            _contains(init_src, ".bind_scheduler_context("),
+            _contains(init_names, "bind_scheduler_context"),
+        ),
         request_takes_eos_token_id="eos_token_id" in _params(Request.__init__),
         model_output_needs_logprobs=_has_no_default(ModelRunnerOutput, "logprobs"),
+    )
+    return Capabilities(
+        **caps,
+        from_compiled_code=tuple(read.from_compiled_code),
+        unknown=tuple(read.unknown),
     )
 
 

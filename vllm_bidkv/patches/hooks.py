@@ -89,6 +89,8 @@ class BoundConnector(Protocol):
 
     def has_pending_block_frees(self) -> bool: ...
 
+    def has_pending_push_work(self) -> bool: ...
+
     def admission_key(self) -> Callable[[Any], Any] | None: ...
 
 
@@ -119,11 +121,31 @@ def _bind(scheduler: Any) -> None:
         # on the compute stream, ordered after that step, so stock's immediate frees are
         # safe, and keep the schedule identical to stock vLLM's.
         scheduler.defer_block_free = False
+    install_stepping_hook(scheduler)
     if connector.chooses_victims():
         install_victim_hook(scheduler)
     key = connector.admission_key()
     if key is not None:
         install_admission(scheduler, key)
+
+
+# -- stepping hook ------------------------------------------------------------
+def install_stepping_hook(scheduler: Any) -> bool:
+    """Keep the engine stepping while our copies are in flight, on releases whose
+    ``has_requests()`` does not ask the connector (``has_pending_push_work``): else the
+    engine idles with blocks touched, slots pinned and ``reset_prefix_cache()`` failing."""
+    if probe().connector_keeps_engine_stepping or not hasattr(scheduler, "has_requests"):
+        return False
+    if "has_requests" in vars(scheduler):
+        return False
+    original = scheduler.has_requests
+
+    def has_requests() -> bool:
+        connector = bound_connector(scheduler)
+        return bool(original()) or (connector is not None and connector.has_pending_push_work())
+
+    scheduler.has_requests = has_requests
+    return True
 
 
 # -- victim hook --------------------------------------------------------------

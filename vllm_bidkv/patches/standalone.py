@@ -31,7 +31,10 @@ def build_scheduler(
     enable_prefix_caching: bool = True,
     log_stats: bool = False,
     sliding_window: int | None = None,
+    async_scheduling: bool = False,
 ) -> Any:
+    """``async_scheduling``: vLLM's ``AsyncScheduler`` (schedules step N+1 before step N's
+    output arrives, as on GPUs); the driver then calls ``update_from_output`` one step late."""
     import torch
     from vllm.config import (
         CacheConfig,
@@ -58,6 +61,7 @@ def build_scheduler(
         max_model_len=max_model_len,
         enable_chunked_prefill=True,
         is_encoder_decoder=False,
+        **({"async_scheduling": True} if async_scheduling else {}),
     )
     cache_config = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     cache_config.num_gpu_blocks = num_gpu_blocks
@@ -80,6 +84,12 @@ def build_scheduler(
         kv_cache_tensors=_pool_tensors(KVCacheTensor, spec.page_size_bytes, num_gpu_blocks, layers),
         kv_cache_groups=[KVCacheGroupSpec(layers, spec)],
     )
+    if async_scheduling:
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler as Scheduler  # noqa: N814
+
+        # The CPU platform turns async scheduling off in its config check; the Scheduler and
+        # its connector read the flag afterwards, as on a GPU.
+        vllm_config.scheduler_config.async_scheduling = True
     return Scheduler(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,

@@ -1,0 +1,141 @@
+"""The worker's copy engine (``CopyWorker``) on CPU tensors: the life of a copy on one rank.
+
+Real ``CopyWorker`` over a small CPU KV cache (no vLLM): copies are issued by the step's
+hooks and reported by ``poll`` once a step, in issue order; the ``complete_after_steps``
+test hook holds each report back as an unfinished CUDA event would, failures included;
+asynchronous loads come back as finished requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from vllm_bidkv.config import BidKVConfig
+from vllm_bidkv.connectors.worker import CopyWorker, FaultPlan, set_faults
+from vllm_bidkv.offload import StepPlan, TransferJob
+
+pytestmark = pytest.mark.kernels
+NUM_BLOCKS, SLOTS = 8, 4
+
+
+@pytest.fixture
+def worker() -> Iterator[CopyWorker]:
+    cache = torch.arange(2 * NUM_BLOCKS * 16, dtype=torch.float32).reshape(2, NUM_BLOCKS, 16)
+    yield CopyWorker({"layers.0.attn": cache}, NUM_BLOCKS, SLOTS, BidKVConfig(cpu_bytes="1MiB"))
+    set_faults(None)
+
+
+def store(job_id: int, gpu: list[int], slots: list[int]) -> TransferJob:
+    return TransferJob(job_id, "store", gpu, slots)
+
+
+def load(job_id: int, gpu: list[int], slots: list[int], request: str | None = None) -> TransferJob:
+    return TransferJob(job_id, "load", gpu, slots, request, asynchronous=request is not None)
+
+
+def step(worker: CopyWorker, plan: StepPlan) -> tuple[dict[int, int], dict[int, int], set[str]]:
+    """One worker step as vLLM runs it: bind (rescues), start_load_kv, forward, wait_for_save,
+    get_finished (poll), build_connector_worker_meta (take_results)."""
+    worker.run_rescues(plan)
+    worker.run_loads(plan)
+    worker.run_stores(plan)
+    finished = worker.take_finished_loads()
+    results = worker.take_results()
+    return results.done, results.failed, finished
+
+
+def test_without_delay_every_copy_is_reported_in_its_step(worker: CopyWorker) -> None:
+    done, failed, finished = step(worker, StepPlan(post_forward_stores=[store(0, [1, 2], [0, 1])]))
+    assert done == {0: 1} and failed == {} and finished == set() and worker.in_flight == 0
+    done, _, finished = step(worker, StepPlan(pre_forward_loads=[load(1, [5, 6], [0, 1], "r")]))
+    assert done == {1: 1} and finished == {"r"}
+    gpu = worker._gpu[0]
+    assert torch.equal(gpu[5], gpu[1]) and torch.equal(gpu[6], gpu[2]), "the load returned the stored bytes"
+
+
+@pytest.mark.parametrize("delay", [1, 3])
+def test_complete_after_steps_holds_every_report_back_in_issue_order(worker: CopyWorker, delay: int) -> None:
+    set_faults(FaultPlan(complete_after_steps=delay))
+    reports: list[tuple[int, dict[int, int], dict[int, int], set[str]]] = []
+    plans = [
+        StepPlan(post_forward_stores=[store(0, [1], [0])]),
+        StepPlan(pre_forward_loads=[load(1, [4], [0], "r")], pre_forward_stores=[store(2, [2], [1])]),
+    ]
+    for n in range(6):
+        done, failed, finished = step(worker, plans[n] if n < len(plans) else StepPlan())
+        if done or failed or finished:
+            reports.append((n, done, failed, finished))
+    # Issued in step 0 and step 1, each reported `delay` steps later; within a step, the
+    # rescue (job 2) before the load (job 1), as issued.
+    assert reports == [(delay, {0: 1}, {}, set()), (1 + delay, {2: 1, 1: 1}, {}, {"r"})]
+    assert list(reports[1][1]) == [2, 1]
+    assert worker.in_flight == 0
+
+
+def test_failures_are_reported_late_too_and_loads_name_their_blocks_at_once(worker: CopyWorker) -> None:
+    set_faults(FaultPlan(load_every=1, store_every=1, mid_batch=True, complete_after_steps=2))
+    plan = StepPlan(
+        pre_forward_loads=[load(0, [4, 5], [0, 1])], post_forward_stores=[store(1, [1, 2], [2, 3])]
+    )
+    step(worker, plan)
+    # A synchronous load feeds this step's forward: its blocks are load errors now.
+    assert worker.take_load_errors() == {4, 5}
+    assert step(worker, StepPlan())[:2] == ({}, {}), "a torn copy is reported only when it is done"
+    done, failed, _ = step(worker, StepPlan())
+    assert done == {} and failed == {0: 1, 1: 1}
+
+
+def test_a_plan_per_rank(worker: CopyWorker) -> None:
+    """Rank 0 (this worker) gets the slow plan; rank 1's failures are not its own."""
+    set_faults([FaultPlan(store_every=1, rank=1), FaultPlan(complete_after_steps=2, rank=0)])
+    assert step(worker, StepPlan(post_forward_stores=[store(0, [1], [0])]))[:2] == ({}, {})
+    step(worker, StepPlan())
+    assert step(worker, StepPlan())[:2] == ({0: 1}, {})
+
+
+def test_close_reports_nothing_more_and_releases_the_tier(worker: CopyWorker) -> None:
+    set_faults(FaultPlan(complete_after_steps=5))
+    step(worker, StepPlan(post_forward_stores=[store(0, [1], [0])]))
+    worker.close()
+    assert worker.in_flight == 0
+
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)"
+)
+
+
+@needs_cuda
+def test_cuda_copies_wait_for_compute_and_report_only_when_done() -> None:
+    """On a GPU: a store issued after the forward waits for it on the store stream, an
+    asynchronous load waits for the compute stream too, issuing either does not block the
+    host, and neither is reported before its event completed."""
+    import time
+
+    cache = torch.zeros(2, NUM_BLOCKS, 64 * 1024, device="cuda")
+    worker = CopyWorker({"layers.0.attn": cache}, NUM_BLOCKS, SLOTS, BidKVConfig(cpu_bytes="64MiB"))
+
+    def issue_behind_a_busy_gpu(plan: StepPlan) -> tuple[dict[int, int], set[str]]:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(1_000_000_000)  # the "forward": ~0.5 s of GPU time on the compute stream
+        cache[:, 1].fill_(3.0)  # ... which writes block 1
+        started = time.perf_counter()
+        done, failed, finished = step(worker, plan)
+        issued_s = time.perf_counter() - started
+        assert issued_s < 0.1, f"issuing copies waited {issued_s:.3f} s for the GPU"
+        assert (done, failed, finished) == ({}, {}, set()), "reported before the GPU got there"
+        torch.cuda.synchronize()
+        done, failed, finished = step(worker, StepPlan())
+        assert failed == {}
+        return done, finished
+
+    try:
+        assert issue_behind_a_busy_gpu(StepPlan(post_forward_stores=[store(0, [1], [0])])) == ({0: 1}, set())
+        loaded = issue_behind_a_busy_gpu(StepPlan(pre_forward_loads=[load(1, [6], [0], "r")]))
+        assert loaded == ({1: 1}, {"r"})
+        assert torch.equal(cache[:, 6], cache[:, 1]), "the store read block 1 after the forward wrote it"
+    finally:
+        worker.close()
