@@ -384,8 +384,9 @@ def test_async_scheduling_with_failed_loads_keeps_the_tier_clean(
 ) -> None:
     """vLLM's AsyncScheduler (step N+1 scheduled before step N's output), lazy offload,
     completions ``delay`` steps late and a third of the loads failing: every load is
-    asynchronous (a failed one is cached by vLLM only up to its valid prefix), no garbage
-    KV is ever stored into the tier or served from it, and the engine drains."""
+    asynchronous (a failed one is cached by vLLM only up to its valid prefix), no block in
+    flight is handed out, no garbage KV is ever stored into the tier or served from it, and
+    the engine drains."""
     from types import SimpleNamespace
 
     from vllm.v1.request import RequestStatus
@@ -403,7 +404,13 @@ def test_async_scheduling_with_failed_loads_keeps_the_tier_clean(
     steps = 0
     while scheduler.has_requests() or pending:
         if scheduler.has_requests():
+            # Immediate frees (our bind hook turns vLLM's deferred frees off) must still never
+            # hand out a block an in-flight copy reads or writes.
+            busy = worker.busy_gpu_blocks()
             out = scheduler.schedule()
+            pool = scheduler.kv_cache_manager.block_pool
+            for block_id in busy:
+                assert pool.blocks[block_id].ref_cnt > 0, f"in-flight block {block_id} is free"
             snapshot = {
                 rid: SimpleNamespace(
                     num_computed_tokens=requests[rid].num_computed_tokens,
