@@ -446,3 +446,28 @@ def test_async_scheduling_with_failed_loads_keeps_the_tier_clean(
     assert stats["blocks_loaded"] > 0 and stats["load_errors"] > 0
     assert stats["pending_jobs"] == 0 and stats["gpu_blocks_held"] == 0
     assert_drained(scheduler, {k: v for k, v in requests.items()})
+
+
+@offload_only
+def test_a_connector_reset_empties_the_tier(make_scheduler: Any, patched: None) -> None:
+    """After a weight update the tier's KV is the old model's: vLLM's
+    ``reset_prefix_cache(reset_connector=True)`` (``LLM.reset_prefix_cache(reset_connector=True)``)
+    empties it; the default reset leaves it (the README says when to ask for which)."""
+    from vllm.v1.outputs import KVConnectorOutput
+
+    scheduler = make_scheduler(
+        num_gpu_blocks=40,
+        max_num_seqs=8,
+        kv_transfer_config=connector_config(offload_mode="lazy", cpu_bytes=64 * 1024 * 1024),
+    )
+    worker = DelayedCopyWorker(0)
+    requests = add_requests(scheduler, 12, seed=5, prefix_len=48, lo=40, hi=160, max_out=60)
+    while scheduler.has_requests():
+        out = scheduler.schedule()
+        worker.submit(out.kv_connector_metadata)
+        kwargs = {"kv_connector_output": KVConnectorOutput(kv_connector_worker_meta=worker.finish_due())}
+        scheduler.update_from_output(out, model_output(out, requests, **kwargs))
+    tier = scheduler.connector.scheduler_side.planner.tier
+    assert tier.num_used > 0
+    assert scheduler.reset_prefix_cache() and tier.num_used > 0, "a plain reset keeps the tier"
+    assert scheduler.reset_prefix_cache(reset_connector=True) and tier.num_used == 0

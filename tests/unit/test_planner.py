@@ -467,6 +467,37 @@ def test_bid_eviction_keeps_a_preempted_requests_blocks() -> None:
     assert all(rig.tier.lookup(x) is not None for x in victim.block_hashes)
 
 
+def test_an_lru_rescue_never_evicts_its_own_earlier_blocks() -> None:
+    """A 4-slot LRU tier holds the victim's first 2 blocks (oldest) and 2 others. Rescuing its
+    4 later blocks must not evict the first ones: a resume loads a prefix, so later blocks
+    without them are worthless. The others go first, then the rescue stops."""
+    prompt = tokens(1, 8)
+    rig, prefix = stored_rig(prompt, slots=4)  # LRU: the victim's prefix, stored first
+    rig.park(SimRequest("other", tokens(2, 8)))
+    rig.finish_all(rig.planner.plan_step(0))  # 2 more entries, more recently used
+    victim = SimRequest("v", prompt + tokens(3, 16))
+    ids = rig.run(victim)
+    held = rig.blocks_of(ids)
+    rig.ctx.release("v")
+    rig.planner.rescue("v", held)
+    rig.finish_all(rig.planner.plan_step(0))
+    assert all(rig.tier.lookup(h) is not None for h in prefix), "the rescue evicted its own prefix"
+    assert rig.planner.match(victim, 0) >= 4 * BS, "a resume loads the prefix and the rescued blocks"
+
+
+def test_a_sliding_window_victim_rescues_the_blocks_inside_its_window() -> None:
+    """Past its window a victim's first blocks are the null block (no hash): the rescue skips
+    them and parks the blocks the window still needs."""
+    rig = Rig(sliding_window=8)
+    victim = SimRequest("v", tokens(1, 16))
+    ids = rig.run(victim)
+    held = [(0, None), (0, None), *rig.blocks_of(ids[2:])]  # as vLLM holds it: 2 slid out
+    rig.ctx.release("v")
+    rig.planner.rescue("v", held)
+    (rescue,) = rig.planner.plan_step(0).pre_forward_stores
+    assert rescue.gpu_block_ids == ids[2:4]
+
+
 # -- completion -----------------------------------------------------------------------
 def test_a_job_needs_every_worker() -> None:
     rig = Rig(world_size=2)

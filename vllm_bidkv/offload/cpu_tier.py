@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from vllm_bidkv.context import BlockHash
 from vllm_bidkv.counters import Counters
@@ -115,11 +115,16 @@ class CpuBlockTier:
         return self._hash[slot]
 
     # -- stores --------------------------------------------------------------
-    def reserve(self, block_hash: BlockHash) -> int | None:
-        """A PENDING slot for a store of ``block_hash``; None if every slot is pinned or pending.
+    def reserve(self, block_hash: BlockHash, keep: Container[BlockHash] = ()) -> int | None:
+        """A PENDING slot for a store of ``block_hash``.
 
         Takes the lowest free slot, else evicts the least recently used evictable
         entry (unprotected ones first under ``eviction="bid"``).
+
+        Returns:
+            The slot; None if every slot is pinned or pending, or if the entry to evict
+            is one of ``keep`` (a rescue must not evict its own victim's earlier blocks:
+            a resume loads a prefix, so later blocks without them are worthless).
         """
         if block_hash in self._slot_of:
             raise ValueError(f"vllm-bidkv: hash {block_hash.hex()[:16]} is already in the CPU tier")
@@ -128,6 +133,9 @@ class CpuBlockTier:
         else:
             queue = self._lru or self._kept
             if not queue:
+                return None
+            oldest = next(iter(queue))
+            if self._hash[oldest] in keep:
                 return None
             slot, _ = queue.popitem(last=False)
             old = self._hash[slot]

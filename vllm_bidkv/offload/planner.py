@@ -341,20 +341,29 @@ class OffloadPlanner:
         if self._mode == "off":
             return
         picks: list[tuple[int, int]] = []
+        earlier: set[BlockHash] = set()  # the victim's blocks before this one: never evicted for it
         for block_id, block_hash in blocks:
+            view = self._ctx.get_block(block_id)
+            if view.is_null:
+                continue  # slid out of a sliding window: nothing to keep, nothing a resume loads
             if block_hash is None:
                 break  # blocks after the first uncomputed one are not computed either
             if not self._trusted(block_id, block_hash):
                 break  # its KV, and that of every later block attending to it, is unsure
             if self._tier.contains(block_hash):
+                ready = self._tier.lookup(block_hash)
+                if ready is not None:
+                    self._tier.mark_used(ready)  # the resume will read it: evict others first
+                earlier.add(block_hash)
                 continue
-            view = self._ctx.get_block(block_id)
             if view.block_hash == block_hash and view.ref_cnt:
+                earlier.add(block_hash)
                 continue  # shared with a running request: stays on the GPU
-            slot = self._tier.reserve(block_hash)
+            slot = self._tier.reserve(block_hash, keep=earlier)
             if slot is None:
                 break
             picks.append((block_id, slot))
+            earlier.add(block_hash)
         if picks:
             gpu_ids, slots = [b for b, _ in picks], [s for _, s in picks]
             pending = self._new_job("store", gpu_ids, slots, request_id, touched=False)
