@@ -305,6 +305,11 @@ class BidKVSchedulerSide:
         if self.planner is not None:
             self.planner.reset()
 
+    def give_up_copies(self) -> None:
+        """vLLM empties its caches and the tier next: see ``OffloadPlanner.give_up_copies``."""
+        if self.planner is not None:
+            self.planner.give_up_copies()
+
     def gauges(self) -> dict[str, int]:
         """The current values of every ``counters.GAUGES`` name (stats reports, ``/metrics``).
 

@@ -471,3 +471,45 @@ def test_a_connector_reset_empties_the_tier(make_scheduler: Any, patched: None) 
     assert tier.num_used > 0
     assert scheduler.reset_prefix_cache() and tier.num_used > 0, "a plain reset keeps the tier"
     assert scheduler.reset_prefix_cache(reset_connector=True) and tier.num_used == 0
+
+
+@offload_only
+def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
+    make_scheduler: Any, patched: None
+) -> None:
+    """``pause_generation(clear_cache=True)`` (a weight update) aborts every request and resets
+    the GPU pool and the tier at once, with stores still in flight: they give their blocks
+    back first, so the reset succeeds instead of raising; their late reports are ignored.
+    A plain reset (the tier kept) still waits for them."""
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import RequestStatus
+
+    scheduler = make_scheduler(
+        num_gpu_blocks=40,
+        max_num_seqs=8,
+        kv_transfer_config=connector_config(offload_mode="eager", cpu_bytes=64 * 1024 * 1024),
+    )
+    worker = DelayedCopyWorker(5)
+    requests = add_requests(scheduler, 12, seed=9, prefix_len=48, lo=40, hi=160, max_out=30)
+    side = scheduler.connector.scheduler_side
+    for _ in range(60):
+        out = scheduler.schedule()
+        worker.submit(out.kv_connector_metadata)
+        kwargs = {"kv_connector_output": KVConnectorOutput(kv_connector_worker_meta=worker.finish_due())}
+        scheduler.update_from_output(out, model_output(out, requests, **kwargs))
+        if any(job.kind == "store" and job.job_id not in worker.rescues for _, job in worker.in_flight):
+            break
+    assert side.planner.held_store_blocks > 0, "stores must be in flight for this test"
+    scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)  # as pause_generation's "abort"
+    assert not scheduler.reset_prefix_cache(), "a plain reset waits for the stores"
+    assert scheduler.reset_prefix_cache(reset_running_requests=True, reset_connector=True)
+    # The GPU blocks are back; the slots late writes may still land in stay reserved.
+    assert side.planner.held_gpu_blocks == 0 and side.planner.tier.num_used > 0
+    late = worker.in_flight
+    assert late, "the workers still report the given-up copies later"
+    while worker.in_flight:  # their reports arrive and are ignored
+        out = scheduler.schedule()
+        kwargs = {"kv_connector_output": KVConnectorOutput(kv_connector_worker_meta=worker.finish_due())}
+        scheduler.update_from_output(out, model_output(out, requests, **kwargs))
+    assert side.planner.tier.num_used == 0, "given-up stores are aborted, not committed"
+    assert not scheduler.has_requests() and side.counters["load_errors"] == 0

@@ -212,6 +212,10 @@ class BidKVConnector(KVConnectorBase_V1):
         self._sched.reset()
         return True
 
+    def give_up_copies(self) -> None:
+        """Called by the reset hook before vLLM empties its caches and the tier."""
+        self._sched.give_up_copies()
+
     def planner_stats(self) -> dict[str, int]:
         planner = self._sched.planner
         return planner.stats() if planner is not None else {}

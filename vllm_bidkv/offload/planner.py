@@ -76,7 +76,8 @@ class _Pending:
     failed: int = 0  # workers that reported the job failed
     tokens: int = 0  # loads: tokens the job saves from recompute
     stale: bool = False  # a store planned before reset(): aborted, never committed
-    touched: bool = True  # owns a touch per GPU block (all but rescues)
+    touched: bool = True  # owns a touch per GPU block (not rescues, nor given-up copies)
+    rescue: bool = False  # a victim's store before the forward
     # Stores: the planner's load-failure count at issue, if loads were unverified then; a
     # failure since means the source blocks may hold KV computed from a failed load.
     load_failures_at_issue: int | None = None
@@ -367,6 +368,7 @@ class OffloadPlanner:
         if picks:
             gpu_ids, slots = [b for b, _ in picks], [s for _, s in picks]
             pending = self._new_job("store", gpu_ids, slots, request_id, touched=False)
+            pending.rescue = True
             self._queued_rescues.append(pending.job)
 
     def _trusted(self, block_id: int, block_hash: BlockHash) -> bool:
@@ -448,10 +450,6 @@ class OffloadPlanner:
     def _finish(self, pending: _Pending, *, ok: bool) -> None:
         job = pending.job
         del self._jobs[job.job_id]
-        if pending.touched:
-            self._held_gpu_blocks -= len(job.gpu_block_ids)
-            if job.kind == "store":
-                self._held_store_blocks -= len(job.gpu_block_ids)
         n = len(job.cpu_slots)
         if job.kind == "store":
             tainted = (
@@ -467,7 +465,7 @@ class OffloadPlanner:
             if commit:
                 self._counters.add("blocks_stored", n)
                 self._counters.add("bytes_stored", n * self._block_bytes)
-                if not pending.touched:
+                if pending.rescue:
                     self._counters.add("blocks_rescued", n)
             else:
                 self.aborted_store_blocks += n
@@ -479,12 +477,10 @@ class OffloadPlanner:
                 self._counters.add("blocks_loaded", n)
                 self._counters.add("bytes_loaded", n * self._block_bytes)
                 self._counters.add("tokens_loaded", pending.tokens)
-            else:
+            elif not pending.stale:  # a given-up load is not an error (see give_up_copies)
                 self._counters.add("load_errors", n)
-        # Last block first, as vLLM frees a request's blocks: where the context lets vLLM
-        # place a block (it was held when touched), the request's tail is evicted first.
         if pending.touched:
-            self._ctx.free_blocks(job.gpu_block_ids[::-1])
+            self._release_touches(pending)
 
     def _verified(self, job: TransferJob, ok: bool) -> None:
         """A load finished everywhere: its blocks are trusted again, or distrusted from the
@@ -525,6 +521,43 @@ class OffloadPlanner:
         for pending in self._jobs.values():
             if pending.job.kind == "store":
                 pending.stale = True
+
+    def give_up_copies(self) -> None:
+        """vLLM is about to empty its caches and the tier (``reset_prefix_cache`` with
+        ``reset_connector``, as ``pause_generation(clear_cache=True)`` asks after a weight
+        update): give back the GPU blocks the copies hold now, so the pool can be emptied.
+
+        Jobs not sent yet are dropped (no worker has them). Sent stores keep their PENDING
+        slots until every worker reported them (a late write may still land there) and are
+        then aborted: what they read after vLLM reused a block is never committed. Sent
+        synchronous loads keep their pins until reported; their GPU writes are ordered
+        before any later compute on the stream that reuses the blocks. Asynchronous loads
+        are kept whole: vLLM holds their requests' blocks until every worker reported them
+        (and cannot reset before, as with any connector that loads asynchronously).
+        """
+        for pending in list(self._jobs.values()):
+            job = pending.job
+            if job.asynchronous:
+                continue
+            pending.stale = True
+            if not pending.sent:
+                self._finish(pending, ok=False)
+            elif pending.touched:
+                self._release_touches(pending)
+        # Those not sent yet never will be.
+        self._queued_loads = [job for job in self._queued_loads if job.job_id in self._jobs]
+        self._queued_stores = [job for job in self._queued_stores if job.job_id in self._jobs]
+        self._queued_rescues = [job for job in self._queued_rescues if job.job_id in self._jobs]
+
+    def _release_touches(self, pending: _Pending) -> None:
+        job = pending.job
+        pending.touched = False
+        self._held_gpu_blocks -= len(job.gpu_block_ids)
+        if job.kind == "store":
+            self._held_store_blocks -= len(job.gpu_block_ids)
+        # Last block first, as vLLM frees a request's blocks: where the context lets vLLM
+        # place a block (it was held when touched), the request's tail is evicted first.
+        self._ctx.free_blocks(job.gpu_block_ids[::-1])
 
     def restorable(
         self, ref_counts: Sequence[int], block_hashes: Sequence[BlockHash], start: int, computed_blocks: int

@@ -91,6 +91,8 @@ class BoundConnector(Protocol):
 
     def has_pending_push_work(self) -> bool: ...
 
+    def give_up_copies(self) -> None: ...
+
     def admission_key(self) -> Callable[[Any], Any] | None: ...
 
 
@@ -122,6 +124,7 @@ def _bind(scheduler: Any) -> None:
         # safe, and keep the schedule identical to stock vLLM's.
         scheduler.defer_block_free = False
     install_stepping_hook(scheduler)
+    install_reset_hook(scheduler)
     if connector.chooses_victims():
         install_victim_hook(scheduler)
     key = connector.admission_key()
@@ -145,6 +148,27 @@ def install_stepping_hook(scheduler: Any) -> bool:
         return bool(original()) or (connector is not None and connector.has_pending_push_work())
 
     scheduler.has_requests = has_requests
+    return True
+
+
+def install_reset_hook(scheduler: Any) -> bool:
+    """Before vLLM resets its caches *and* the connector's (``reset_connector=True``, which
+    ``pause_generation(clear_cache=True)`` uses after a weight update), the copies in flight
+    give back their blocks: else the GPU pool cannot be emptied right after a burst (vLLM
+    resets the pool before the connector) and the pause raises. A plain reset keeps the
+    tier, whose stores are then worth waiting for."""
+    if "reset_prefix_cache" in vars(scheduler) or not hasattr(scheduler, "reset_prefix_cache"):
+        return False
+    original = scheduler.reset_prefix_cache
+
+    def reset_prefix_cache(*args: Any, **kwargs: Any) -> Any:
+        reset_connector = kwargs.get("reset_connector", args[1] if len(args) > 1 else False)
+        connector = bound_connector(scheduler)
+        if reset_connector and connector is not None:
+            connector.give_up_copies()
+        return original(*args, **kwargs)
+
+    scheduler.reset_prefix_cache = reset_prefix_cache
     return True
 
 
