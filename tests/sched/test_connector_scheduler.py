@@ -513,3 +513,22 @@ def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
         scheduler.update_from_output(out, model_output(out, requests, **kwargs))
     assert side.planner.tier.num_used == 0, "given-up stores are aborted, not committed"
     assert not scheduler.has_requests() and side.counters["load_errors"] == 0
+
+
+def test_a_worker_with_another_configuration_is_refused(make_scheduler: Any, monkeypatch: Any) -> None:
+    """Each process reads its own BIDKV_* environment (a Ray worker on another node may have
+    another): the scheduler's first step carries its configuration, and a worker whose own
+    differs refuses, naming the keys, instead of copying into slots nobody planned."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    scheduler = make_scheduler(kv_transfer_config=connector_config(offload_mode="off"))
+    out = scheduler.schedule()
+    meta = out.kv_connector_metadata
+    assert meta.scheduler_config is not None and meta.scheduler_config["offload_mode"] == "off"
+    assert scheduler.schedule().kv_connector_metadata.scheduler_config is None, "the first step only"
+    worker = BidKVConnector(scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
+    worker.bind_connector_metadata(meta)  # the same configuration: accepted
+    monkeypatch.setenv("BIDKV_SEED", "7")
+    other = BidKVConnector(scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
+    with pytest.raises(ValueError, match=r"differs from the scheduler's: seed=7 here but 0 in the scheduler"):
+        other.bind_connector_metadata(meta)

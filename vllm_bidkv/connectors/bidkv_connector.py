@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,25 @@ logger = logging.getLogger("vllm_bidkv")
 @dataclass
 class BidKVConnectorMetadata(KVConnectorMetadata):
     plan: StepPlan = field(default_factory=StepPlan)
+    scheduler_config: dict[str, Any] | None = None
+    """The scheduler's configuration, with its first step only: every worker checks its own
+    (read from its own process's ``BIDKV_*`` environment) against it."""
+
+
+def check_same_config(mine: BidKVConfig, scheduler: dict[str, Any]) -> None:
+    """Refuse a worker whose configuration differs from the scheduler's: a Ray worker on
+    another node reads its own environment, and with another ``cpu_bytes`` every copy would
+    address slots the scheduler never planned."""
+    differ = {key: value for key, value in asdict(mine).items() if scheduler.get(key) != value}
+    if differ:
+        pairs = ", ".join(
+            f"{key}={value!r} here but {scheduler.get(key)!r} in the scheduler"
+            for key, value in differ.items()
+        )
+        raise ValueError(
+            f"vllm-bidkv: this worker's configuration differs from the scheduler's: {pairs}. "
+            "Give every process of the engine the same BIDKV_* environment."
+        )
 
 
 @dataclass
@@ -137,6 +156,7 @@ class BidKVConnector(KVConnectorBase_V1):
         self.worker: CopyWorker | None = None
         self._stats_reporter: StatsReporter | None = None
         self._saves_without_forward = caps.no_forward_step_saves
+        self._config_sent = False  # scheduler role: the first step's metadata carries the config
         logger.info("vllm-bidkv: %s role, config %s", role.name, self.config)
 
     # ---------------------------------------------------------------- scheduler
@@ -191,7 +211,10 @@ class BidKVConnector(KVConnectorBase_V1):
         self._sched.after_alloc(request, block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        return BidKVConnectorMetadata(self._sched.plan_step(step_events(scheduler_output)))
+        meta = BidKVConnectorMetadata(self._sched.plan_step(step_events(scheduler_output)))
+        if not self._config_sent:
+            meta.scheduler_config, self._config_sent = asdict(self.config), True
+        return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -231,6 +254,8 @@ class BidKVConnector(KVConnectorBase_V1):
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, BidKVConnectorMetadata) and connector_metadata.scheduler_config:
+            check_same_config(self.config, connector_metadata.scheduler_config)
         # Every release binds before the forward, while start_load_kv may come after it (0.32+
         # when the step has no load): rescues run here, before a load or the forward
         # overwrites their blocks.
