@@ -334,3 +334,19 @@ class TierModel(RuleBasedStateMachine):
 
 TierModel.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 test_tier_model = TierModel.TestCase
+
+
+def test_a_tier_larger_than_any_host_costs_only_what_it_holds() -> None:
+    """The scheduler's bookkeeping grows with the slots handed out, not with ``cpu_bytes``: a
+    tier of 10^15 slots (the worker refuses one the host cannot hold; the simulator's
+    unlimited bound needs one) builds (sizing per-slot lists by it would exhaust memory),
+    and still hands out the lowest free slot."""
+    tier = CpuBlockTier(10**15)
+    slots = [tier.reserve(bytes([i]) * 16) for i in range(3)]
+    assert slots == [0, 1, 2] and tier.num_free == 10**15 - 3 and tier.num_used == 3
+    tier.abort(1)
+    assert tier.reserve(b"\x09" * 16) == 1, "a released slot before one never used"
+    assert tier.hash_of(10**15 - 1) is None
+    with pytest.raises(ValueError, match="which is FREE"):
+        tier.commit(10**12)
+    tier.check()

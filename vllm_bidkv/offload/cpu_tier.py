@@ -81,11 +81,15 @@ class CpuBlockTier:
         self.num_slots = num_slots
         self.eviction = eviction
         self._bid = eviction == "bid"
-        self._state = [_FREE] * num_slots
-        self._hash: list[BlockHash | None] = [None] * num_slots
-        self._pins = [0] * num_slots
+        # Per-slot bookkeeping exists for the slots handed out so far (ids below ``_grown``);
+        # the others are FREE. It grows with use, so a tier far larger than the host (the
+        # worker refuses that) or an unlimited one (the simulator's bound) costs nothing here.
+        self._grown = 0
+        self._state: list[int] = []
+        self._hash: list[BlockHash | None] = []
+        self._pins: list[int] = []
         self._slot_of: dict[BlockHash, int] = {}
-        self._free = list(range(num_slots))  # a min-heap (sorted, so already one)
+        self._free: list[int] = []  # a min-heap of released slots, all below ``_grown``
         self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, unprotected
         self._kept: OrderedDict[int, None] = OrderedDict()  # evictable, protected (bid only)
         self._protect: dict[BlockHash, int] = {}
@@ -95,11 +99,11 @@ class CpuBlockTier:
     # -- queries -----------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.num_slots - self._grown
 
     @property
     def num_used(self) -> int:
-        return self.num_slots - len(self._free)
+        return self.num_slots - self.num_free
 
     def contains(self, block_hash: BlockHash) -> bool:
         """True if the hash is READY or a store of it is PENDING."""
@@ -112,7 +116,7 @@ class CpuBlockTier:
 
     def hash_of(self, slot: int) -> BlockHash | None:
         self._check_slot(slot)
-        return self._hash[slot]
+        return self._hash[slot] if slot < self._grown else None
 
     # -- stores --------------------------------------------------------------
     def reserve(self, block_hash: BlockHash, keep: Container[BlockHash] = ()) -> int | None:
@@ -128,8 +132,14 @@ class CpuBlockTier:
         """
         if block_hash in self._slot_of:
             raise ValueError(f"vllm-bidkv: hash {block_hash.hex()[:16]} is already in the CPU tier")
-        if self._free:
+        if self._free:  # every released slot is below every slot never handed out
             slot = heapq.heappop(self._free)
+        elif self._grown < self.num_slots:
+            slot = self._grown
+            self._grown += 1
+            self._state.append(_FREE)
+            self._hash.append(None)
+            self._pins.append(0)
         else:
             queue = self._lru or self._kept
             if not queue:
@@ -173,7 +183,7 @@ class CpuBlockTier:
         An unpinned READY entry becomes evictable at the MRU end (a load is a use).
         """
         self._check_slot(slot)
-        if self._pins[slot] == 0:
+        if slot >= self._grown or self._pins[slot] == 0:
             raise ValueError(f"vllm-bidkv: unpin of CPU slot {slot}, which has no pin")
         if drop and self._state[slot] == _READY:
             self._orphan(slot)
@@ -244,7 +254,8 @@ class CpuBlockTier:
         assert all(self._free[(i - 1) // 2] <= self._free[i] for i in range(1, len(self._free))), "heap order"
         free = set(self._free)
         pins = 0
-        for slot in range(self.num_slots):
+        assert len(self._state) == len(self._hash) == len(self._pins) == self._grown <= self.num_slots
+        for slot in range(self._grown):
             state, block_hash, pin = self._state[slot], self._hash[slot], self._pins[slot]
             name = _STATE_NAMES[state]
             assert pin >= 0, f"slot {slot}: pin count {pin}"
@@ -276,9 +287,10 @@ class CpuBlockTier:
 
     def _expect(self, slot: int, state: int, action: str) -> None:
         self._check_slot(slot)
-        if self._state[slot] != state:
+        actual = self._state[slot] if slot < self._grown else _FREE
+        if actual != state:
             raise ValueError(
-                f"vllm-bidkv: {action} of CPU slot {slot}, which is {_STATE_NAMES[self._state[slot]]} "
+                f"vllm-bidkv: {action} of CPU slot {slot}, which is {_STATE_NAMES[actual]} "
                 f"(expected {_STATE_NAMES[state]})"
             )
 
