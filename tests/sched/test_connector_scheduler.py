@@ -528,7 +528,13 @@ def test_a_worker_with_another_configuration_is_refused(make_scheduler: Any, mon
     assert scheduler.schedule().kv_connector_metadata.scheduler_config is None, "the first step only"
     worker = BidKVConnector(scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
     worker.bind_connector_metadata(meta)  # the same configuration: accepted
-    monkeypatch.setenv("BIDKV_SEED", "7")
+    monkeypatch.setenv("BIDKV_SEED", "7")  # the scheduler's alone: no matter to a worker
+    BidKVConnector(
+        scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config
+    ).bind_connector_metadata(meta)
+    monkeypatch.setenv("BIDKV_CPU_BYTES", "1GiB")
     other = BidKVConnector(scheduler.vllm_config, KVConnectorRole.WORKER, scheduler.kv_cache_config)
-    with pytest.raises(ValueError, match=r"differs from the scheduler's: seed=7 here but 0 in the scheduler"):
+    with pytest.raises(
+        ValueError, match=r"differs from the scheduler's: cpu_bytes=1073741824 here but \d+ in"
+    ):
         other.bind_connector_metadata(meta)

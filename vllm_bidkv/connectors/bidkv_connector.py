@@ -49,11 +49,16 @@ class BidKVConnectorMetadata(KVConnectorMetadata):
     (read from its own process's ``BIDKV_*`` environment) against it."""
 
 
+# The keys a worker acts on (whether it copies, the tier's size, how it copies); the others
+# (victim rule, admission, bid weights) are the scheduler's alone.
+WORKER_KEYS = ("enabled", "kill_switch", "offload_mode", "cpu_bytes", "copy_backend")
+
+
 def check_same_config(mine: BidKVConfig, scheduler: dict[str, Any]) -> None:
-    """Refuse a worker whose configuration differs from the scheduler's: a Ray worker on
-    another node reads its own environment, and with another ``cpu_bytes`` every copy would
-    address slots the scheduler never planned."""
-    differ = {key: value for key, value in asdict(mine).items() if scheduler.get(key) != value}
+    """Refuse a worker whose configuration differs from the scheduler's where the worker acts
+    on it: a Ray worker on another node reads its own environment, and with another
+    ``cpu_bytes`` every copy would address slots the scheduler never planned."""
+    differ = {key: getattr(mine, key) for key in WORKER_KEYS if scheduler.get(key) != getattr(mine, key)}
     if differ:
         pairs = ", ".join(
             f"{key}={value!r} here but {scheduler.get(key)!r} in the scheduler"
