@@ -448,6 +448,16 @@ def test_async_scheduling_with_failed_loads_keeps_the_tier_clean(
     assert_drained(scheduler, {k: v for k, v in requests.items()})
 
 
+def needs_connector_reset() -> None:
+    """``reset_prefix_cache(reset_connector=...)``: vLLM releases that have it."""
+    import inspect
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if "reset_connector" not in inspect.signature(Scheduler.reset_prefix_cache).parameters:
+        pytest.skip("this vLLM's reset_prefix_cache has no reset_connector (no connector reset to test)")
+
+
 @offload_only
 def test_a_connector_reset_empties_the_tier(make_scheduler: Any, patched: None) -> None:
     """After a weight update the tier's KV is the old model's: vLLM's
@@ -455,6 +465,7 @@ def test_a_connector_reset_empties_the_tier(make_scheduler: Any, patched: None) 
     empties it; the default reset leaves it (the README says when to ask for which)."""
     from vllm.v1.outputs import KVConnectorOutput
 
+    needs_connector_reset()
     scheduler = make_scheduler(
         num_gpu_blocks=40,
         max_num_seqs=8,
@@ -484,6 +495,11 @@ def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import RequestStatus
 
+    needs_connector_reset()
+    if probe().vllm_binds_context:
+        # The source-patched Scheduler binds our connector itself and our runtime hooks stand
+        # down; the patches do not carry the reset hook yet (closing note of session 8).
+        pytest.skip("the source patches do not give up copies before a reset yet")
     scheduler = make_scheduler(
         num_gpu_blocks=40,
         max_num_seqs=8,
