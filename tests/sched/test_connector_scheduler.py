@@ -72,8 +72,10 @@ class DelayedCopyWorker:
     def finish_due(self) -> Any:
         self.step += 1
         results = JobResults()
+        self.reported: list[Any] = []
         while self.in_flight and self.in_flight[0][0] <= self.step:
             _, job = self.in_flight.popleft()
+            self.reported.append(job)
             if self.rng.random() < self.fail_rate:
                 results.failed[job.job_id] = 1
                 continue
@@ -81,6 +83,16 @@ class DelayedCopyWorker:
             if job.kind == "store":
                 self.ready_slots.update(job.cpu_slots)
         return BidKVWorkerMetadata(results)
+
+    def output(self) -> Any:
+        """The step's ``KVConnectorOutput``: job results, and the requests whose asynchronous
+        loads were reported (every load is asynchronous where vLLM schedules asynchronously,
+        the default of releases built for GPUs)."""
+        from vllm.v1.outputs import KVConnectorOutput
+
+        meta = self.finish_due()
+        recving = {job.request_id for job in self.reported if job.asynchronous}
+        return KVConnectorOutput(kv_connector_worker_meta=meta, finished_recving=recving or None)
 
 
 @offload_only
@@ -92,7 +104,6 @@ class DelayedCopyWorker:
 def test_no_block_reused_or_read_while_a_copy_is_in_flight(
     make_scheduler: Any, patched: None, mode: str, delay: int, fail_rate: float, window: int | None
 ) -> None:
-    from vllm.v1.outputs import KVConnectorOutput
 
     scheduler = make_scheduler(
         num_gpu_blocks=40 if window is None else 16,
@@ -117,8 +128,7 @@ def test_no_block_reused_or_read_while_a_copy_is_in_flight(
         for block_id, block_hash in before.items():
             assert pool.blocks[block_id].block_hash == block_hash, f"block {block_id} reused mid-store"
         worker.submit(out.kv_connector_metadata)
-        meta = worker.finish_due()
-        kwargs = {"kv_connector_output": KVConnectorOutput(kv_connector_worker_meta=meta)}
+        kwargs = {"kv_connector_output": worker.output()}
         scheduler.update_from_output(out, model_output(out, requests, **kwargs))
         steps += 1
         if steps == 40:  # resend 8 prompts: by now their prefixes live only in the CPU tier
@@ -371,11 +381,6 @@ class ContentTrackingWorker(DelayedCopyWorker):
             kv_connector_worker_meta=meta, finished_recving=recving or None, invalid_block_ids=errors
         )
 
-    def finish_due(self) -> Any:
-        due = [job for step, job in self.in_flight if step <= self.step + 1]
-        self.reported = due
-        return super().finish_due()
-
 
 @offload_only
 @pytest.mark.parametrize("delay", [1, 3])
@@ -463,7 +468,6 @@ def test_a_connector_reset_empties_the_tier(make_scheduler: Any, patched: None) 
     """After a weight update the tier's KV is the old model's: vLLM's
     ``reset_prefix_cache(reset_connector=True)`` (``LLM.reset_prefix_cache(reset_connector=True)``)
     empties it; the default reset leaves it (the README says when to ask for which)."""
-    from vllm.v1.outputs import KVConnectorOutput
 
     needs_connector_reset()
     scheduler = make_scheduler(
@@ -476,7 +480,7 @@ def test_a_connector_reset_empties_the_tier(make_scheduler: Any, patched: None) 
     while scheduler.has_requests():
         out = scheduler.schedule()
         worker.submit(out.kv_connector_metadata)
-        kwargs = {"kv_connector_output": KVConnectorOutput(kv_connector_worker_meta=worker.finish_due())}
+        kwargs = {"kv_connector_output": worker.output()}
         scheduler.update_from_output(out, model_output(out, requests, **kwargs))
     tier = scheduler.connector.scheduler_side.planner.tier
     assert tier.num_used > 0
@@ -492,7 +496,6 @@ def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
     the GPU pool and the tier at once, with stores still in flight: they give their blocks
     back first, so the reset succeeds instead of raising; their late reports are ignored.
     A plain reset (the tier kept) still waits for them."""
-    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import RequestStatus
 
     needs_connector_reset()
@@ -511,7 +514,7 @@ def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
     for _ in range(60):
         out = scheduler.schedule()
         worker.submit(out.kv_connector_metadata)
-        kwargs = {"kv_connector_output": KVConnectorOutput(kv_connector_worker_meta=worker.finish_due())}
+        kwargs = {"kv_connector_output": worker.output()}
         scheduler.update_from_output(out, model_output(out, requests, **kwargs))
         if any(job.kind == "store" and job.job_id not in worker.rescues for _, job in worker.in_flight):
             break
@@ -525,7 +528,7 @@ def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
     assert late, "the workers still report the given-up copies later"
     while worker.in_flight:  # their reports arrive and are ignored
         out = scheduler.schedule()
-        kwargs = {"kv_connector_output": KVConnectorOutput(kv_connector_worker_meta=worker.finish_due())}
+        kwargs = {"kv_connector_output": worker.output()}
         scheduler.update_from_output(out, model_output(out, requests, **kwargs))
     assert side.planner.tier.num_used == 0, "given-up stores are aborted, not committed"
     assert not scheduler.has_requests() and side.counters["load_errors"] == 0

@@ -86,10 +86,11 @@ def build_scheduler(
     )
     if async_scheduling:
         from vllm.v1.core.sched.async_scheduler import AsyncScheduler as Scheduler  # noqa: N814
-
-        # The CPU platform turns async scheduling off in its config check; the Scheduler and
-        # its connector read the flag afterwards, as on a GPU.
-        vllm_config.scheduler_config.async_scheduling = True
+    if hasattr(vllm_config.scheduler_config, "async_scheduling"):
+        # What the driver does, whatever the platform's config check chose (the CPU platform
+        # turns it off, releases built for GPUs default to on): the Scheduler and its
+        # connector read the flag afterwards.
+        vllm_config.scheduler_config.async_scheduling = async_scheduling
     return Scheduler(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
