@@ -21,7 +21,12 @@ base = pytest.importorskip("vllm.v1.kv_offload.base")
 gpu_worker = pytest.importorskip("vllm.v1.kv_offload.cpu.gpu_worker")
 cpu_common = pytest.importorskip("vllm.v1.kv_offload.cpu.common")
 
-from vllm_bidkv.bench import peer_spec  # noqa: E402
+# The spec needs vLLM's offloading worker interface (0.32's); older releases lack it.
+peer_spec = pytest.importorskip(
+    "vllm_bidkv.bench.peer_spec",
+    reason="this vLLM has no OffloadingWorker interface (vLLM 0.32+)",
+    exc_type=ImportError,
+)
 from vllm_bidkv.bench.configs import CONFIGS, CPU_COPY_PEERS  # noqa: E402
 
 NUM_BLOCKS, NUM_CHUNKS, PER_CHUNK = 12, 6, 2
