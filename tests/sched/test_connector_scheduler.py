@@ -142,6 +142,14 @@ def test_no_block_reused_or_read_while_a_copy_is_in_flight(
     assert_drained(scheduler, requests)
 
 
+def run_step(scheduler: Any, worker: DelayedCopyWorker, requests: dict[str, Any]) -> None:
+    """One engine step with the stand-in worker: schedule, copy, report, update."""
+    out = scheduler.schedule()
+    worker.submit(out.kv_connector_metadata)
+    kwargs = {"kv_connector_output": worker.output()}
+    scheduler.update_from_output(out, model_output(out, requests, **kwargs))
+
+
 def add_again(scheduler: Any, request: Any) -> Any:
     from vllm_bidkv.patches.standalone import make_request
 
@@ -478,10 +486,7 @@ def test_a_connector_reset_empties_the_tier(make_scheduler: Any, patched: None) 
     worker = DelayedCopyWorker(0)
     requests = add_requests(scheduler, 12, seed=5, prefix_len=48, lo=40, hi=160, max_out=60)
     while scheduler.has_requests():
-        out = scheduler.schedule()
-        worker.submit(out.kv_connector_metadata)
-        kwargs = {"kv_connector_output": worker.output()}
-        scheduler.update_from_output(out, model_output(out, requests, **kwargs))
+        run_step(scheduler, worker, requests)
     tier = scheduler.connector.scheduler_side.planner.tier
     assert tier.num_used > 0
     assert scheduler.reset_prefix_cache() and tier.num_used > 0, "a plain reset keeps the tier"
@@ -512,10 +517,7 @@ def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
     requests = add_requests(scheduler, 12, seed=9, prefix_len=48, lo=40, hi=160, max_out=30)
     side = scheduler.connector.scheduler_side
     for _ in range(60):
-        out = scheduler.schedule()
-        worker.submit(out.kv_connector_metadata)
-        kwargs = {"kv_connector_output": worker.output()}
-        scheduler.update_from_output(out, model_output(out, requests, **kwargs))
+        run_step(scheduler, worker, requests)
         if any(job.kind == "store" and job.job_id not in worker.rescues for _, job in worker.in_flight):
             break
     assert side.planner.held_store_blocks > 0, "stores must be in flight for this test"

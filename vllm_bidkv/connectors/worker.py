@@ -374,16 +374,15 @@ class CopyWorker:
         fault = faults if faults is not None and faults.store_fails(jobs) else None
         self._issue(jobs, False, stream, fault)
 
-    def poll(self) -> set[str]:
+    def poll(self) -> None:
         """Once per step: report the copies that are done (and due), in issue order.
 
-        Returns:
-            The requests whose asynchronous loads this worker finished since the last
-            poll (vLLM's ``finished_recving``; vLLM admits them once every worker did).
+        Job results go to ``take_results``; the requests whose asynchronous loads finished
+        to ``take_finished_loads`` (vLLM's ``finished_recving``: it admits them once every
+        worker did).
         """
         self._polls += 1
         self._polled = True
-        finished: set[str] = set()
         # In issue order: a store issued after a load is reported after it on this rank,
         # so the scheduler side always hears of a failed load before of a store that
         # could have read KV computed from it.
@@ -396,21 +395,20 @@ class CopyWorker:
             for job in copy.jobs:
                 counts[job.job_id] = counts.get(job.job_id, 0) + 1
                 if job.asynchronous:
-                    finished.add(job.request_id)  # type: ignore[arg-type]
-        return finished
+                    self._finished_loads.add(job.request_id)  # type: ignore[arg-type]
 
     def take_results(self) -> JobResults:
         """Jobs reported done or failed since the last call (polls first if this step did not)."""
         if not self._polled:
-            self._finished_loads |= self.poll()
+            self.poll()
         self._polled = False
         results, self._results = self._results, JobResults()
         return results
 
     def take_finished_loads(self) -> set[str]:
         """Requests whose asynchronous loads finished here (polls for this step)."""
-        finished = self.poll() | self._finished_loads
-        self._finished_loads = set()
+        self.poll()
+        finished, self._finished_loads = self._finished_loads, set()
         return finished
 
     def take_load_errors(self) -> set[int]:
