@@ -150,7 +150,20 @@ def build_env(release: Release, cache: Path, log: Path) -> Env:
                 _run(_pip(python, "uninstall", "-y", *release.uninstall), log, env=base)
             stamp.write_text(spec)
         # Editable, every run: the cached venv must test this checkout, wherever it is.
-        _run(_pip(python, "install", "--no-deps", "--no-build-isolation", "-e", str(REPO)), log, env=base)
+        _run(
+            _pip(
+                python,
+                "install",
+                "--no-deps",
+                "--no-build-isolation",
+                "-e",
+                str(REPO),
+                "-e",
+                str(REPO / "bench"),
+            ),
+            log,
+            env=base,
+        )
         return Env(python, base)
     if release.install != "target":
         raise SetupError(f"unknown install kind {release.install!r}")
@@ -588,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     # Build the tiny model once, before parallel runs would each build it.
     subprocess.run(
-        [sys.executable, "-c", "from vllm_bidkv.tiny_model import tiny_model_dir; tiny_model_dir()"],
+        [sys.executable, "-c", "from vllm_bidkv_bench.tiny_model import tiny_model_dir; tiny_model_dir()"],
         check=True,
     )
     results: dict[str, dict[str, Any]] = {}

@@ -46,7 +46,7 @@ fi
 "$PYTHON" -m vllm_bidkv.kernels.triton_copy 2>&1 | tee "$OUT/triton-self-check.log" || status=1
 
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-"$PYTHON" -m vllm_bidkv.bench.copy --device cuda --json "$OUT/copy-cuda.json" ${BENCH_ARGS:-} 2>&1 |
+"$PYTHON" -m vllm_bidkv_bench.copy --device cuda --json "$OUT/copy-cuda.json" ${BENCH_ARGS:-} 2>&1 |
     tee "$OUT/copy-cuda.log" || status=1
 
 exit "$status"

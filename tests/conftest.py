@@ -57,6 +57,6 @@ def _applied() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
-    from vllm_bidkv.tiny_model import tiny_model_dir
+    from vllm_bidkv_bench.tiny_model import tiny_model_dir
 
     return str(tiny_model_dir())

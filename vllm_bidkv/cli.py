@@ -32,12 +32,12 @@ def fault_hook_state(environ: Mapping[str, str]) -> str:
     """The fault-injection test hook: "off", "ON (<plans>)", or "refused: <why>" (the connector's
     workers refuse to start then)."""
     if not any(name.startswith("VLLM_BIDKV_") for name in environ):
-        # Both of the hook's variables carry this prefix: without one, skip importing the worker
-        # module (torch and vLLM: seconds).
+        # Both of the hook's variables carry this prefix: without one, skip importing the
+        # connector package (torch and vLLM: seconds).
         return "off"
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep JSON on stdout clean
     try:
-        from vllm_bidkv.connectors.worker import FAULTS_ENV, TEST_HOOKS_ENV, read_faults_env
+        from vllm_bidkv.connectors.faults import FAULTS_ENV, TEST_HOOKS_ENV, read_faults_env
     except ImportError as err:
         return f"unknown: the connector does not import ({err})"
     if not environ.get(FAULTS_ENV):
@@ -172,6 +172,13 @@ def _top(args: argparse.Namespace) -> int:
     return run_top(args.url, once=args.once, interval=args.interval)
 
 
+# The benchmarks are a distribution of their own (bench/), which a serving host does not need.
+BENCH_MISSING = (
+    "vllm-bidkv {command}: the benchmarks are not installed; pip install 'vllm-bidkv[bench]' "
+    "(in a checkout: pip install -e ./bench)"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="vllm-bidkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("bench", "demo"):  # heavy imports only when asked for
-        from vllm_bidkv.bench import cli as bench_cli
-
+        try:
+            from vllm_bidkv_bench import cli as bench_cli
+        except ModuleNotFoundError as err:
+            if err.name != "vllm_bidkv_bench":
+                raise
+            print(BENCH_MISSING.format(command=argv[0]), file=sys.stderr)
+            return 2
         bench_cli.add_commands(sub)
     else:
         sub.add_parser("bench", help="benchmarks that write JSON (copy, select, sim, engine)")

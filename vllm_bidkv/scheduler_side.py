@@ -12,7 +12,8 @@ The path of one request through it:
   creates its ``RequestState`` on first sight and looks its blocks up in the tier;
 * ``after_alloc`` (``update_state_after_alloc``) plans the load of that hit;
 * ``choose_victim`` (the victim hook, when allocation fails) builds a ``Candidate``
-  per preemptible request, asks the strategy and records the victim's blocks;
+  per preemptible request and the ``Decision`` (requester, shortfall), asks the
+  strategy and records the victim's blocks;
 * ``plan_step`` (``build_connector_meta``, once per step) rescues this step's
   victims, protects their CPU entries until they resume, counts what a resumed
   victim recomputes, and returns the step's transfer plan;
@@ -28,8 +29,8 @@ from dataclasses import dataclass, field
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.counters import GAUGES, Counters
-from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, StepPlan
-from vllm_bidkv.policy import Candidate, VictimStrategy, admission_key, make_strategy
+from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, OffloadSpec, StepPlan
+from vllm_bidkv.policy import Candidate, Decision, VictimStrategy, admission_key, make_strategy
 from vllm_bidkv.policy.admission import AdmissionKey
 
 
@@ -53,7 +54,7 @@ class RequestState:
 
     matched_tokens: int = 0
     """Tokens its last ``match`` found computed (GPU hit + CPU hit)."""
-    cpu_hit_after: int | None = None
+    gpu_tokens_before_hit: int | None = None
     """GPU prefix hit behind the last CPU hit, until ``after_alloc`` plans its load; None: no hit."""
     load_asynchronously: bool = False
     """The last CPU hit is large enough to load while the batch runs on (``async_load_min_tokens``)."""
@@ -69,34 +70,23 @@ class BidKVSchedulerSide:
     """Strategy, planner and per-request records of one scheduler (see module doc)."""
 
     def __init__(
-        self,
-        config: BidKVConfig,
-        *,
-        num_slots: int = 0,
-        block_bytes: int = 0,
-        world_size: int = 1,
-        min_clean_blocks: int = 16,
-        sliding_window: int | None = None,
-        async_scheduling: bool = False,
+        self, config: BidKVConfig, *, offload: OffloadSpec | None = None, async_scheduling: bool = False
     ) -> None:
-        """``num_slots``/``block_bytes``: the CPU tier's size, needed when offload is on;
-        ``world_size``: workers that must finish each copy; ``min_clean_blocks``: the lazy
-        walk's floor; ``sliding_window``: tokens every layer attends to, None for full
-        attention (see ``OffloadPlanner``); ``async_scheduling``: vLLM schedules a step
-        ahead of the last output, so every load is asynchronous (below)."""
-        if config.offload_enabled and num_slots < 1:
-            raise ValueError(f"vllm-bidkv: offload_mode={config.offload_mode!r} needs CPU-tier slots")
+        """``offload``: what the CPU tier and its planner are built from, given exactly when
+        offload is on (``OffloadSpec.from_config``); ``async_scheduling``: vLLM schedules a
+        step ahead of the last output, so every load is asynchronous (below)."""
+        if config.offload_enabled != (offload is not None):
+            raise ValueError(
+                f"vllm-bidkv: offload_mode={config.offload_mode!r} "
+                + ("needs the CPU tier's spec (slots)" if offload is None else "builds no CPU tier")
+            )
         self.config = config
         self.counters = Counters()
         self.strategy: VictimStrategy = make_strategy(config.victim_policy, config)
         self.requests: dict[str, RequestState] = {}
         self.ctx: SchedulerContext | None = None
         self.planner: OffloadPlanner | None = None
-        self._num_slots = num_slots
-        self._block_bytes = block_bytes
-        self._world_size = world_size
-        self._min_clean_blocks = min_clean_blocks
-        self._sliding_window = sliding_window
+        self._offload = offload
         self._victims: list[RequestState] = []  # chosen in this schedule(), blocks not yet rescued
         # Under async scheduling a synchronous load's failure arrives after the next step was
         # scheduled; if that step preempts the request, vLLM has cached the blocks and never
@@ -105,18 +95,9 @@ class BidKVSchedulerSide:
 
     def bind(self, ctx: SchedulerContext) -> None:
         self.ctx = ctx
-        if self.config.offload_enabled:
-            tier = CpuBlockTier(self._num_slots, self.config.cpu_eviction, self.counters)
-            self.planner = OffloadPlanner(
-                ctx,
-                tier,
-                self.config.offload_mode,
-                self.config.lazy_lookahead_steps,
-                self._world_size,
-                block_bytes=self._block_bytes,
-                min_clean_blocks=self._min_clean_blocks,
-                sliding_window=self._sliding_window,
-            )
+        if self._offload is not None:
+            tier = CpuBlockTier(self._offload.num_slots, self._offload.eviction, self.counters)
+            self.planner = OffloadPlanner(ctx, tier, self._offload, self.counters)
 
     @property
     def active(self) -> bool:
@@ -127,7 +108,7 @@ class BidKVSchedulerSide:
 
     def has_pending_block_frees(self) -> bool:
         """Stores in flight hold free blocks; vLLM (0.30+) waits for them instead of preempting."""
-        return self.planner is not None and self.planner.held_store_blocks > 0
+        return self.planner is not None and self.planner.ledger.held_store_blocks > 0
 
     def _state(self, request_id: str) -> RequestState:
         state = self.requests.get(request_id)
@@ -147,9 +128,13 @@ class BidKVSchedulerSide:
         """
         if not self.active or not requests:
             return None
-        shortfall = None if requester is None else self.shortfall_blocks(requester)
-        candidates = [self.candidate(i, r, r is requester, shortfall) for i, r in enumerate(requests)]
-        chosen = self.strategy.choose(candidates) or candidates[-1]
+        decision = (
+            Decision()
+            if requester is None
+            else Decision(requester.request_id, self.shortfall_blocks(requester))
+        )
+        candidates = [self.candidate(i, r) for i, r in enumerate(requests)]
+        chosen = self.strategy.choose(candidates, decision) or candidates[-1]
         victim = requests[chosen.order]
         self.counters.add("preemptions")
         self.counters.add("preempted_blocks_freed", chosen.freeable_blocks)
@@ -172,11 +157,9 @@ class BidKVSchedulerSide:
         needed = -(-requester.num_tokens // self.ctx.block_size) - held
         return max(1, needed - self.ctx.num_free_blocks())
 
-    def candidate(
-        self, order: int, request: RequestView, is_requester: bool = False, shortfall: int | None = None
-    ) -> Candidate:
+    def candidate(self, order: int, request: RequestView) -> Candidate:
         """What preempting ``request`` frees and costs, from one batched context call. O(blocks).
-        ``shortfall``: the requester's ``shortfall_blocks`` in this decision, if known."""
+        ``order``: its position in the list vLLM may preempt from."""
         assert self.ctx is not None, "bind() first"
         refs = self.ctx.request_ref_counts(request.request_id)
         bs = self.ctx.block_size
@@ -196,14 +179,9 @@ class BidKVSchedulerSide:
             shared_tokens=min(computed, shared_blocks * bs),
             cpu_tokens=cpu_tokens,
             offloadable_tokens=offloadable_tokens,
-            prompt_tokens=request.num_prompt_tokens,
             output_tokens=request.num_output_tokens,
             max_tokens=request.max_tokens,
             num_preemptions=request.num_preemptions,
-            priority=request.priority,
-            arrival_time=request.arrival_time,
-            is_requester=is_requester,
-            shortfall_blocks=shortfall,
         )
 
     # -- loads ---------------------------------------------------------------------
@@ -212,14 +190,14 @@ class BidKVSchedulerSide:
         state = self._state(request.request_id)
         hit = self.planner.match(request, num_computed_tokens) if self.planner is not None else 0
         state.matched_tokens = num_computed_tokens + hit
-        state.cpu_hit_after = num_computed_tokens if hit else None
+        state.gpu_tokens_before_hit = num_computed_tokens if hit else None
         state.load_asynchronously = hit > 0 and hit >= self._async_load_min_tokens
         return hit
 
     def load_is_async(self, request_id: str) -> bool:
         """Whether the hit the last ``match`` found loads asynchronously (vLLM's ``load_kv_async``)."""
         state = self.requests.get(request_id)
-        return state is not None and state.cpu_hit_after is not None and state.load_asynchronously
+        return state is not None and state.gpu_tokens_before_hit is not None and state.load_asynchronously
 
     def after_alloc(
         self, request: RequestView, gpu_block_ids: list[int], num_external_tokens: int
@@ -230,9 +208,9 @@ class BidKVSchedulerSide:
         ``OffloadPlanner.plan_load``; the worker reports them as load errors).
         """
         state = self.requests.get(request.request_id)
-        if self.planner is None or state is None or state.cpu_hit_after is None:
+        if self.planner is None or state is None or state.gpu_tokens_before_hit is None:
             return []
-        gpu_hit, state.cpu_hit_after = state.cpu_hit_after, None
+        gpu_hit, state.gpu_tokens_before_hit = state.gpu_tokens_before_hit, None
         if not num_external_tokens:  # our hit was not taken (a MultiConnector sibling's was)
             state.matched_tokens = gpu_hit
             return []
@@ -293,12 +271,12 @@ class BidKVSchedulerSide:
         if self.planner is None:
             return False
         self.planner.store_finished(request, block_ids)
-        return self.planner.async_load_in_flight(request.request_id)
+        return self.planner.ledger.async_load_in_flight(request.request_id)
 
     def has_jobs_in_flight(self) -> bool:
         """Copies planned and not finished on every worker: vLLM keeps stepping to hear of
         them (``has_pending_push_work``), so an idle engine holds no block, pin or slot."""
-        return self.planner is not None and self.planner.has_jobs
+        return self.planner is not None and len(self.planner.ledger) > 0
 
     def reset(self) -> None:
         """vLLM's ``reset_prefix_cache``: nothing stored before it is a hit after it."""
@@ -317,18 +295,18 @@ class BidKVSchedulerSide:
         """
         values = dict.fromkeys(GAUGES, 0)
         values["tracked_requests"] = len(self.requests)
-        if self.planner is not None:
-            tier = self.planner.tier
-            jobs = self.planner.pending_jobs()
+        if self.planner is not None and self._offload is not None:
+            tier, block_bytes = self.planner.tier, self._offload.block_bytes
+            jobs = self.planner.ledger.jobs()
             stores = sum(1 for job in jobs if job.kind == "store")
             values.update(
-                tier_capacity_bytes=tier.num_slots * self._block_bytes,
-                tier_used_bytes=tier.num_used * self._block_bytes,
+                tier_capacity_bytes=tier.num_slots * block_bytes,
+                tier_used_bytes=tier.num_used * block_bytes,
                 tier_entries=tier.num_used,
                 tier_pinned_entries=tier.num_pins,
                 stores_in_flight=stores,
                 loads_in_flight=len(jobs) - stores,
-                gpu_blocks_held=self.planner.held_gpu_blocks,
+                gpu_blocks_held=self.planner.ledger.held_gpu_blocks,
             )
         return values
 

@@ -25,7 +25,7 @@ MAX_TOKENS = 160
 
 def prompts(seed: int = 0, num_prompts: int = NUM_PROMPTS) -> list[str]:
     """Prompts of ~140-280 tokens (28 by default); three shared system prompts (prefix hits)."""
-    from vllm_bidkv.tiny_model import synthetic_prompt
+    from vllm_bidkv_bench.tiny_model import synthetic_prompt
 
     rng = random.Random(seed)
     systems = [synthetic_prompt(rng, 120) for _ in range(3)]
@@ -93,8 +93,7 @@ def drain(llm: Any) -> int:
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
-
-    from vllm_bidkv.tiny_model import tiny_model_dir
+    from vllm_bidkv_bench.tiny_model import tiny_model_dir
 
     engine_args: dict[str, Any] = dict(
         model=str(tiny_model_dir(**spec.get("model", {}))),
@@ -129,9 +128,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     # generate returns, so the drain below is needed, not incidental.
     one_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     probe = llm.generate(prompts(seed=1, num_prompts=1), one_token, use_tqdm=False)
-    side = getattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "scheduler_side", None)
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    side = getattr(getattr(connector, "scheduler_role", None), "side", None)
     planner = getattr(side, "planner", None)
-    jobs_at_end = len(planner.pending_jobs()) if planner is not None else 0
+    jobs_at_end = len(planner.ledger.jobs()) if planner is not None else 0
     drain_steps = drain(llm)
     metrics = metric_values(llm)
     # Prefill work, recomputation included: every scheduled token minus one decode step per

@@ -17,14 +17,13 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from vllm_bidkv.bench.configs import CONFIGS
-from vllm_bidkv.bench.costmodel import H100_LLAMA3_8B
-from vllm_bidkv.bench.engine import run_config
-from vllm_bidkv.bench.metrics import StepCounters
-from vllm_bidkv.bench.presets import get_preset
-from vllm_bidkv.bench.sim import simulate
-from vllm_bidkv.bench.workloads import TraceRequest, Workload
+from vllm_bidkv_bench.configs import CONFIGS
+from vllm_bidkv_bench.costmodel import H100_LLAMA3_8B
+from vllm_bidkv_bench.engine import run_config
+from vllm_bidkv_bench.metrics import StepCounters
+from vllm_bidkv_bench.presets import get_preset
+from vllm_bidkv_bench.sim import simulate
+from vllm_bidkv_bench.workloads import TraceRequest, Workload
 
 pytestmark = pytest.mark.engine
 

@@ -17,12 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from vllm_bidkv.bench.configs import CONFIGS
-from vllm_bidkv.bench.engine import run_config
-from vllm_bidkv.bench.presets import get_preset
-from vllm_bidkv.bench.workloads import make_workload
-from vllm_bidkv.tiny_model import tiny_model_dir
+from vllm_bidkv_bench.configs import CONFIGS
+from vllm_bidkv_bench.engine import run_config
+from vllm_bidkv_bench.presets import get_preset
+from vllm_bidkv_bench.tiny_model import tiny_model_dir
+from vllm_bidkv_bench.workloads import make_workload
 
 pytestmark = pytest.mark.engine
 
@@ -67,7 +66,7 @@ def test_bench_engine_runs_a_model_directory_it_did_not_make(tmp_path: Path) -> 
     )
     assert records["stock"]["preemptions"] > 0 and records["bidkv+offload"]["loaded_tokens"] > 0
     # vLLM's OffloadingConnector, whole but for its worker's copies (a CPU copy handler of
-    # ours, vllm_bidkv.bench.peer_spec): its own counters say it stored, hit and loaded blocks
+    # ours, vllm_bidkv_bench.peer_spec): its own counters say it stored, hit and loaded blocks
     # of this model's shape (the runner fails a peer that never did under preemptions).
     peer = records["vllm-offloading"]
     assert "CPU copy handler of ours" in peer["label"] and peer["preemptions"] > 0

@@ -20,14 +20,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
-
-from vllm_bidkv.bench.configs import CONFIGS
-from vllm_bidkv.bench.engine import run_config
-from vllm_bidkv.bench.metrics import StepCounters
-from vllm_bidkv.bench.presets import get_preset
-from vllm_bidkv.bench.remote import _reset_cache, _token_ids, run_config_on_server, server_options
-from vllm_bidkv.bench.server import openai_server
-from vllm_bidkv.bench.workloads import ChatSessions, SessionPlan, TraceRequest, Workload
+from vllm_bidkv_bench.configs import CONFIGS
+from vllm_bidkv_bench.engine import run_config
+from vllm_bidkv_bench.metrics import StepCounters
+from vllm_bidkv_bench.presets import get_preset
+from vllm_bidkv_bench.remote import _reset_cache, _token_ids, run_config_on_server, server_options
+from vllm_bidkv_bench.server import openai_server
+from vllm_bidkv_bench.workloads import ChatSessions, SessionPlan, TraceRequest, Workload
 
 pytestmark = pytest.mark.engine
 

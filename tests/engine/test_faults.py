@@ -1,4 +1,4 @@
-"""Injected copy failures on the real engine (the ``FaultPlan`` test hook of connectors/worker.py).
+"""Injected copy failures on the real engine (the ``FaultPlan`` test hook of connectors/faults.py).
 
 One engine with BidKVConnector (lazy offload, 64 MiB tier) under the pressure of
 tests/engine/engine_run.py (36 blocks of 32 tokens) runs 16 of its prompts (96 output
@@ -45,7 +45,7 @@ def _generate(llm: Any) -> list[list[int]]:
 
 
 def _phase(llm: Any, side: Any, plan: Any) -> dict[str, Any]:
-    from vllm_bidkv.connectors.worker import set_faults
+    from vllm_bidkv.connectors.faults import set_faults
 
     before = side.counters.totals()
     aborted_before = side.planner.aborted_store_blocks
@@ -69,9 +69,9 @@ def _phase(llm: Any, side: Any, plan: Any) -> dict[str, Any]:
 
 def run(mode: str) -> dict[str, Any]:
     from vllm import LLM
+    from vllm_bidkv_bench.tiny_model import tiny_model_dir
 
-    from vllm_bidkv.connectors.worker import FaultPlan
-    from vllm_bidkv.tiny_model import tiny_model_dir
+    from vllm_bidkv.connectors.faults import FaultPlan
 
     connector = {
         "kv_connector": "BidKVConnector",
@@ -93,7 +93,7 @@ def run(mode: str) -> dict[str, Any]:
     )
     if mode == "stock":
         return {"outputs": _generate(llm)}
-    side = llm.llm_engine.engine_core.engine_core.scheduler.connector.scheduler_side
+    side = llm.llm_engine.engine_core.engine_core.scheduler.connector.scheduler_role.side
     # Completions come 3 and 1 steps late, as unfinished CUDA events would.
     stores = _phase(llm, side, FaultPlan(store_every=1, mid_batch=True, complete_after_steps=3))
     assert llm.reset_prefix_cache(reset_connector=True)

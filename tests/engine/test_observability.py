@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+from vllm_bidkv_bench.server import connector_config, get, openai_server, wait_idle
 
-from vllm_bidkv.bench.server import connector_config, get, openai_server, wait_idle
 from vllm_bidkv.counters import GAUGES, IDLE_ZERO_GAUGES
 from vllm_bidkv.top import parse_metrics
 

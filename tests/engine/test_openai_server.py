@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from vllm_bidkv.bench.server import connector_config, get, openai_server
+from vllm_bidkv_bench.server import connector_config, get, openai_server
 
 pytestmark = pytest.mark.engine
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm_bidkv_bench.server import connector_config, get, openai_server, wait_idle
 
 from tests.engine.test_engine import connector, engine, engine_series
-from vllm_bidkv.bench.server import connector_config, get, openai_server, wait_idle
 from vllm_bidkv.counters import IDLE_ZERO_GAUGES
 
 pytestmark = pytest.mark.engine

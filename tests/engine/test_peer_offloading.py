@@ -2,7 +2,7 @@
 
 The ``vllm-offloading`` config as the engine runner builds it on vLLM's CPU backend
 (``cpu_copy_peer``): vLLM's connector, scheduler side, CPU manager (LRU), lookups, stores and
-loads, with ``vllm_bidkv.bench.peer_spec``'s worker doing the copies (vLLM's own refuses the
+loads, with ``vllm_bidkv_bench.peer_spec``'s worker doing the copies (vLLM's own refuses the
 platform). Same shape as ``tests/engine/test_engine.py`` (tiny model, float32, 36 blocks of
 32 tokens, 28 prompts twice) and the same ``stock`` run (one cached engine run per process):
 one new engine start.
@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from vllm_bidkv_bench.configs import CONFIGS
 
 from tests.engine.test_engine import engine, stock  # noqa: F401  (stock: the shared fixture)
-from vllm_bidkv.bench.configs import CONFIGS
 
 pytestmark = pytest.mark.engine
 
@@ -28,7 +28,7 @@ BLOCK_BYTES = 64 * 1024  # 2 layers x (K, V) x 2 KV heads x 64 x 32 tokens x 4 b
 def test_vllm_offloading_connector_runs_on_cpu_and_keeps_outputs(stock: dict[str, Any]) -> None:  # noqa: F811
     kv = CONFIGS["vllm-offloading"].kv_transfer_config("fcfs", CPU_BYTES, cpu_copy_peer=True)
     assert kv is not None and kv["kv_connector"] == "OffloadingConnector"
-    assert kv["kv_connector_extra_config"]["spec_module_path"] == "vllm_bidkv.bench.peer_spec"
+    assert kv["kv_connector_extra_config"]["spec_module_path"] == "vllm_bidkv_bench.peer_spec"
     result = engine(kv)
     m = result["metrics"]
     assert result["outputs"] == stock["outputs"]

@@ -1,4 +1,4 @@
-"""The copy benchmark (``vllm_bidkv.bench.copy``): output format, arguments, and what importing it
+"""The copy benchmark (``vllm_bidkv_bench.copy``): output format, arguments, and what importing it
 and the kernels does not import (triton; vLLM and the CLI's extras, absent on a bare GPU box).
 
 Runs are on the CPU even where CUDA is available (the CUDA sweep is ``scripts/gpu_check.sh``'s)."""
@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from vllm_bidkv.bench import copy as copy_bench
+from vllm_bidkv_bench import copy as copy_bench
 
 pytestmark = pytest.mark.kernels
 
@@ -102,7 +101,7 @@ def test_importing_and_copying_on_cpu_does_not_import_triton() -> None:
 
 
 def test_copy_bench_and_kernels_import_without_vllm_or_the_cli_extras() -> None:
-    """``python -m vllm_bidkv.bench.copy`` runs on a GPU box with torch and triton only."""
+    """``python -m vllm_bidkv_bench.copy`` runs on a GPU box with torch and triton only."""
     code = (
         "import sys\n"
         "class Absent:\n"
@@ -113,7 +112,7 @@ def test_copy_bench_and_kernels_import_without_vllm_or_the_cli_extras() -> None:
         "import runpy\n"
         "sys.argv = ['copy', '--help']\n"
         "try:\n"
-        "    runpy.run_module('vllm_bidkv.bench.copy', run_name='__main__')\n"
+        "    runpy.run_module('vllm_bidkv_bench.copy', run_name='__main__')\n"
         "except SystemExit as exit:\n"
         "    assert exit.code == 0, exit.code\n"
         "import vllm_bidkv.kernels.triton_copy\n"

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from vllm_bidkv.config import BidKVConfig
-from vllm_bidkv.connectors.worker import CopyWorker, FaultPlan, set_faults
+from vllm_bidkv.connectors.faults import FaultPlan, set_faults
+from vllm_bidkv.connectors.worker import CopyWorker
 from vllm_bidkv.offload import StepPlan, TransferJob
 
 pytestmark = pytest.mark.kernels
@@ -48,9 +49,9 @@ def step(worker: CopyWorker, plan: StepPlan) -> tuple[dict[int, int], dict[int, 
 
 
 def test_without_delay_every_copy_is_reported_in_its_step(worker: CopyWorker) -> None:
-    done, failed, finished = step(worker, StepPlan(post_forward_stores=[store(0, [1, 2], [0, 1])]))
+    done, failed, finished = step(worker, StepPlan(stores=[store(0, [1, 2], [0, 1])]))
     assert done == {0: 1} and failed == {} and finished == set() and worker.in_flight == 0
-    done, _, finished = step(worker, StepPlan(pre_forward_loads=[load(1, [5, 6], [0, 1], "r")]))
+    done, _, finished = step(worker, StepPlan(loads=[load(1, [5, 6], [0, 1], "r")]))
     assert done == {1: 1} and finished == {"r"}
     gpu = worker._gpu[0]
     assert torch.equal(gpu[5], gpu[1]) and torch.equal(gpu[6], gpu[2]), "the load returned the stored bytes"
@@ -61,8 +62,8 @@ def test_complete_after_steps_holds_every_report_back_in_issue_order(worker: Cop
     set_faults(FaultPlan(complete_after_steps=delay))
     reports: list[tuple[int, dict[int, int], dict[int, int], set[str]]] = []
     plans = [
-        StepPlan(post_forward_stores=[store(0, [1], [0])]),
-        StepPlan(pre_forward_loads=[load(1, [4], [0], "r")], pre_forward_stores=[store(2, [2], [1])]),
+        StepPlan(stores=[store(0, [1], [0])]),
+        StepPlan(loads=[load(1, [4], [0], "r")], rescues=[store(2, [2], [1])]),
     ]
     for n in range(6):
         done, failed, finished = step(worker, plans[n] if n < len(plans) else StepPlan())
@@ -77,9 +78,7 @@ def test_complete_after_steps_holds_every_report_back_in_issue_order(worker: Cop
 
 def test_failures_are_reported_late_too_and_loads_name_their_blocks_at_once(worker: CopyWorker) -> None:
     set_faults(FaultPlan(load_every=1, store_every=1, mid_batch=True, complete_after_steps=2))
-    plan = StepPlan(
-        pre_forward_loads=[load(0, [4, 5], [0, 1])], post_forward_stores=[store(1, [1, 2], [2, 3])]
-    )
+    plan = StepPlan(loads=[load(0, [4, 5], [0, 1])], stores=[store(1, [1, 2], [2, 3])])
     step(worker, plan)
     # A synchronous load feeds this step's forward: its blocks are load errors now.
     assert worker.take_load_errors() == {4, 5}
@@ -91,14 +90,14 @@ def test_failures_are_reported_late_too_and_loads_name_their_blocks_at_once(work
 def test_a_plan_per_rank(worker: CopyWorker) -> None:
     """Rank 0 (this worker) gets the slow plan; rank 1's failures are not its own."""
     set_faults([FaultPlan(store_every=1, rank=1), FaultPlan(complete_after_steps=2, rank=0)])
-    assert step(worker, StepPlan(post_forward_stores=[store(0, [1], [0])]))[:2] == ({}, {})
+    assert step(worker, StepPlan(stores=[store(0, [1], [0])]))[:2] == ({}, {})
     step(worker, StepPlan())
     assert step(worker, StepPlan())[:2] == ({0: 1}, {})
 
 
 def test_close_reports_nothing_more_and_releases_the_tier(worker: CopyWorker) -> None:
     set_faults(FaultPlan(complete_after_steps=5))
-    step(worker, StepPlan(post_forward_stores=[store(0, [1], [0])]))
+    step(worker, StepPlan(stores=[store(0, [1], [0])]))
     worker.close()
     assert worker.in_flight == 0
 
@@ -133,8 +132,8 @@ def test_cuda_copies_wait_for_compute_and_report_only_when_done() -> None:
         return done, finished
 
     try:
-        assert issue_behind_a_busy_gpu(StepPlan(post_forward_stores=[store(0, [1], [0])])) == ({0: 1}, set())
-        loaded = issue_behind_a_busy_gpu(StepPlan(pre_forward_loads=[load(1, [6], [0], "r")]))
+        assert issue_behind_a_busy_gpu(StepPlan(stores=[store(0, [1], [0])])) == ({0: 1}, set())
+        loaded = issue_behind_a_busy_gpu(StepPlan(loads=[load(1, [6], [0], "r")]))
         assert loaded == ({1: 1}, {"r"})
         assert torch.equal(cache[:, 6], cache[:, 1]), "the store read block 1 after the forward wrote it"
     finally:

@@ -1,4 +1,4 @@
-"""The CPU copy handler of ``vllm_bidkv.bench.peer_spec`` against vLLM's own byte enumeration.
+"""The CPU copy handler of ``vllm_bidkv_bench.peer_spec`` against vLLM's own byte enumeration.
 
 vLLM's ``SingleDirectionOffloadingHandler`` (CUDA only) turns a job into byte pointers with
 ``compute_sub_block_ptrs`` and copies each ref's un-padded page; here that enumeration, applied
@@ -23,11 +23,11 @@ cpu_common = pytest.importorskip("vllm.v1.kv_offload.cpu.common")
 
 # The spec needs vLLM's offloading worker interface (0.32's); older releases lack it.
 peer_spec = pytest.importorskip(
-    "vllm_bidkv.bench.peer_spec",
+    "vllm_bidkv_bench.peer_spec",
     reason="this vLLM has no OffloadingWorker interface (vLLM 0.32+)",
     exc_type=ImportError,
 )
-from vllm_bidkv.bench.configs import CONFIGS, CPU_COPY_PEERS  # noqa: E402
+from vllm_bidkv_bench.configs import CONFIGS, CPU_COPY_PEERS  # noqa: E402
 
 NUM_BLOCKS, NUM_CHUNKS, PER_CHUNK = 12, 6, 2
 PAGE, PADDED = 96, 128  # bytes per block of one tensor; the tensor's row is padded

@@ -5,10 +5,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from vllm_bidkv_bench.standalone import build_scheduler, make_request, model_output
 
 from vllm_bidkv import patches
 from vllm_bidkv.patches.capabilities import probe
-from vllm_bidkv.patches.standalone import build_scheduler, make_request, model_output
 
 BLOCK_SIZE = 16
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 import torch
+from vllm_bidkv_bench.standalone import model_output
 
 from tests.sched.conftest import add_requests
 from tests.sched.test_victim import assert_drained, connector_config
-from vllm_bidkv.connectors.bidkv_connector import BidKVConnector, BidKVWorkerMetadata
+from vllm_bidkv.connectors.bidkv_connector import BidKVConnector
+from vllm_bidkv.connectors.metadata import BidKVWorkerMetadata
 from vllm_bidkv.offload import JobResults
 from vllm_bidkv.patches.capabilities import probe
-from vllm_bidkv.patches.standalone import model_output
 
 pytestmark = pytest.mark.sched
 # Every test here but the next needs a CPU tier.
@@ -52,10 +53,10 @@ class DelayedCopyWorker:
         self.loads = 0
 
     def submit(self, meta: Any) -> None:
-        for job in meta.plan.pre_forward_loads:
+        for job in meta.plan.loads:
             assert set(job.cpu_slots) <= self.ready_slots, "load reads a slot no completed store wrote"
             self.loads += 1
-        self.rescues.update(job.job_id for job in meta.plan.pre_forward_stores)
+        self.rescues.update(job.job_id for job in meta.plan.rescues)
         for job in meta.plan.jobs():
             assert 0 not in job.gpu_block_ids, f"{job.kind} job {job.job_id} copies the null block"
             self.in_flight.append((self.step + self.delay, job))
@@ -136,7 +137,7 @@ def test_no_block_reused_or_read_while_a_copy_is_in_flight(
                 clone = add_again(scheduler, req)
                 requests[clone.request_id] = clone
         assert steps < 5000
-    stats = scheduler.connector.planner_stats()
+    stats = scheduler.connector.scheduler_role.side.planner.stats()
     assert worker.loads > 0 and stats["blocks_loaded"] > 0
     assert stats["pending_jobs"] == 0 and stats["gpu_blocks_held"] == 0
     assert_drained(scheduler, requests)
@@ -151,7 +152,7 @@ def run_step(scheduler: Any, worker: DelayedCopyWorker, requests: dict[str, Any]
 
 
 def add_again(scheduler: Any, request: Any) -> Any:
-    from vllm_bidkv.patches.standalone import make_request
+    from vllm_bidkv_bench.standalone import make_request
 
     clone = make_request(
         request.request_id + "-again",
@@ -238,7 +239,7 @@ def test_cpu_tier_larger_than_host_memory_is_refused_at_registration(make_schedu
     caches = {"layers.0.attn": torch.zeros(2, 64, 16, 2, 8)}  # [K/V, num_blocks=64, ...]
     with pytest.raises(ValueError, match=r"cpu_bytes=\d+ does not fit this host: 1 worker\(s\) x \d+ bytes"):
         worker.register_kv_caches(caches)
-    assert worker.worker is None
+    assert worker.worker_role is not None and worker.worker_role.copies is None
 
 
 @offload_only
@@ -250,7 +251,7 @@ def test_sliding_window_victims_free_no_null_block(make_scheduler: Any, patched:
         kv_transfer_config=connector_config(offload_mode="off"),
         sliding_window=64,
     )
-    side = scheduler.connector.scheduler_side
+    side = scheduler.connector.scheduler_role.side
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     choose = side.choose_victim
     seen = {"decisions": 0, "null_blocks": 0}
@@ -275,7 +276,7 @@ def test_sliding_window_victims_free_no_null_block(make_scheduler: Any, patched:
 
 
 def test_fault_plan_parses_ranks_and_delays_and_refuses_bad_values() -> None:
-    from vllm_bidkv.connectors.worker import FaultPlan, active_faults, set_faults
+    from vllm_bidkv.connectors.faults import FaultPlan, active_faults, set_faults
 
     (plan,) = FaultPlan.from_json('{"load_every": 1, "rank": 1}')
     assert plan.rank == 1 and plan.load_every == 1 and plan.complete_after_steps == 0
@@ -307,7 +308,7 @@ def test_fault_plan_parses_ranks_and_delays_and_refuses_bad_values() -> None:
 def test_fault_hook_needs_the_test_hooks_opt_in() -> None:
     """VLLM_BIDKV_FAULTS left in a production environment would silently turn the cache into
     recompute: without VLLM_BIDKV_TEST_HOOKS=1 it is refused, naming the opt-in."""
-    from vllm_bidkv.connectors.worker import read_faults_env
+    from vllm_bidkv.connectors.faults import read_faults_env
 
     assert read_faults_env({}) == []
     with pytest.raises(ValueError, match="VLLM_BIDKV_TEST_HOOKS=1"):
@@ -343,9 +344,9 @@ class ContentTrackingWorker(DelayedCopyWorker):
 
     def submit_step(self, out: Any, computed_before: dict[str, int]) -> None:
         plan = out.kv_connector_metadata.plan
-        for job in plan.pre_forward_stores:  # rescues: before the forward
+        for job in plan.rescues:  # rescues: before the forward
             self._store(job)
-        for job in plan.pre_forward_loads:
+        for job in plan.loads:
             for slot in job.cpu_slots:
                 assert self.slot_valid.get(slot), (
                     f"load of slot {slot}: KV from a failed load reached the tier"
@@ -367,7 +368,7 @@ class ContentTrackingWorker(DelayedCopyWorker):
                     self.garbage.add(block_id)
                 else:
                     self.garbage.discard(block_id)
-        for job in plan.post_forward_stores:
+        for job in plan.stores:
             self._store(job)
         self.submit(out.kv_connector_metadata)
 
@@ -448,13 +449,13 @@ def test_async_scheduling_with_failed_loads_keeps_the_tier_clean(
             for req in list(requests.values())[:8]:
                 clone = add_again(scheduler, req)
                 requests[clone.request_id] = clone
-        tier = scheduler.connector.scheduler_side.planner.tier
+        tier = scheduler.connector.scheduler_role.side.planner.tier
         for slot in range(tier.num_slots):
             block_hash = tier.hash_of(slot)
             if block_hash is not None and tier.lookup(block_hash) == slot:
                 assert worker.slot_valid.get(slot), f"slot {slot} holds KV derived from a failed load"
         assert steps < 8000
-    stats = scheduler.connector.planner_stats()
+    stats = scheduler.connector.scheduler_role.side.planner.stats()
     assert worker.failed_loads and worker.async_loads > 0 and waited_for_load
     assert stats["blocks_loaded"] > 0 and stats["load_errors"] > 0
     assert stats["pending_jobs"] == 0 and stats["gpu_blocks_held"] == 0
@@ -487,7 +488,7 @@ def test_a_connector_reset_empties_the_tier(make_scheduler: Any, patched: None) 
     requests = add_requests(scheduler, 12, seed=5, prefix_len=48, lo=40, hi=160, max_out=60)
     while scheduler.has_requests():
         run_step(scheduler, worker, requests)
-    tier = scheduler.connector.scheduler_side.planner.tier
+    tier = scheduler.connector.scheduler_role.side.planner.tier
     assert tier.num_used > 0
     assert scheduler.reset_prefix_cache() and tier.num_used > 0, "a plain reset keeps the tier"
     assert scheduler.reset_prefix_cache(reset_connector=True) and tier.num_used == 0
@@ -515,17 +516,17 @@ def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
     )
     worker = DelayedCopyWorker(5)
     requests = add_requests(scheduler, 12, seed=9, prefix_len=48, lo=40, hi=160, max_out=30)
-    side = scheduler.connector.scheduler_side
+    side = scheduler.connector.scheduler_role.side
     for _ in range(60):
         run_step(scheduler, worker, requests)
         if any(job.kind == "store" and job.job_id not in worker.rescues for _, job in worker.in_flight):
             break
-    assert side.planner.held_store_blocks > 0, "stores must be in flight for this test"
+    assert side.planner.ledger.held_store_blocks > 0, "stores must be in flight for this test"
     scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)  # as pause_generation's "abort"
     assert not scheduler.reset_prefix_cache(), "a plain reset waits for the stores"
     assert scheduler.reset_prefix_cache(reset_running_requests=True, reset_connector=True)
     # The GPU blocks are back; the slots late writes may still land in stay reserved.
-    assert side.planner.held_gpu_blocks == 0 and side.planner.tier.num_used > 0
+    assert side.planner.ledger.held_gpu_blocks == 0 and side.planner.tier.num_used > 0
     late = worker.in_flight
     assert late, "the workers still report the given-up copies later"
     while worker.in_flight:  # their reports arrive and are ignored

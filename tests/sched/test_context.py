@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vllm_bidkv_bench.standalone import model_output
 
 from tests.sched.conftest import add_requests, run_to_completion
 from vllm_bidkv.context import SchedulerContext
 from vllm_bidkv.patches.adapter import BlockPoolContext
-from vllm_bidkv.patches.standalone import model_output
 
 pytestmark = pytest.mark.sched
 
@@ -93,7 +93,7 @@ def test_random_touch_free_sequences_keep_pool_consistent(
     tiny_model: str, ops: list[tuple[bool, int]], seed: int
 ) -> None:
     """Property: any interleaving of touches and frees ends with stock ref counts and queue order."""
-    from vllm_bidkv.patches.standalone import build_scheduler
+    from vllm_bidkv_bench.standalone import build_scheduler
 
     scheduler = build_scheduler(tiny_model, num_gpu_blocks=48, max_num_seqs=4, block_size=16)
     requests = add_requests(scheduler, 6, seed=seed, prefix_len=16)

@@ -10,12 +10,12 @@ import random
 from typing import Any
 
 import pytest
+from vllm_bidkv_bench.standalone import make_request, model_output
 
 from tests.sched.conftest import BLOCK_SIZE
 from vllm_bidkv import patches
 from vllm_bidkv.patches.adapter import BlockPoolContext
 from vllm_bidkv.patches.capabilities import probe
-from vllm_bidkv.patches.standalone import make_request, model_output
 
 pytestmark = [
     pytest.mark.sched,

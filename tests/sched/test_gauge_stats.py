@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tests.unit.test_planner import SimRequest, tokens
+from tests.support.planner_machine import SimRequest, tokens
 from tests.unit.test_scheduler_side import Rig, park_prompt
 from vllm_bidkv.connectors.stats import BidKVPromMetrics, BidKVStats, StatsReporter
 from vllm_bidkv.counters import GAUGES, IDLE_ZERO_GAUGES

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from tests.unit.test_planner import BS, PlannerMachine, VllmSide
+from tests.support.planner_machine import BS, PlannerMachine, VllmSide
 from vllm_bidkv.context import BlockHash, SchedulerContext
 from vllm_bidkv.patches.adapter import BlockPoolContext
 from vllm_bidkv.patches.capabilities import probe

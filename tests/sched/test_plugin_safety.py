@@ -183,7 +183,8 @@ def test_doctor_without_source_says_what_it_could_not_probe(
 def test_code_fallbacks_read_the_older_shapes() -> None:
     """Without source, the probe reads compiled code: the shapes of releases before this one
     (a keyword argument, a tuple annotation, a loop variable) are visible there too."""
-    from vllm_bidkv.patches.capabilities import _code_names, _Reading, _touch_takes_group_tuple
+    from vllm_bidkv.patches.capabilities import _touch_takes_group_tuple
+    from vllm_bidkv.patches.code_reading import Reading, code_names
 
     def no_forward_up_to_0_30(scheduler_output: Any) -> Any:
         with kv_connector_output(scheduler_output, wait_for_save=False) as kv:
@@ -198,14 +199,14 @@ def test_code_fallbacks_read_the_older_shapes() -> None:
         for block in blocks:
             del block
 
-    assert "wait_for_save" in (_code_names(no_forward_up_to_0_30) or set())
-    read = _Reading()
+    assert "wait_for_save" in (code_names(no_forward_up_to_0_30) or set())
+    read = Reading()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inspect, "getsource", no_getsource)
         assert _touch_takes_group_tuple(read, touch_up_to_0_13) is True
         assert _touch_takes_group_tuple(read, touch_later) is False
     assert list(read.from_compiled_code) == ["touch_takes_group_tuple"] and not read.unknown
-    assert _code_names(print) is None  # a builtin: nothing to read, the capability is unknown
+    assert code_names(print) is None  # a builtin: nothing to read, the capability is unknown
 
 
 def test_a_required_capability_that_cannot_be_probed_is_refused_clearly(fresh_probe: None) -> None:
@@ -264,6 +265,6 @@ def test_doctor_and_config_show_ignored_variables_and_the_fault_hook(
 
 def test_the_hook_variables_share_the_prefix_doctor_looks_for() -> None:
     """Without a VLLM_BIDKV_* variable, doctor and config skip importing the worker module."""
-    from vllm_bidkv.connectors.worker import FAULTS_ENV, TEST_HOOKS_ENV
+    from vllm_bidkv.connectors.faults import FAULTS_ENV, TEST_HOOKS_ENV
 
     assert FAULTS_ENV.startswith("VLLM_BIDKV_") and TEST_HOOKS_ENV.startswith("VLLM_BIDKV_")

@@ -9,13 +9,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
-from vllm_bidkv.bench.configs import CONFIGS, parse_configs
-from vllm_bidkv.bench.costmodel import H100_LLAMA3_8B
-from vllm_bidkv.bench.metrics import summarize
-from vllm_bidkv.bench.presets import get_preset
-from vllm_bidkv.bench.sim import _BidKVWorker, simulate
-from vllm_bidkv.bench.workloads import (
+from vllm_bidkv_bench.configs import CONFIGS, parse_configs
+from vllm_bidkv_bench.costmodel import H100_LLAMA3_8B
+from vllm_bidkv_bench.metrics import summarize
+from vllm_bidkv_bench.presets import get_preset
+from vllm_bidkv_bench.sim import _BidKVWorker, simulate
+from vllm_bidkv_bench.workloads import (
     CLOSED_LOOP,
     WORKLOADS,
     TraceRequest,
@@ -24,7 +23,8 @@ from vllm_bidkv.bench.workloads import (
     make_workload,
     write_jsonl,
 )
-from vllm_bidkv.connectors.bidkv_connector import BidKVConnectorMetadata
+
+from vllm_bidkv.connectors.metadata import BidKVConnectorMetadata
 from vllm_bidkv.offload import StepPlan, TransferJob
 
 pytestmark = pytest.mark.sched
@@ -75,7 +75,7 @@ def test_offload_loads_instead_of_recomputing() -> None:
 def _plan_step(*jobs: TransferJob) -> SimpleNamespace:
     """A scheduler output with only what ``_BidKVWorker`` reads: the plan, and vLLM's flag
     that decides whether ``start_load_kv`` runs before the forward."""
-    plan = StepPlan(pre_forward_loads=list(jobs))
+    plan = StepPlan(loads=list(jobs))
     has_sync = any(not job.asynchronous for job in jobs)
     return SimpleNamespace(kv_connector_metadata=BidKVConnectorMetadata(plan), has_sync_kv_loads=has_sync)
 
@@ -133,7 +133,7 @@ def test_bidkv_loads_async_and_sync_finish(config: str, monkeypatch: pytest.Monk
     start_loads, report = _BidKVWorker._start_loads, _BidKVWorker.report
 
     def spy_start(self: _BidKVWorker, plan: StepPlan, at: float) -> None:
-        loads.extend(plan.pre_forward_loads)
+        loads.extend(plan.loads)
         start_loads(self, plan, at)
 
     def spy_report(self: _BidKVWorker, now: float) -> Any:

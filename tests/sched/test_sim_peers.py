@@ -12,14 +12,13 @@ from dataclasses import replace
 from importlib.util import find_spec
 
 import pytest
-
-from vllm_bidkv.bench.configs import CONFIGS
-from vllm_bidkv.bench.costmodel import H100_LLAMA3_8B
-from vllm_bidkv.bench.metrics import summarize
-from vllm_bidkv.bench.presets import get_preset
-from vllm_bidkv.bench.runner import add_ideal_distance
-from vllm_bidkv.bench.sim import simulate
-from vllm_bidkv.bench.workloads import make_workload
+from vllm_bidkv_bench.configs import CONFIGS
+from vllm_bidkv_bench.costmodel import H100_LLAMA3_8B
+from vllm_bidkv_bench.metrics import summarize
+from vllm_bidkv_bench.presets import get_preset
+from vllm_bidkv_bench.runner import add_ideal_distance
+from vllm_bidkv_bench.sim import simulate
+from vllm_bidkv_bench.workloads import make_workload
 
 pytestmark = pytest.mark.sched
 

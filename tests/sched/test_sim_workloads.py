@@ -6,12 +6,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-
-from vllm_bidkv.bench.configs import CONFIGS
-from vllm_bidkv.bench.costmodel import H100_LLAMA3_8B
-from vllm_bidkv.bench.presets import get_preset
-from vllm_bidkv.bench.sim import _Simulator, sim_token, simulate
-from vllm_bidkv.bench.workloads import make_workload
+from vllm_bidkv_bench.configs import CONFIGS
+from vllm_bidkv_bench.costmodel import H100_LLAMA3_8B
+from vllm_bidkv_bench.presets import get_preset
+from vllm_bidkv_bench.sim import _Simulator, sim_token, simulate
+from vllm_bidkv_bench.workloads import make_workload
 
 pytestmark = pytest.mark.sched
 

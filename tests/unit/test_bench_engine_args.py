@@ -8,11 +8,10 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from vllm_bidkv.bench.cli import _matrix_args, _servers, matrix_from_args
-from vllm_bidkv.bench.configs import CONFIGS, parse_configs
-from vllm_bidkv.bench.engine import fit_line
-from vllm_bidkv.bench.workloads import make_workload
+from vllm_bidkv_bench.cli import _matrix_args, _servers, matrix_from_args
+from vllm_bidkv_bench.configs import CONFIGS, parse_configs
+from vllm_bidkv_bench.engine import fit_line
+from vllm_bidkv_bench.workloads import make_workload
 
 pytestmark = pytest.mark.unit
 
@@ -150,7 +149,7 @@ def test_openai_server_survives_losing_its_port_to_another_process(
     """free_port's port is free only when asked: here another process (a server answering
     /health like vLLM) takes it first. The launcher must not take that server for its own,
     and must start its server on a fresh port."""
-    from vllm_bidkv.bench import server as launcher
+    from vllm_bidkv_bench import server as launcher
 
     fake = tmp_path / "fake" / "vllm" / "entrypoints" / "openai"
     fake.mkdir(parents=True)

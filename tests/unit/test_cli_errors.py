@@ -234,8 +234,9 @@ def test_bad_flags_are_one_line_naming_the_flag(
 
 
 def test_bench_engine_cpu_bytes_takes_units() -> None:
+    from vllm_bidkv_bench.cli import matrix_from_args
+
     from tests.unit.test_bench_engine_args import parse
-    from vllm_bidkv.bench.cli import matrix_from_args
 
     assert matrix_from_args(parse("--cpu-bytes", "512MiB")).preset.cpu_bytes == 512 * 2**20
 

@@ -196,3 +196,23 @@ def test_markdown_table_lists_every_key() -> None:
 def test_readme_config_table_is_generated() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert markdown_table() in readme, "README's config table is stale: paste `vllm-bidkv config --markdown`"
+
+
+def test_every_name_list_is_declared_once_and_agrees_with_its_users() -> None:
+    """config.py declares each list of names; the modules that act on them accept exactly those."""
+    from vllm_bidkv import config, kernels
+    from vllm_bidkv.offload import CpuBlockTier, OffloadSpec
+    from vllm_bidkv.policy import STRATEGIES
+    from vllm_bidkv.policy.admission import admission_key
+
+    assert kernels.BACKENDS == config.COPY_BACKENDS
+    assert set(STRATEGIES) == set(config.VICTIM_POLICIES)
+    for eviction in config.CPU_EVICTIONS:
+        CpuBlockTier(1, eviction)
+    with pytest.raises(ValueError, match="cpu_eviction"):
+        CpuBlockTier(1, "fifo")
+    for mode in config.OFFLOAD_MODES:
+        spec = OffloadSpec.from_config(config.BidKVConfig(offload_mode=mode), num_slots=1)
+        assert (spec is None) == (mode == "off") and (spec is None or spec.mode == mode)
+    for admission in config.ADMISSIONS:
+        admission_key(admission)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -31,9 +33,12 @@ PURE_MODULES = (
 )
 FORBIDDEN_IN_PURE = ("vllm", "torch")
 
-# Runtime modules that must not pull in a benchmark: the command line (``cli``) imports
-# ``vllm_bidkv.bench`` only for ``vllm-bidkv bench``, and ``bench`` itself is the benchmarks.
-NOT_RUNTIME = {"vllm_bidkv.cli", "vllm_bidkv.bench"}
+# The benchmarks and their fixtures (workloads, simulator, engine runner, soak, tiny models,
+# standalone scheduler): a distribution of their own, ``bench/``.
+BENCH_PACKAGE = "vllm_bidkv_bench"
+# The one runtime module that may reach the benchmarks: the command line imports them, lazily,
+# for ``vllm-bidkv bench`` and ``demo`` only. No serving process loads it.
+NOT_RUNTIME = {"vllm_bidkv.cli"}
 
 
 def imported_after(code: str) -> list[str]:
@@ -45,7 +50,7 @@ def imported_after(code: str) -> list[str]:
 
 
 def is_benchmark(name: str) -> bool:
-    return name == "vllm_bidkv.bench" or name.startswith("vllm_bidkv.bench.") or name.endswith(".bench")
+    return name.split(".")[0] == BENCH_PACKAGE
 
 
 def module_name(path: Path) -> str:
@@ -67,7 +72,7 @@ def imports_of(path: Path) -> set[str]:
                 base = f"{anchor}.{base}" if base else anchor
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return {name for name in found if name.split(".")[0] == "vllm_bidkv"}
+    return {name for name in found if name.split(".")[0] in ("vllm_bidkv", BENCH_PACKAGE)}
 
 
 def runtime_sources() -> dict[str, Path]:
@@ -93,10 +98,68 @@ def test_pure_layer_imports_neither_vllm_nor_torch() -> None:
     assert not bad, f"the pure layer imported {bad[:10]}"
 
 
-def test_importing_kernels_and_policy_imports_no_benchmark() -> None:
-    modules = imported_after("import vllm_bidkv.kernels, vllm_bidkv.policy")
-    assert {"vllm_bidkv.kernels", "vllm_bidkv.policy", "vllm_bidkv.kernels.block_copy"} <= set(modules)
+def test_a_serving_process_imports_no_benchmark_or_fixture() -> None:
+    """What vLLM loads (the plugin, registered; the connector) and every other runtime module:
+    none of it pulls in the benchmarks or their fixtures."""
+    runtime = sorted(runtime_sources())
+    code = (
+        "import importlib, vllm_bidkv.plugin\n"
+        "vllm_bidkv.plugin.register()\n"
+        "import vllm_bidkv.connectors.bidkv_connector\n"
+        f"for name in {runtime!r}:\n"
+        "    importlib.import_module(name)\n"
+    )
+    modules = imported_after(code)
+    assert {
+        "vllm_bidkv.plugin",
+        "vllm_bidkv.connectors.bidkv_connector",
+        "vllm_bidkv.kernels.block_copy",
+    } <= set(modules)
+    assert "vllm" in modules  # the connector's module imports vLLM: this is a serving process's view
     assert not [m for m in modules if is_benchmark(m)]
+
+
+def test_the_plugin_wheel_holds_no_benchmark_or_fixture(tmp_path: Path) -> None:
+    """``pip wheel`` of the plugin (no extra): the runtime package only."""
+    root = PACKAGE.parent
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(PACKAGE, tmp_path / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        "dist",
+        ".",
+    ]
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("vllm_bidkv-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "vllm_bidkv/connectors/bidkv_connector.py" in names
+    fixtures = [
+        n for n in names if n.startswith(f"{BENCH_PACKAGE}/") or Path(n).stem in ("tiny_model", "standalone")
+    ]
+    assert fixtures == []
+
+
+def test_bench_without_the_benchmarks_installed_says_how_to_get_them() -> None:
+    code = (
+        "import sys\n"
+        f"sys.modules[{BENCH_PACKAGE!r}] = None  # as if only the plugin were installed\n"
+        "from vllm_bidkv.cli import main\n"
+        "sys.exit(main(['bench', 'sim']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "vllm-bidkv bench: the benchmarks are not installed; pip install 'vllm-bidkv[bench]' "
+        "(in a checkout: pip install -e ./bench)"
+    )
 
 
 def test_no_runtime_module_imports_a_benchmark_even_lazily() -> None:
@@ -127,3 +190,58 @@ def test_kernel_modules_form_no_import_circle() -> None:
 
     circles = [circle for name in graph if (circle := circle_from(name, (name,)))]
     assert not circles, " -> ".join(circles[0])
+
+
+def _module_aliases(tree: ast.Module) -> set[str]:
+    """Names a source binds to runtime modules (``import vllm_bidkv.x as y``, ``from vllm_bidkv.p import m``)."""
+    runtime = set(runtime_sources()) | {"vllm_bidkv"}
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "vllm_bidkv":
+                    aliases.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "vllm_bidkv":
+            aliases.update(
+                alias.asname or alias.name for alias in node.names if f"{node.module}.{alias.name}" in runtime
+            )
+    return aliases
+
+
+def test_no_benchmark_assigns_an_attribute_of_a_runtime_module() -> None:
+    """Benchmarks observe the runtime through its public hooks (e.g. the victim-choice observer),
+    never by replacing its functions: a replaced function outlives the run that replaced it."""
+    bench = PACKAGE.parent / "bench" / BENCH_PACKAGE
+    sources = sorted(bench.rglob("*.py"))
+    assert len(sources) > 10
+    found = []
+    for path in sources:
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = _module_aliases(tree)
+        for node in ast.walk(tree):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+                targets = [ast.Attribute(value=node.args[0], attr="?")] if node.args else []
+            for target in targets:
+                root = target
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(target, ast.Attribute) and isinstance(root, ast.Name) and root.id in aliases:
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(target)}")
+    assert found == []
+
+
+MAX_MODULE_LINES = 350
+
+
+def test_no_runtime_module_is_over_350_lines() -> None:
+    """A module past this many lines holds more than one idea: split it along its seam. Every
+    module of the runtime package counts, the command line's too."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    assert PACKAGE / "cli.py" in paths
+    counts = {str(path.relative_to(PACKAGE.parent)): len(path.read_text().splitlines()) for path in paths}
+    assert {path: n for path, n in counts.items() if n > MAX_MODULE_LINES} == {}

@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from vllm_bidkv_bench.selection import run_selection_bench
 
-from vllm_bidkv.bench.selection import run_selection_bench
 from vllm_bidkv.config import ADMISSIONS, VICTIM_POLICIES, BidKVConfig
 from vllm_bidkv.policy import (
     STRATEGIES,
     BidCostModel,
     Candidate,
+    Decision,
+    ScoredStrategy,
     admission_key,
     make_strategy,
 )
@@ -26,6 +28,8 @@ from vllm_bidkv.policy.strategies import Bid01Strategy
 
 CONFIG = BidKVConfig()
 BLOCK = 16
+NO_FACTS = Decision()
+"""A decision with no requester and no known shortfall."""
 
 
 def cand(order: int, computed: int = 256, **kw: Any) -> Candidate:
@@ -40,19 +44,20 @@ def cand(order: int, computed: int = 256, **kw: Any) -> Candidate:
         shared_tokens=0,
         cpu_tokens=0,
         offloadable_tokens=0,
-        prompt_tokens=computed,
         output_tokens=0,
         max_tokens=1024,
         num_preemptions=0,
-        priority=0,
-        arrival_time=float(order),
     )
     fields.update(kw)
     return Candidate(**fields)
 
 
-def choose(name: str, candidates: list[Candidate], config: BidKVConfig = CONFIG) -> str:
-    return make_strategy(name, config).choose(candidates).request_id
+def choose(
+    name: str, candidates: list[Candidate], config: BidKVConfig = CONFIG, decision: Decision = NO_FACTS
+) -> str:
+    chosen = make_strategy(name, config).choose(candidates, decision)
+    assert chosen is not None
+    return chosen.request_id
 
 
 # ---------------------------------------------------------------- registry
@@ -77,7 +82,7 @@ def test_unknown_strategy_names_it_and_the_known_ones() -> None:
 @pytest.mark.parametrize("name", VICTIM_POLICIES)
 def test_empty_candidates_raise(name: str) -> None:
     with pytest.raises(ValueError, match="no preemptible candidates"):
-        make_strategy(name, CONFIG).choose([])
+        make_strategy(name, CONFIG).choose([], NO_FACTS)
 
 
 @pytest.mark.unit
@@ -116,7 +121,9 @@ def test_largest_first_most_blocks_then_computed_then_newest() -> None:
 def test_random_is_reproducible_with_a_seed_and_uniform_enough() -> None:
     candidates = [cand(i) for i in range(8)]
     picks = [[make_strategy("random", BidKVConfig(seed=s)) for _ in range(2)] for s in (1, 2)]
-    runs = [[[st_.choose(candidates).request_id for _ in range(400)] for st_ in pair] for pair in picks]
+    runs = [
+        [[st_.choose(candidates, NO_FACTS).request_id for _ in range(400)] for st_ in pair] for pair in picks
+    ]
     assert runs[0][0] == runs[0][1]  # same seed, same sequence
     assert runs[1][0] == runs[1][1]
     assert runs[0][0] != runs[1][0]  # another seed, another sequence
@@ -129,13 +136,13 @@ def test_bidkv_01_formula_on_a_worked_example() -> None:
     s = Bid01Strategy()
     a = cand(0, computed=1000, output_tokens=256, max_tokens=512, num_preemptions=2)
     # completion 0.5: U = 1000 / (1 + 0.25 + 0.6 + 1e-6)
-    assert s.score(a) == pytest.approx(1000 / 1.850001, rel=1e-12)
+    assert s.key(a, NO_FACTS)[0] == pytest.approx(1000 / 1.850001, rel=1e-12)
     # unknown max_tokens -> 1024: completion 0.25, U = 512 / (1 + 0.125 + 1e-6)
     b = cand(1, computed=512, output_tokens=256, max_tokens=None)
-    assert s.score(b) == pytest.approx(512 / 1.125001, rel=1e-12)
+    assert s.key(b, NO_FACTS)[0] == pytest.approx(512 / 1.125001, rel=1e-12)
     # completion is capped at 1
     c = cand(2, computed=100, output_tokens=4000, max_tokens=None)
-    assert s.score(c) == pytest.approx(100 / 1.500001, rel=1e-12)
+    assert s.key(c, NO_FACTS)[0] == pytest.approx(100 / 1.500001, rel=1e-12)
     assert choose("bidkv-0.1", [a, b, c]) == "r0"
 
 
@@ -179,7 +186,7 @@ def test_delta_worked_example() -> None:
     recompute = 1.0 * 400 + 0.01 * (1000**2 - 600**2) / 2  # tail [600, 1000)
     expected = recompute + 0.1 * 400 + 10.0 * 0.25 + 100.0 * 1
     assert m.delta(c) == pytest.approx(expected)
-    assert m.utility(c) == pytest.approx(40 / (expected + 1e-6))
+    assert m.utility(c, None) == pytest.approx(40 / (expected + 1e-6))
 
 
 @pytest.mark.unit
@@ -190,7 +197,7 @@ def test_delta_clamps_restorable_to_computed_and_handles_unknown_max_tokens() ->
     assert m.delta(over) == pytest.approx(CONFIG.bid_load_cost * 20)
     nothing = cand(1, computed=0, freeable_blocks=3, num_blocks=3)
     assert m.delta(nothing) == 0.0
-    assert math.isfinite(m.utility(nothing)) and m.utility(nothing) > 0
+    assert math.isfinite(m.utility(nothing, None)) and m.utility(nothing, None) > 0
 
 
 @pytest.mark.unit
@@ -227,7 +234,7 @@ def test_shared_prefix_request_is_avoided_by_bidkv_but_picked_by_largest_first()
     assert choose("bidkv", [shared, private]) == "r1"
     # All blocks shared: preempting it frees nothing, U = 0.
     pinned = cand(0, computed=2048, freeable_blocks=0, shared_tokens=2048)
-    assert BidCostModel.from_config(CONFIG).utility(pinned) == 0.0
+    assert BidCostModel.from_config(CONFIG).utility(pinned, None) == 0.0
     assert choose("largest-first", [pinned, private]) == "r0"
     assert choose("bidkv", [pinned, private]) == "r1"
 
@@ -272,27 +279,28 @@ def test_bidkv_caps_r_at_the_shortfall() -> None:
     big = cand(0, computed=1024, cpu_tokens=960)
     small = cand(1, computed=48)
     m = BidCostModel.from_config(CONFIG)
-    assert m.utility(big) > m.utility(small)  # uncapped: blocks per unit of loss
+    assert m.utility(big, None) > m.utility(small, None)  # uncapped: blocks per unit of loss
     assert choose("bidkv", [big, small]) == "r0"
 
-    def need(n: int) -> list[Candidate]:
-        return [dataclasses.replace(c, shortfall_blocks=n) for c in (big, small)]
+    def need(n: int) -> Decision:
+        return Decision(shortfall_blocks=n)
 
     # The requester lacks 1 (or 3) blocks: both cover it, so the cheaper to bring back goes.
-    assert choose("bidkv", need(1)) == "r1"
-    assert choose("bidkv", need(3)) == "r1"
+    assert choose("bidkv", [big, small], decision=need(1)) == "r1"
+    assert choose("bidkv", [big, small], decision=need(3)) == "r1"
     # 16 blocks: small covers 3 of them at 48 tokens' loss; big covers all 16 at ~196.
-    assert choose("bidkv", need(16)) == "r0"
-    assert m.utility(need(16)[0]) == pytest.approx(16 / (m.delta(big) + CONFIG.bid_epsilon))
+    assert choose("bidkv", [big, small], decision=need(16)) == "r0"
+    assert m.utility(big, 16) == pytest.approx(16 / (m.delta(big) + CONFIG.bid_epsilon))
 
 
 @pytest.mark.unit
 def test_bidkv_capped_ties_go_to_the_newest() -> None:
     # Same loss, both cover the shortfall: equal bids although r0 frees 4x the blocks.
-    a = cand(0, computed=256, shortfall_blocks=2)
-    b = cand(1, computed=256, num_blocks=4, freeable_blocks=4, shortfall_blocks=2)
-    assert choose("bidkv", [a, b]) == "r1"
-    assert choose("bidkv", [b, a]) == "r1"  # by order, not by list position
+    a = cand(0, computed=256)
+    b = cand(1, computed=256, num_blocks=4, freeable_blocks=4)
+    need = Decision(shortfall_blocks=2)
+    assert choose("bidkv", [a, b], decision=need) == "r1"
+    assert choose("bidkv", [b, a], decision=need) == "r1"  # by order, not by list position
 
 
 # ---------------------------------------------------------------- property
@@ -302,7 +310,6 @@ def test_bidkv_capped_ties_go_to_the_newest() -> None:
 def candidate_lists(draw: st.DrawFn) -> list[Candidate]:
     n = draw(st.integers(1, 12))
     orders = draw(st.permutations(range(n)))
-    shortfall = draw(st.none() | st.integers(1, 64))  # one per decision
     out = []
     for order in orders:
         computed = draw(st.integers(0, 20000))
@@ -317,34 +324,33 @@ def candidate_lists(draw: st.DrawFn) -> list[Candidate]:
                 shared_tokens=draw(st.integers(0, 20000)),
                 cpu_tokens=draw(st.integers(0, 20000)),
                 offloadable_tokens=draw(st.integers(0, 20000)),
-                prompt_tokens=draw(st.integers(0, 20000)),
                 output_tokens=draw(st.integers(0, 5000)),
                 max_tokens=draw(st.none() | st.integers(1, 5000)),
                 num_preemptions=draw(st.integers(0, 5)),
-                priority=0,
-                arrival_time=float(order),
-                shortfall_blocks=shortfall,
             )
         )
     return out
 
 
 @pytest.mark.unit
-@given(candidate_lists(), st.integers(0, 2**31))
-def test_property_choices(candidates: list[Candidate], seed: int) -> None:
+@given(candidate_lists(), st.integers(0, 2**31), st.none() | st.integers(1, 64))
+def test_property_choices(candidates: list[Candidate], seed: int, shortfall: int | None) -> None:
     cfg = BidKVConfig(seed=seed)
+    decision = Decision(shortfall_blocks=shortfall)
     for name in VICTIM_POLICIES:
-        assert make_strategy(name, cfg).choose(candidates) in candidates
-    assert make_strategy("vllm-default", cfg).choose(candidates).order == len(candidates) - 1
+        assert make_strategy(name, cfg).choose(candidates, decision) in candidates
+    default = make_strategy("vllm-default", cfg).choose(candidates, decision)
+    assert default is not None and default.order == len(candidates) - 1
     model = BidCostModel.from_config(cfg)
-    chosen = make_strategy("bidkv", cfg).choose(candidates)
-    best = max(model.utility(c) for c in candidates)
-    assert model.utility(chosen) == best
-    assert chosen.order == max(c.order for c in candidates if model.utility(c) == best)
+    chosen = make_strategy("bidkv", cfg).choose(candidates, decision)
+    assert chosen is not None
+    best = max(model.utility(c, shortfall) for c in candidates)
+    assert model.utility(chosen, shortfall) == best
+    assert chosen.order == max(c.order for c in candidates if model.utility(c, shortfall) == best)
     assert all(model.delta(c) >= 0 for c in candidates)
-    if candidates[0].shortfall_blocks is not None:
+    if shortfall is not None:
         assert all(
-            model.utility(c) <= c.shortfall_blocks / (model.delta(c) + model.epsilon) for c in candidates
+            model.utility(c, shortfall) <= shortfall / (model.delta(c) + model.epsilon) for c in candidates
         )
 
 
@@ -362,11 +368,44 @@ def test_property_with_nothing_restorable_a_capped_bid_is_lcf(candidates: list[C
             offloadable_tokens=0,
             num_blocks=max(c.num_blocks, 1),
             freeable_blocks=max(c.num_blocks, 1),
-            shortfall_blocks=1,
         )
         for c in candidates
     ]
-    assert choose("bidkv", plain, cfg) == choose("lcf", plain, cfg)
+    need = Decision(shortfall_blocks=1)
+    assert choose("bidkv", plain, cfg, need) == choose("lcf", plain, cfg, need)
+
+
+@pytest.mark.unit
+@given(candidate_lists(), st.none() | st.integers(1, 64))
+def test_property_scored_strategies_choose_the_max_of_their_key(
+    candidates: list[Candidate], shortfall: int | None
+) -> None:
+    """One key per strategy: what it reports of a candidate is what it ranks by, ties to the newest."""
+    decision = Decision(shortfall_blocks=shortfall)
+    for name in VICTIM_POLICIES:
+        s = make_strategy(name, CONFIG)
+        if not isinstance(s, ScoredStrategy):
+            continue
+        chosen = s.choose(candidates, decision)
+        best = max(s.key(c, decision) for c in candidates)
+        assert s.key(chosen, decision) == best, name
+        assert chosen.order == max(c.order for c in candidates if s.key(c, decision) == best), name
+
+
+@pytest.mark.unit
+def test_only_random_and_the_abstaining_bidkv_02_are_not_one_key() -> None:
+    unscored = {n for n in VICTIM_POLICIES if not isinstance(make_strategy(n, CONFIG), ScoredStrategy)}
+    assert unscored == {"random", "bidkv-0.2"}
+
+
+@pytest.mark.unit
+def test_decision_rejects_a_shortfall_below_one_and_finds_its_requester() -> None:
+    with pytest.raises(ValueError, match="shortfall_blocks"):
+        Decision("r0", 0)
+    candidates = [cand(0), cand(1)]
+    assert Decision("r1", 2).requester(candidates) is candidates[1]
+    assert Decision("r9").requester(candidates) is None  # not preemptible now
+    assert NO_FACTS.requester(candidates) is None
 
 
 # ---------------------------------------------------------------- admission

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.planner_machine import BS, SimRequest, tokens
 from tests.unit.reference_context import ReferenceContext
-from tests.unit.test_planner import BS, SimRequest, tokens
 from vllm_bidkv.config import BidKVConfig
-from vllm_bidkv.offload import JobResults, StepPlan
+from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide, StepEvents
 
 pytestmark = pytest.mark.unit
@@ -19,13 +19,12 @@ class Rig:
     def __init__(self, world_size: int = 1, slots: int = 16, **config: object) -> None:
         settings: dict[str, object] = {"victim_policy": "bidkv", "offload_mode": "lazy", **config}
         self.ctx = ReferenceContext(24, BS)
-        self.side = BidKVSchedulerSide(
-            BidKVConfig(**settings),  # type: ignore[arg-type]
-            num_slots=slots,
-            block_bytes=64,
-            world_size=world_size,
-            min_clean_blocks=32,  # the lazy walk covers the whole free queue each step
+        config = BidKVConfig(**settings)  # type: ignore[arg-type]
+        # min_clean_blocks 32: the lazy walk covers the whole free queue each step.
+        spec = OffloadSpec.from_config(
+            config, num_slots=slots, block_bytes=64, world_size=world_size, min_clean_blocks=32
         )
+        self.side = BidKVSchedulerSide(config, offload=spec)
         self.side.bind(self.ctx)
         self.world_size = world_size
 
@@ -58,7 +57,7 @@ class Rig:
         assert self.side.requests == {}, "no per-request record left"
         planner = self.side.planner
         assert planner is not None
-        assert planner.pending_jobs() == [] and planner.tier.num_pins == 0
+        assert planner.ledger.jobs() == [] and planner.tier.num_pins == 0
         assert all(b.ref_cnt == 0 for b in self.ctx.blocks)
         planner.tier.check()
 
@@ -100,7 +99,7 @@ def test_preempted_resumed_finished_request_leaves_nothing_and_counts_once() -> 
     rig.ctx.release(name)  # vLLM preempts it
     chosen.num_computed_tokens = 0
     plan = rig.step(StepEvents(preempted=[name]))
-    rescued = sum(len(j.gpu_block_ids) for j in plan.pre_forward_stores)
+    rescued = sum(len(j.gpu_block_ids) for j in plan.rescues)
     assert rescued == len(chosen.block_hashes), "every full block of the victim is rescued"
     planner = rig.side.planner
     assert planner is not None
@@ -130,7 +129,7 @@ def test_victim_finished_before_its_rescue_is_forgotten() -> None:
     rig.ctx.release("v")
     rig.finish(victim)  # aborted in the same step, before the connector's plan
     plan = rig.step(StepEvents(preempted=["v"]))
-    assert plan.pre_forward_stores == []
+    assert plan.rescues == []
     rig.idle()
 
 

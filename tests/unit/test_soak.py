@@ -6,8 +6,7 @@ import argparse
 from typing import Any
 
 import pytest
-
-from vllm_bidkv.bench import soak
+from vllm_bidkv_bench import soak
 
 
 def _args(**overrides: Any) -> argparse.Namespace:

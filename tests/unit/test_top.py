@@ -10,7 +10,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from tests.unit.test_planner import SimRequest, tokens
+from tests.support.planner_machine import SimRequest, tokens
 from tests.unit.test_scheduler_side import Rig, park_prompt
 from vllm_bidkv.counters import GAUGES, IDLE_ZERO_GAUGES
 from vllm_bidkv.offload import JobResults

@@ -7,7 +7,7 @@ are a torch gather and scatter. Ids reach the device through pinned memory. With
 host side the DMA itself waits (CUDA stages pageable memory synchronously).
 
 Host-to-host copies, i.e. every copy of a CPU-only vLLM, take the path below. Each
-choice was measured with ``vllm_bidkv.bench.copy`` and scratch variants on a 2-core box
+choice was measured with ``vllm_bidkv_bench.copy`` and scratch variants on a 2-core box
 shared with other jobs, at 256 random blocks x 64 KiB x 8 regions:
 
 * Rows move through numpy views of the same memory (``Tensor.numpy()``, zero-copy), 2-D

@@ -27,7 +27,7 @@ Without a GPU the kernel runs on CPU tensors under the Triton interpreter
 
 Sections, top to bottom: the kernel, its Python wrapper, and a correctness check against torch
 indexing (``python -m vllm_bidkv.kernels.triton_copy``). The benchmark lives with the others:
-``vllm-bidkv bench copy --backends triton per_block torch`` (:mod:`vllm_bidkv.bench.copy`).
+``vllm-bidkv bench copy --backends triton per_block torch`` (:mod:`vllm_bidkv_bench.copy`).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
-"""The CPU tier, scheduler side: slot bookkeeping, the offload planner, transfer jobs. No vLLM import."""
+"""The CPU tier, scheduler side: slot bookkeeping, the offload planner and its parts, transfer jobs. No vLLM import."""
 
-from vllm_bidkv.offload.cpu_tier import EVICTIONS, CpuBlockTier, num_slots_for
+from vllm_bidkv.offload.cpu_tier import CpuBlockTier, num_slots_for
 from vllm_bidkv.offload.jobs import JobKind, JobResults, StepPlan, TransferJob
-from vllm_bidkv.offload.planner import MODES, OffloadPlanner
+from vllm_bidkv.offload.planner import OffloadPlanner
+from vllm_bidkv.offload.spec import OffloadSpec
 
 __all__ = [
-    "EVICTIONS",
-    "MODES",
     "CpuBlockTier",
     "JobKind",
     "JobResults",
     "OffloadPlanner",
+    "OffloadSpec",
     "StepPlan",
     "TransferJob",
     "num_slots_for",

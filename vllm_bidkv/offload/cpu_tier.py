@@ -48,10 +48,9 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Container, Iterable
 
+from vllm_bidkv.config import CPU_EVICTIONS
 from vllm_bidkv.context import BlockHash
 from vllm_bidkv.counters import Counters
-
-EVICTIONS = ("lru", "bid")
 
 _FREE, _PENDING, _READY, _ORPHAN = range(4)
 _STATE_NAMES = ("FREE", "PENDING", "READY", "ORPHAN")
@@ -76,8 +75,10 @@ class CpuBlockTier:
     def __init__(self, num_slots: int, eviction: str = "lru", counters: Counters | None = None) -> None:
         if num_slots < 1:
             raise ValueError(f"vllm-bidkv: the CPU tier needs at least one slot, got num_slots={num_slots}")
-        if eviction not in EVICTIONS:
-            raise ValueError(f"vllm-bidkv: cpu_eviction={eviction!r} is invalid; expected one of {EVICTIONS}")
+        if eviction not in CPU_EVICTIONS:
+            raise ValueError(
+                f"vllm-bidkv: cpu_eviction={eviction!r} is invalid; expected one of {CPU_EVICTIONS}"
+            )
         self.num_slots = num_slots
         self.eviction = eviction
         self._bid = eviction == "bid"

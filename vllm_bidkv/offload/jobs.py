@@ -63,17 +63,19 @@ class TransferJob:
             raise ValueError(f"vllm-bidkv: job {self.job_id}: an asynchronous load needs its request id")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepPlan:
-    """One step's jobs, in the order a worker runs them: rescues, loads, forward, stores."""
+    """One step's jobs, in the order a worker runs them."""
 
-    pre_forward_loads: list[TransferJob] = field(default_factory=list)
-    post_forward_stores: list[TransferJob] = field(default_factory=list)
-    pre_forward_stores: list[TransferJob] = field(default_factory=list)
-    """Rescues (kind ``store``): a victim's blocks, free or already another request's."""
+    rescues: list[TransferJob] = field(default_factory=list)
+    """Stores of this step's victims' blocks, before the forward (free or already another request's)."""
+    loads: list[TransferJob] = field(default_factory=list)
+    """CPU-tier hits: synchronous ones before the forward, asynchronous ones on a load stream."""
+    stores: list[TransferJob] = field(default_factory=list)
+    """Lazy and eager stores, after the forward that computed their blocks."""
 
     def jobs(self) -> list[TransferJob]:
-        return [*self.pre_forward_stores, *self.pre_forward_loads, *self.post_forward_stores]
+        return [*self.rescues, *self.loads, *self.stores]
 
 
 @dataclass

@@ -4,7 +4,8 @@ Every version difference the rest of ``patches/`` cares about is one field here,
 read from the live classes (signatures, attributes, source text), never guessed from
 the version string. A vLLM installed without its ``.py`` files has no source text:
 each such check then reads the names the compiled function uses instead, and one
-that cannot is reported as unknown (``Capabilities.unknown``, taken as absent).
+that cannot is reported as unknown (``Capabilities.unknown``, taken as absent). How
+each is read: ``patches.code_reading``.
 
 Whether CI tested a release is a separate fact: the matrix's rows, shipped as
 ``vllm_bidkv/compat.json`` (written by ci/matrix.py with docs/COMPAT.md). A release
@@ -22,6 +23,16 @@ import logging
 import re
 from importlib import resources
 from typing import Any
+
+from vllm_bidkv.patches.code_reading import (
+    Reading,
+    code_names,
+    contains,
+    has_no_default,
+    signature_params,
+    source_mentions,
+    source_of,
+)
 
 logger = logging.getLogger("vllm_bidkv")
 
@@ -161,85 +172,15 @@ class Capabilities:
 _UNKNOWN_WHY = "vLLM's source is not installed and its compiled code does not tell; taken as absent"
 
 
-def _params(fn: Any) -> list[str]:
-    try:
-        return list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
-def _has_no_default(cls: Any, field: str) -> bool:
-    try:
-        param = inspect.signature(cls).parameters.get(field)
-    except (TypeError, ValueError):
-        return False
-    return param is not None and param.default is inspect.Parameter.empty
-
-
-def _source(fn: Any) -> str | None:
-    """``fn``'s source text; None where it is not installed (compiled files only)."""
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        return None
-
-
-def _source_mentions(fn: Any, text: str) -> bool | None:
-    """Whether ``fn``'s source contains ``text``; False without a function, None without its source."""
-    return False if fn is None else _contains(_source(fn), text)
-
-
-def _code_names(fn: Any) -> set[str] | None:
-    """The names ``fn``'s compiled code uses (attributes, globals, locals, keyword arguments of its
-    calls), with the functions nested in it; None without a function or a code object."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return None
-    names: set[str] = set()
-    pending = [code]
-    while pending:
-        code = pending.pop()
-        names.update(code.co_names, code.co_varnames)
-        for const in code.co_consts:
-            if inspect.iscode(const):
-                pending.append(const)
-            elif isinstance(const, tuple) and all(isinstance(item, str) for item in const):
-                names.update(const)  # the keyword names of a call
-    return names
-
-
-def _contains(found: str | set[str] | None, *parts: str) -> bool | None:
-    """Every part in a source text or a set of names; None when there was nothing to read."""
-    return None if found is None else all(part in found for part in parts)
-
-
-class _Reading:
-    """Decides a source-text capability: the source's answer; without source, the compiled code's;
-    with neither, unknown (False). Remembers which capabilities took the second or third way."""
-
-    def __init__(self) -> None:
-        self.from_compiled_code: dict[str, None] = {}
-        self.unknown: dict[str, None] = {}
-
-    def __call__(self, capability: str, in_source: bool | None, in_code: bool | None) -> bool:
-        if in_source is not None:
-            return in_source
-        if in_code is not None:
-            self.from_compiled_code[capability] = None
-            return in_code
-        self.unknown[capability] = None
-        return False
-
-
-def _no_forward_step_saves(read: _Reading) -> bool:
+def _no_forward_step_saves(read: Reading) -> bool:
     try:
         from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
     except ImportError:
         return False
     fn = KVConnectorModelRunnerMixin.kv_connector_no_forward
     # Up to 0.30 it passes wait_for_save=False; later releases pass no such keyword.
-    skips = _contains(_source(fn), "wait_for_save=False")
-    passes_keyword = _contains(_code_names(fn), "wait_for_save")
+    skips = contains(source_of(fn), "wait_for_save=False")
+    passes_keyword = contains(code_names(fn), "wait_for_save")
     return read(
         "no_forward_step_saves",
         None if skips is None else not skips,
@@ -247,9 +188,9 @@ def _no_forward_step_saves(read: _Reading) -> bool:
     )
 
 
-def _touch_takes_group_tuple(read: _Reading, touch: Any) -> bool:
-    source = _source(touch)
-    names = _code_names(touch)
+def _touch_takes_group_tuple(read: Reading, touch: Any) -> bool:
+    source = source_of(touch)
+    names = code_names(touch)
     return read(
         "touch_takes_group_tuple",
         None if source is None else "tuple[" in source.split(")")[0] or "for blocks_per_group in" in source,
@@ -286,11 +227,11 @@ def probe() -> Capabilities:
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
-    read = _Reading()
+    read = Reading()
     queue_init = kv_cache_utils.FreeKVCacheBlockQueue.__init__
     init = inspect.unwrap(Scheduler.__init__)  # vLLM's, not our bind hook
-    init_src, init_names = _source(init), _code_names(init)
-    schedule_src, schedule_names = _source(Scheduler.schedule), _code_names(Scheduler.schedule)
+    init_src, init_names = source_of(init), code_names(init)
+    schedule_src, schedule_names = source_of(Scheduler.schedule), code_names(Scheduler.schedule)
     has_requests = getattr(Scheduler, "has_requests", None)
     base = KVConnectorBase_V1
     # Built before the Capabilities: reading them fills `read`'s record of how each was read.
@@ -301,19 +242,19 @@ def probe() -> Capabilities:
         # Compiled code keeps no annotation of a local: it shows `running` is set, not its type.
         scheduler_running_list=read(
             "scheduler_running_list",
-            _contains(init_src, "self.running: list[Request]", "self.kv_cache_manager"),
-            _contains(init_names, "running", "kv_cache_manager"),
+            contains(init_src, "self.running: list[Request]", "self.kv_cache_manager"),
+            contains(init_names, "running", "kv_cache_manager"),
         ),
         allocate_slots=hasattr(KVCacheManager, "allocate_slots")
         and read(
             "allocate_slots",
-            _contains(schedule_src, "kv_cache_manager.allocate_slots"),
-            _contains(schedule_names, "allocate_slots"),
+            contains(schedule_src, "kv_cache_manager.allocate_slots"),
+            contains(schedule_names, "allocate_slots"),
         ),
         free_queue_linked_list=read(
             "free_queue_linked_list",
-            _source_mentions(queue_init, "fake_free_list_head"),
-            _contains(_code_names(queue_init), "fake_free_list_head"),
+            source_mentions(queue_init, "fake_free_list_head"),
+            contains(code_names(queue_init), "fake_free_list_head"),
         ),
         connector_prom_metrics=has_prom_metrics,
         touch_takes_group_tuple=_touch_takes_group_tuple(read, BlockPool.touch),
@@ -323,42 +264,43 @@ def probe() -> Capabilities:
         # (only tests that predict vLLM's free order read it).
         free_blocks_prepends_unhashed=read(
             "free_blocks_prepends_unhashed",
-            _contains(_source(BlockPool.free_blocks), "prepend_n", "block_hash is None"),
+            contains(source_of(BlockPool.free_blocks), "prepend_n", "block_hash is None"),
             None,
         ),
         bind_hook=next(
             (
                 name
                 for name in ("bind_kv_cache_manager", "bind_gpu_block_pool")
-                if read("bind_hook", _contains(init_src, f".{name}("), _contains(init_names, name))
+                if read("bind_hook", contains(init_src, f".{name}("), contains(init_names, name))
             ),
             "",
         ),
         preempt_drop_stale_output="drop_stale_output"
-        in _params(getattr(Scheduler, "_preempt_request", None)),
+        in signature_params(getattr(Scheduler, "_preempt_request", None)),
         request_blocks_can_be_freed=hasattr(Scheduler, "_request_blocks_can_be_freed"),
         connector_worker_meta=base is not None and hasattr(base, "build_connector_worker_meta"),
         no_forward_step_saves=_no_forward_step_saves(read),
         connector_pending_block_frees=read(
             "connector_pending_block_frees",
-            _contains(schedule_src, ".has_pending_block_frees()"),
-            _contains(schedule_names, "has_pending_block_frees"),
+            contains(schedule_src, ".has_pending_block_frees()"),
+            contains(schedule_names, "has_pending_block_frees"),
         ),
-        connector_takes_kv_cache_config=base is not None and "kv_cache_config" in _params(base.__init__),
+        connector_takes_kv_cache_config=base is not None
+        and "kv_cache_config" in signature_params(base.__init__),
         connector_keeps_engine_stepping=has_requests is not None
         and read(
             "connector_keeps_engine_stepping",
-            _source_mentions(has_requests, ".has_pending_push_work()"),
-            _contains(_code_names(has_requests), "has_pending_push_work"),
+            source_mentions(has_requests, ".has_pending_push_work()"),
+            contains(code_names(has_requests), "has_pending_push_work"),
         ),
         vllm_binds_context=hasattr(base, "bind_scheduler_context")
         and read(
             "vllm_binds_context",
-            _contains(init_src, ".bind_scheduler_context("),
-            _contains(init_names, "bind_scheduler_context"),
+            contains(init_src, ".bind_scheduler_context("),
+            contains(init_names, "bind_scheduler_context"),
         ),
-        request_takes_eos_token_id="eos_token_id" in _params(Request.__init__),
-        model_output_needs_logprobs=_has_no_default(ModelRunnerOutput, "logprobs"),
+        request_takes_eos_token_id="eos_token_id" in signature_params(Request.__init__),
+        model_output_needs_logprobs=has_no_default(ModelRunnerOutput, "logprobs"),
     )
     return Capabilities(
         **caps,

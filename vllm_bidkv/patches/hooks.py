@@ -1,9 +1,10 @@
-"""Runtime patches on vLLM's Scheduler: the bind hook, the victim hook, SJF admission.
+"""Runtime patches on vLLM's Scheduler: the bind, victim, stepping and reset hooks.
 
 Only one class attribute is ever patched, ``Scheduler.__init__`` (the bind hook);
-the victim hook and the admission queue are installed per Scheduler instance, and
-only when its connector asks for them, so a scheduler without BidKVConnector is
-untouched. Every patch is idempotent and reversible (``revert``).
+the rest is installed per Scheduler instance, only on one whose connector is ours
+(the victim hook and the admission queue, ``patches.admission``, only when it asks
+for them), so a scheduler without BidKVConnector is untouched. Every patch is
+idempotent and reversible (``revert``).
 
 The victim hook. vLLM (FCFS policy) preempts ``running[-1]`` when
 ``allocate_slots`` fails for ``running[req_index]``. Requests before ``req_index``
@@ -19,13 +20,12 @@ choice stands (the hook is not installed).
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from vllm_bidkv.patches.adapter import BlockPoolContext
+from vllm_bidkv.patches.admission import install_admission
 from vllm_bidkv.patches.capabilities import probe
 
 logger = logging.getLogger("vllm_bidkv")
@@ -200,11 +200,37 @@ def install_victim_hook(scheduler: Any) -> bool:
             and request.status == RequestStatus.RUNNING
             and not (caps.connector_pending_block_frees and connector.has_pending_block_frees())
         ):
-            _reorder_for_victim(scheduler.running, request, connector, can_free)
+            for observer in _victim_choice_observers:
+                observer.victim_choice_started()
+            try:
+                _reorder_for_victim(scheduler.running, request, connector, can_free)
+            finally:
+                for observer in _victim_choice_observers:
+                    observer.victim_choice_finished()
         return blocks
 
     manager.allocate_slots = allocate_slots
     return True
+
+
+class VictimChoiceObserver(Protocol):
+    """Told when the victim hook starts and stops choosing: how a benchmark times victim
+    choice (it is the connector's time too) without replacing the hook's functions."""
+
+    def victim_choice_started(self) -> None: ...
+
+    def victim_choice_finished(self) -> None: ...
+
+
+_victim_choice_observers: list[VictimChoiceObserver] = []
+
+
+def add_victim_choice_observer(observer: VictimChoiceObserver) -> None:
+    _victim_choice_observers.append(observer)
+
+
+def remove_victim_choice_observer(observer: VictimChoiceObserver) -> None:
+    _victim_choice_observers.remove(observer)
 
 
 def _reorder_for_victim(running: list[Any], request: Any, connector: BoundConnector, can_free: Any) -> None:
@@ -223,93 +249,6 @@ def _reorder_for_victim(running: list[Any], request: Any, connector: BoundConnec
 
 def remove_victim_hook(scheduler: Any) -> bool:
     return vars(scheduler.kv_cache_manager).pop("allocate_slots", None) is not None
-
-
-# -- admission ------------------------------------------------------------------
-def _request_queue_base() -> type:
-    from vllm.v1.core.sched.request_queue import RequestQueue
-
-    return RequestQueue
-
-
-def make_keyed_queue(key: Callable[[Any], Any], requests: Iterable[Any] = ()) -> Any:
-    """A vLLM ``RequestQueue`` ordered by ``key`` (e.g. SJF: shortest prompt first).
-
-    Prepending has no meaning in a keyed order: a preempted request re-enters at
-    its key, as in vLLM's PriorityRequestQueue.
-    """
-
-    class KeyedRequestQueue(_request_queue_base()):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self._heap: list[tuple[Any, int, Any]] = []
-            self._seq = itertools.count()
-
-        def add_request(self, request: Any) -> None:
-            heapq.heappush(self._heap, (key(request), next(self._seq), request))
-
-        def pop_request(self) -> Any:
-            if not self._heap:
-                raise IndexError("pop from empty queue")
-            return heapq.heappop(self._heap)[2]
-
-        def peek_request(self) -> Any:
-            if not self._heap:
-                raise IndexError("peek from empty queue")
-            return self._heap[0][2]
-
-        def prepend_request(self, request: Any) -> None:
-            self.add_request(request)
-
-        def prepend_requests(self, requests: Iterable[Any]) -> None:
-            for request in requests:
-                self.add_request(request)
-
-        def remove_request(self, request: Any) -> None:
-            self.remove_requests((request,))
-
-        def remove_requests(self, requests: Iterable[Any]) -> None:
-            drop = {id(r) for r in requests}
-            self._heap = [entry for entry in self._heap if id(entry[2]) not in drop]
-            heapq.heapify(self._heap)
-
-        def __bool__(self) -> bool:
-            return bool(self._heap)
-
-        def __len__(self) -> int:
-            return len(self._heap)
-
-        def __iter__(self) -> Iterator[Any]:
-            return (entry[2] for entry in sorted(self._heap))
-
-        def __reversed__(self) -> Iterator[Any]:  # abstract in RequestQueue up to 0.13
-            return (entry[2] for entry in sorted(self._heap, reverse=True))
-
-    queue = KeyedRequestQueue()
-    queue.prepend_requests(requests)
-    return queue
-
-
-def install_admission(scheduler: Any, key: Callable[[Any], Any]) -> bool:
-    from vllm.v1.core.sched.request_queue import SchedulingPolicy
-
-    if scheduler.policy != SchedulingPolicy.FCFS:
-        logger.warning("vllm-bidkv: scheduling policy %s keeps vLLM's admission order", scheduler.policy)
-        return False
-    if "_bidkv_fcfs_waiting" in vars(scheduler):
-        return False
-    scheduler._bidkv_fcfs_waiting = scheduler.waiting
-    scheduler.waiting = make_keyed_queue(key, scheduler.waiting)
-    return True
-
-
-def remove_admission(scheduler: Any) -> bool:
-    original = vars(scheduler).pop("_bidkv_fcfs_waiting", None)
-    if original is None:
-        return False
-    original.clear()
-    original.extend(scheduler.waiting)
-    scheduler.waiting = original
-    return True
 
 
 def find_scheduler_under_construction() -> Any:

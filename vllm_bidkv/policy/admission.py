@@ -2,7 +2,7 @@
 
 The key applies to *every* waiting request, new and preempted alike: under ``sjf`` a
 preempted request loses the head-of-queue place vLLM gives it and waits its turn by
-prompt length (bidkv 0.1.0's headline win came mostly from this, see PEERS.md).
+prompt length (bidkv 0.1.0's headline win came mostly from this).
 """
 
 from __future__ import annotations

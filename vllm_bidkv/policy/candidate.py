@@ -1,8 +1,10 @@
-"""Candidate: one preemptible request, as the victim hook sees it when allocation failed.
+"""Candidate and Decision: what the victim hook knows when an allocation failed.
 
-The hook (``vllm_bidkv.patches``) builds one per request vLLM could preempt at that
-point, from the SchedulerContext; strategies only read them. Invariants the builder
-keeps (the strategies do not re-check them, they run inside vLLM's scheduling loop):
+The hook (``vllm_bidkv.scheduler_side``) builds one ``Candidate`` per request vLLM
+could preempt at that point, and one ``Decision`` for the facts every candidate
+shares (who asked, how much it lacks); strategies only read them. Invariants the
+builder keeps (the strategies do not re-check them, they run inside vLLM's
+scheduling loop):
 
 * ``0 <= freeable_blocks <= num_blocks`` and every count is ``>= 0``.
 * ``shared_tokens``, ``cpu_tokens`` and ``offloadable_tokens`` are disjoint and
@@ -11,19 +13,23 @@ keeps (the strategies do not re-check them, they run inside vLLM's scheduling lo
   the offloader will park. A resume gets back a prefix and nothing after its first
   gap (vLLM's prefix-cache lookup stops at the first miss), so tokens behind a gap
   are not counted in any of the three.
-* ``order`` is unique among the candidates of one decision.
-* ``shortfall_blocks``, when known, is ``>= 1`` (the allocation failed) and equal in
-  every candidate of one decision.
+* ``order`` and ``request_id`` are each unique among the candidates of one decision
+  (the decision names its requester by id).
+* ``Decision.shortfall_blocks``, when known, is ``>= 1`` (the allocation failed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A running request vLLM could preempt now, with what preempting it frees and costs."""
+    """A running request vLLM could preempt now, with what preempting it frees and costs.
+
+    Only what some strategy reads: per-decision facts live on ``Decision``.
+    """
 
     request_id: str
     """vLLM's request id."""
@@ -52,9 +58,6 @@ class Candidate:
     """Tokens in private, full, hashed blocks the offloader will park in the CPU tier before
     vLLM reuses them (loaded back on resume); 0 when offload is off."""
 
-    prompt_tokens: int
-    """Prompt length."""
-
     output_tokens: int
     """Tokens generated so far."""
 
@@ -64,15 +67,34 @@ class Candidate:
     num_preemptions: int
     """How many times the request was preempted before."""
 
-    priority: int
-    """vLLM priority (smaller = more important); carried for the hook and for logs."""
 
-    arrival_time: float
-    """vLLM arrival time in seconds; carried for the hook and for logs."""
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One victim decision: the facts every candidate of it shares.
 
-    is_requester: bool = False
-    """True for the request whose allocation failed (vLLM may preempt it to make room for itself)."""
+    Kept apart from the candidates so a fact of the decision is stated once, not copied
+    into each candidate where copies could disagree. vLLM may preempt several victims
+    for one failed allocation; each is its own decision, with the shortfall left after
+    the previous victims were freed.
+    """
+
+    requester_id: str | None = None
+    """The request whose allocation failed; None when unknown. It may itself be among
+    the candidates (vLLM may preempt it to make room for itself), or not."""
 
     shortfall_blocks: int | None = None
-    """Blocks the requester still lacks in this decision, the same for every candidate of
-    one decision (vLLM preempts again until the allocation fits); None when unknown."""
+    """Blocks the requester still lacks beyond the free pool, ``>= 1``; None when unknown."""
+
+    def __post_init__(self) -> None:
+        # Once per decision, not per candidate: cheap enough to check inside vLLM's loop.
+        if self.shortfall_blocks is not None and self.shortfall_blocks < 1:
+            raise ValueError(f"shortfall_blocks must be >= 1 or None, got {self.shortfall_blocks}")
+
+    def requester(self, candidates: Sequence[Candidate]) -> Candidate | None:
+        """The requester's candidate, or None when it is unknown or not among ``candidates``.
+
+        O(n): callers ask once per decision, never per candidate.
+        """
+        if self.requester_id is None:
+            return None
+        return next((c for c in candidates if c.request_id == self.requester_id), None)

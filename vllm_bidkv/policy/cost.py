@@ -1,5 +1,7 @@
 """BidCostModel: δ, the cost of bringing a preempted request back, and the bid U = r / (δ + ε).
 
+r is capped at the requester's shortfall when known (``utility``).
+
 Units: δ is in *token-recompute equivalents* — the cost of recomputing one token with
 no context before it is ``recompute_cost`` (1.0 by default, which makes it the unit).
 Every other constant is expressed in that unit, so only ratios matter.
@@ -85,17 +87,22 @@ class BidCostModel:
             + self.starvation_weight * c.num_preemptions
         )
 
-    def utility(self, c: Candidate) -> float:
-        """The bid U = r / (δ + ε): blocks that serve the requester per unit of loss.
+    def utility(self, c: Candidate, shortfall_blocks: int | None) -> float:
+        """The bid U = min(r, shortfall) / (δ + ε): blocks that serve the requester per unit of loss.
 
-        r = ``freeable_blocks``, capped at ``shortfall_blocks`` when known: blocks beyond
-        what the requester lacks serve nobody in this decision. Without the cap r and δ
-        both grow with a victim's size, so with nothing restorable U is nearly flat and
-        block rounding decides; with it, every victim that covers the shortfall alone
-        bids the same r and the cheapest to bring back wins (least-computed-first when
-        nothing is restorable, the most restorable when the tier holds victims).
+        r = ``freeable_blocks``, capped at the decision's ``shortfall_blocks`` when known:
+        blocks beyond what the requester lacks serve nobody in this decision. Without the
+        cap r and δ both grow with a victim's size, so with nothing restorable U is nearly
+        flat and block rounding decides; with it, every victim that covers the shortfall
+        alone bids the same r and the cheapest to bring back wins (least-computed-first
+        when nothing is restorable, the most restorable when the tier holds victims).
+
+        Args:
+            c: The candidate to price.
+            shortfall_blocks: ``Decision.shortfall_blocks``; None leaves r uncapped.
+
+        Returns:
+            U, ``>= 0`` and finite.
         """
-        freed = (
-            c.freeable_blocks if c.shortfall_blocks is None else min(c.freeable_blocks, c.shortfall_blocks)
-        )
+        freed = c.freeable_blocks if shortfall_blocks is None else min(c.freeable_blocks, shortfall_blocks)
         return freed / (self.delta(c) + self.epsilon)

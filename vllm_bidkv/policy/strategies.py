@@ -1,55 +1,88 @@
-"""Victim strategies: given the preemptible candidates, which one vLLM preempts.
+"""Victim strategies: given the preemptible candidates of one decision, which one vLLM preempts.
 
-Every strategy except ``random`` maximises a key in one O(n) pass (no sort: the hook
-runs inside vLLM's allocation retry loop). Equal scores go to the newest candidate
-(max ``order``), so when there is nothing to choose between, every strategy picks
-vLLM's own victim. An empty candidate list raises ``ValueError``: the hook only asks
-when vLLM has something to preempt. A strategy may abstain (``choose`` returns None):
-vLLM's own victim stands; only ``bidkv-0.2`` does.
+Every strategy except ``random`` is one key (``ScoredStrategy.key``): the candidate
+with the max key is preempted, found by ``best_by_key`` in one O(n) pass (no sort:
+the hook runs inside vLLM's allocation retry loop). Equal keys go to the newest
+candidate (max ``order``), so when there is nothing to choose between, every strategy
+picks vLLM's own victim. An empty candidate list raises ``ValueError``: the hook only
+asks when vLLM has something to preempt. A strategy may abstain (``choose`` returns
+None): vLLM's own victim stands; only ``bidkv-0.2`` does.
 
-The published peers' rules (PEERS.md section (e)) are here as baselines: ``lcf``,
+Published rules of other projects are here as baselines: ``lcf``,
 ``reclaim-score``, ``remaining-output`` and ``bidkv-0.2``.
 """
 
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from vllm_bidkv.config import BidKVConfig
-from vllm_bidkv.policy.candidate import Candidate
+from vllm_bidkv.policy.candidate import Candidate, Decision
 from vllm_bidkv.policy.cost import BidCostModel
+
+Key = tuple[float, ...]
+"""A candidate's rank under one strategy, compared as a tuple: the max is preempted."""
 
 
 class VictimStrategy(Protocol):
-    """Chooses the victim among the candidates; scored strategies also expose ``score(c)``
-    (higher = preempted first)."""
+    """Chooses the victim among the candidates of one decision."""
 
     name: str
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate | None:
+    def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate | None:
         """One member of ``candidates``, or None to abstain: vLLM's own victim stands (the
         candidate with the max ``order``). ``ValueError`` if ``candidates`` is empty."""
         ...
 
 
-def _best(candidates: Sequence[Candidate], key: Callable[[Candidate], tuple[float, ...]]) -> Candidate:
+def best_by_key(
+    candidates: Sequence[Candidate], decision: Decision, key: Callable[[Candidate, Decision], Key]
+) -> Candidate:
+    """The candidate with the max ``key``; equal keys go to the newest (max ``order``).
+
+    Args:
+        candidates: The preemptible requests of this decision.
+        decision: Passed to ``key`` with each candidate.
+        key: The strategy's rank of one candidate.
+
+    Returns:
+        The chosen member of ``candidates``; ``ValueError`` if there is none.
+    """
     if not candidates:
         raise ValueError("no preemptible candidates to choose a victim from")
-    return max(candidates, key=key)
+    return max(candidates, key=lambda c: (key(c, decision), c.order))
 
 
-class VllmDefaultStrategy:
-    """Exactly vLLM's FCFS victim: the last of the running list (max ``order``)."""
+class ScoredStrategy(ABC):
+    """A strategy that is one key: ``choose`` is the max of ``key`` (``best_by_key``).
+
+    The key is stated once so what ranks the candidates and what a report shows of that
+    ranking cannot disagree.
+    """
+
+    name: str
+
+    @abstractmethod
+    def key(self, c: Candidate, decision: Decision) -> Key:
+        """``c``'s rank in ``decision``; higher = preempted first, ``order`` breaks ties."""
+
+    def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate:
+        return best_by_key(candidates, decision, self.key)
+
+
+class VllmDefaultStrategy(ScoredStrategy):
+    """Exactly vLLM's FCFS victim: the last of the running list (max ``order``).
+
+    The key is empty: every candidate ties, and ties go to the newest.
+    """
 
     name = "vllm-default"
 
-    def score(self, c: Candidate) -> float:
-        return float(c.order)
-
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        return _best(candidates, lambda c: (c.order,))
+    def key(self, c: Candidate, decision: Decision) -> Key:
+        return ()
 
 
 class RandomStrategy:
@@ -60,13 +93,13 @@ class RandomStrategy:
     def __init__(self, seed: int) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+    def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate:
         if not candidates:
             raise ValueError("no preemptible candidates to choose a victim from")
         return self._rng.choice(candidates)
 
 
-class LargestFirstStrategy:
+class LargestFirstStrategy(ScoredStrategy):
     """Most GPU blocks held; ties by computed tokens, then the newest.
 
     Counts held blocks, not freed ones: a request on a big shared prefix looks large
@@ -75,31 +108,25 @@ class LargestFirstStrategy:
 
     name = "largest-first"
 
-    def score(self, c: Candidate) -> float:
-        return float(c.num_blocks)
-
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        return _best(candidates, lambda c: (c.num_blocks, c.computed_tokens, c.order))
+    def key(self, c: Candidate, decision: Decision) -> Key:
+        return (c.num_blocks, c.computed_tokens)
 
 
-class BidStrategy:
+class BidStrategy(ScoredStrategy):
     """Ours: max U = min(freeable_blocks, shortfall_blocks) / (δ + ε), δ from ``BidCostModel``
-    (see cost.py); ties to the newest."""
+    (see cost.py), the shortfall from the decision; ties to the newest."""
 
     name = "bidkv"
 
     def __init__(self, cost: BidCostModel) -> None:
         self.cost = cost
 
-    def score(self, c: Candidate) -> float:
-        return self.cost.utility(c)
-
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        return _best(candidates, lambda c: (self.cost.utility(c), c.order))
+    def key(self, c: Candidate, decision: Decision) -> Key:
+        return (self.cost.utility(c, decision.shortfall_blocks),)
 
 
-class Bid01Strategy:
-    """bidkv 0.1.0's published rule, as a baseline (PEERS.md, "bidkv in detail").
+class Bid01Strategy(ScoredStrategy):
+    """bidkv 0.1.0's published rule (the bidkv package on PyPI), as a baseline.
 
     U = computed_tokens / (1 + 0.5·completion + 0.3·num_preemptions + ε), ε = 1e-6,
     completion = output_tokens / max_tokens clamped to 1, with max_tokens = 1024 when
@@ -113,32 +140,27 @@ class Bid01Strategy:
     EPSILON = 1e-6
     FALLBACK_MAX_TOKENS = 1024
 
-    def score(self, c: Candidate) -> float:
+    def key(self, c: Candidate, decision: Decision) -> Key:
         completion = min(1.0, c.output_tokens / (c.max_tokens or self.FALLBACK_MAX_TOKENS))
         delta = 1.0 + self.COMPLETION_WEIGHT * completion + self.PREEMPTION_WEIGHT * c.num_preemptions
-        return c.computed_tokens / (delta + self.EPSILON)
-
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        return _best(candidates, lambda c: (self.score(c), c.order))
+        return (c.computed_tokens / (delta + self.EPSILON),)
 
 
-class LcfStrategy:
-    """Least computed tokens first: min ``computed_tokens``; ties to the newest.
+class LcfStrategy(ScoredStrategy):
+    """Least computed tokens first: min ``computed_tokens`` (key ``-computed_tokens``); ties
+    to the newest.
 
     Upstream vLLM RFC #54644 (least-computed-first is the best order under recompute)
-    and PR #53723 (``--preemption-victim lcf``). ``score(c)`` is ``-computed_tokens``.
+    and PR #53723 (``--preemption-victim lcf``).
     """
 
     name = "lcf"
 
-    def score(self, c: Candidate) -> float:
-        return -float(c.computed_tokens)
-
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        return _best(candidates, lambda c: (-c.computed_tokens, c.order))
+    def key(self, c: Candidate, decision: Decision) -> Key:
+        return (-c.computed_tokens,)
 
 
-class ReclaimScoreStrategy:
+class ReclaimScoreStrategy(ScoredStrategy):
     """Upstream vLLM PR #56897: max S = B / max(1, T) · (1 − O / max(1, M)); ties to the newest.
 
     B = ``freeable_blocks`` (the reclaimable blocks), T = ``computed_tokens``,
@@ -151,17 +173,14 @@ class ReclaimScoreStrategy:
 
     name = "reclaim-score"
 
-    def score(self, c: Candidate) -> float:
+    def key(self, c: Candidate, decision: Decision) -> Key:
         per_token = c.freeable_blocks / max(1, c.computed_tokens)
         if c.max_tokens is None:
-            return float(per_token)
-        return per_token * (1.0 - min(1.0, c.output_tokens / max(1, c.max_tokens)))
-
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        return _best(candidates, lambda c: (self.score(c), c.order))
+            return (per_token,)
+        return (per_token * (1.0 - min(1.0, c.output_tokens / max(1, c.max_tokens))),)
 
 
-class RemainingOutputStrategy:
+class RemainingOutputStrategy(ScoredStrategy):
     """vllm-hust-dla 0.1.0: largest expected remaining output; ties to the newest.
 
     dla uses a learned prediction where it has one, else max_tokens − output_tokens;
@@ -173,19 +192,17 @@ class RemainingOutputStrategy:
     name = "remaining-output"
     FALLBACK_MAX_TOKENS = Bid01Strategy.FALLBACK_MAX_TOKENS
 
-    def score(self, c: Candidate) -> float:
+    def key(self, c: Candidate, decision: Decision) -> Key:
         budget = self.FALLBACK_MAX_TOKENS if c.max_tokens is None else c.max_tokens
-        return float(max(0, budget - c.output_tokens))
-
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
-        return _best(candidates, lambda c: (self.score(c), c.order))
+        return (max(0, budget - c.output_tokens),)
 
 
 class Bid02Strategy:
     """vllm-hust-bidkv 0.2.1: ``bidkv-0.1``'s U unchanged, with two guards that abstain.
 
-    The top pick is ``bidkv-0.1``'s choice (max U, ties to the newest). It is returned
-    unless a guard fires; then ``choose`` returns None and vLLM's own victim stands.
+    The top pick is ``bidkv-0.1``'s choice (max U, ties to the newest; ``key`` is
+    ``bidkv-0.1``'s). It is returned unless a guard fires; then ``choose`` returns None
+    and vLLM's own victim stands.
 
     * Liveness guard: abstain if the top pick was already preempted ``LIVENESS_LIMIT``
       (2) or more times this epoch. An *epoch* is ``EPOCH_DECISIONS`` (32) consecutive
@@ -195,7 +212,7 @@ class Bid02Strategy:
       be preempted: the strategy's pick, or on abstaining vLLM's (the max ``order``).
       ``Candidate.num_preemptions`` (the lifetime count) is not used for this: it is
       already in U's δ.
-    * Cascade guard: abstain if the requester (``Candidate.is_requester``, the request
+    * Cascade guard: abstain if the requester (``Decision.requester_id``, the request
       whose allocation failed) would free within ``CASCADE_RATIO`` (1.25×) of the top
       pick, i.e. top.freeable_blocks <= 1.25 · requester.freeable_blocks: preempting
       the top pick gains little over the requester giving way. This includes the top
@@ -217,20 +234,21 @@ class Bid02Strategy:
         self._decisions = 0
         self.last_guard: str | None = None
 
-    def score(self, c: Candidate) -> float:
-        return self._bid01.score(c)
+    def key(self, c: Candidate, decision: Decision) -> Key:
+        """``bidkv-0.1``'s key: the guards decide whether to abstain, not the rank."""
+        return self._bid01.key(c, decision)
 
     def preempted_this_epoch(self, request_id: str) -> int:
         """Preemptions of ``request_id`` counted in the current epoch."""
         return self._preempted.get(request_id, 0)
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate | None:
-        top = self._bid01.choose(candidates)  # ValueError when empty
+    def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate | None:
+        top = self._bid01.choose(candidates, decision)  # ValueError when empty
         if self._decisions == self.EPOCH_DECISIONS:
             self._preempted.clear()
             self._decisions = 0
         self._decisions += 1
-        requester = next((c for c in candidates if c.is_requester), None)
+        requester = decision.requester(candidates)
         if self.preempted_this_epoch(top.request_id) >= self.LIVENESS_LIMIT:
             self.last_guard = "liveness"
         elif requester is not None and top.freeable_blocks <= self.CASCADE_RATIO * requester.freeable_blocks:

@@ -56,7 +56,7 @@ def plan_blocks(scheduler_output: Any) -> tuple[int, int, int]:
     def blocks(jobs: Any) -> int:
         return sum(len(job.gpu_block_ids) for job in jobs)
 
-    return blocks(plan.pre_forward_loads), blocks(plan.pre_forward_stores), blocks(plan.post_forward_stores)
+    return blocks(plan.loads), blocks(plan.rescues), blocks(plan.stores)
 
 
 # Connector methods the Scheduler calls; timed when the connector defines them.
@@ -81,6 +81,7 @@ class ConnectorTimer:
     def __init__(self, connector: Any) -> None:
         self.total = 0.0
         self._depth = 0
+        self._start = 0.0
         for name in CONNECTOR_CALLS:
             method = getattr(connector, name, None)
             if callable(method):
@@ -88,16 +89,25 @@ class ConnectorTimer:
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self._depth += 1
-            start = time.perf_counter()
+            self.victim_choice_started()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._depth -= 1
-                if self._depth == 0:
-                    self.total += time.perf_counter() - start
+                self.victim_choice_finished()
 
         return timed
+
+    # The victim hook's observer interface (patches.hooks.add_victim_choice_observer): its
+    # choice is the connector's time too; calls nested in it are counted once.
+    def victim_choice_started(self) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self._start = time.perf_counter()
+
+    def victim_choice_finished(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.total += time.perf_counter() - self._start
 
 
 class SchedulerProbe:

@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_bidkv.bench.configs import RunConfig
-from vllm_bidkv.bench.metrics import RequestTiming, StepCounters, summarize
-from vllm_bidkv.bench.presets import BenchPreset
-from vllm_bidkv.bench.workloads import Workload, load_jsonl, make_workload
+from vllm_bidkv_bench.configs import RunConfig
+from vllm_bidkv_bench.metrics import RequestTiming, StepCounters, summarize
+from vllm_bidkv_bench.presets import BenchPreset
+from vllm_bidkv_bench.workloads import Workload, load_jsonl, make_workload
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
     if matrix.kind == "sim" and not any(c.ideal for c in matrix.configs):
         from dataclasses import replace
 
-        from vllm_bidkv.bench.configs import CONFIGS
+        from vllm_bidkv_bench.configs import CONFIGS
 
         matrix = replace(matrix, configs=[*matrix.configs, CONFIGS["ideal-tier"]])
     jobs = matrix.workloads()
@@ -127,8 +127,8 @@ def _sim_record(
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from vllm_bidkv.bench.costmodel import PRESETS as COST_MODELS
-    from vllm_bidkv.bench.sim import simulate
+    from vllm_bidkv_bench.costmodel import PRESETS as COST_MODELS
+    from vllm_bidkv_bench.sim import simulate
 
     cost = COST_MODELS[matrix.preset.cost_model]
     with tqdm(total=len(workload.requests), desc=config.name, leave=False, disable=not progress) as bar:
@@ -183,12 +183,12 @@ def _engine_record(
     matrix: Matrix, workload: Workload, config: RunConfig, rate: float | str, run: int
 ) -> tuple[dict[str, Any], dict[str, list[int]]]:
     if matrix.servers is not None:
-        from vllm_bidkv.bench.remote import run_config_on_server
+        from vllm_bidkv_bench.remote import run_config_on_server
 
         url = matrix.servers[config.name]
         raw = run_config_on_server(workload, config, matrix.preset, admission=matrix.admission, url=url)
     else:
-        from vllm_bidkv.bench.engine import run_config
+        from vllm_bidkv_bench.engine import run_config
 
         raw = run_config(workload, config, matrix.preset, admission=matrix.admission)
     timings = [RequestTiming(**t) for t in raw["timings"]]

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from vllm_bidkv.bench.metrics import median_records
+from vllm_bidkv_bench.metrics import median_records
 
 # (record key, column title, format) of the markdown table.
 COLUMNS: tuple[tuple[str, str, str], ...] = (

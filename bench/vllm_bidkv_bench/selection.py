@@ -13,7 +13,7 @@ Two measurements, one linearity verdict (:func:`grows_linearly`):
 A strategy is ``linear`` when its per-candidate time at the largest n is at most twice that at
 the reference n (64 if measured, else the smallest), i.e. cost grows at most linearly in n.
 
-    python -m vllm_bidkv.bench.selection --json select.json
+    python -m vllm_bidkv_bench.selection --json select.json
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vllm_bidkv.bench.args import positive_int, positive_int_list
 from vllm_bidkv.config import VICTIM_POLICIES, BidKVConfig
-from vllm_bidkv.policy.candidate import Candidate
+from vllm_bidkv.policy.candidate import Candidate, Decision
 from vllm_bidkv.policy.strategies import STRATEGIES, make_strategy
+from vllm_bidkv_bench.args import positive_int, positive_int_list
 
 
 def _reference_size(sizes: Sequence[int]) -> int:
@@ -71,12 +71,9 @@ def random_candidates(n: int, rng: random.Random) -> list[Candidate]:
                 shared_tokens=shared_blocks * BLOCK_SIZE,
                 cpu_tokens=cpu_blocks * BLOCK_SIZE,
                 offloadable_tokens=0,
-                prompt_tokens=prompt,
                 output_tokens=output,
                 max_tokens=max_tokens,
                 num_preemptions=rng.randrange(0, 3),
-                priority=0,
-                arrival_time=float(order),
             )
         )
     return out
@@ -91,6 +88,7 @@ def run_selection_bench(
     sizes = sorted(set(sizes))
     rng = random.Random(seed)
     candidate_sets = {n: random_candidates(n, rng) for n in sizes}  # every strategy sees the same sets
+    decision = Decision()  # no requester: the cap and the cascade guard stay out of the timing
     config = BidKVConfig(seed=seed)
     strategies: dict[str, dict[str, Any]] = {}
     for name in STRATEGIES:
@@ -102,7 +100,7 @@ def run_selection_bench(
             for _ in range(repeats):
                 start = time.perf_counter_ns()
                 for _ in range(calls):
-                    strategy.choose(candidates)
+                    strategy.choose(candidates, decision)
                 samples.append((time.perf_counter_ns() - start) / calls)
             ns = statistics.median(samples)
             median_us.append(ns / 1e3)
@@ -133,8 +131,8 @@ PROMPT_TOKENS = 96
 
 def _running_scheduler(n: int, policy: str) -> Any:
     from vllm_bidkv import patches
-    from vllm_bidkv.patches.standalone import build_scheduler, make_request, model_output
-    from vllm_bidkv.tiny_model import tiny_model_dir
+    from vllm_bidkv_bench.standalone import build_scheduler, make_request, model_output
+    from vllm_bidkv_bench.tiny_model import tiny_model_dir
 
     patches.apply()
     scheduler = build_scheduler(
@@ -271,6 +269,6 @@ def main_scheduler(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m vllm_bidkv.bench.selection", description=__doc__)
+    _parser = argparse.ArgumentParser(prog="python -m vllm_bidkv_bench.selection", description=__doc__)
     add_cli_args(_parser)
     raise SystemExit(main(_parser.parse_args()))

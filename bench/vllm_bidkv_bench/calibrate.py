@@ -26,11 +26,11 @@ import math
 import statistics
 from typing import Any
 
-from vllm_bidkv.bench.configs import CONFIGS
-from vllm_bidkv.bench.costmodel import CostModel
-from vllm_bidkv.bench.metrics import summarize
-from vllm_bidkv.bench.presets import BenchPreset
-from vllm_bidkv.bench.workloads import make_workload
+from vllm_bidkv_bench.configs import CONFIGS
+from vllm_bidkv_bench.costmodel import CostModel
+from vllm_bidkv_bench.metrics import summarize
+from vllm_bidkv_bench.presets import BenchPreset
+from vllm_bidkv_bench.workloads import make_workload
 
 # (offered req/s, achieved req/s, p99 TTFT ms) of stock vLLM in bidkv's calibration.
 TARGETS: tuple[tuple[float, float, float], ...] = (
@@ -49,7 +49,7 @@ def evaluate(
     targets: tuple[tuple[float, float, float], ...] = TARGETS,
 ) -> list[dict[str, Any]]:
     """Stock vLLM in the simulator at the calibration rates, next to bidkv's numbers."""
-    from vllm_bidkv.bench.sim import simulate
+    from vllm_bidkv_bench.sim import simulate
 
     rows = []
     for rate, target_rps, target_p99 in targets:

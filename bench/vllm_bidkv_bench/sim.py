@@ -55,12 +55,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vllm_bidkv.bench.configs import RunConfig
-from vllm_bidkv.bench.costmodel import CostModel
-from vllm_bidkv.bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe, StepCounters
-from vllm_bidkv.bench.presets import BenchPreset
-from vllm_bidkv.bench.workloads import FIRST_TOKEN_ID, Workload
-from vllm_bidkv.patches.standalone import build_scheduler, make_request, model_output
+from vllm_bidkv_bench.configs import RunConfig
+from vllm_bidkv_bench.costmodel import CostModel
+from vllm_bidkv_bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe, StepCounters
+from vllm_bidkv_bench.presets import BenchPreset
+from vllm_bidkv_bench.standalone import build_scheduler, make_request, model_output
+from vllm_bidkv_bench.workloads import FIRST_TOKEN_ID, Workload
 
 
 @dataclass
@@ -102,7 +102,7 @@ class SimResult:
 
 def sim_model_dir(max_model_len: int) -> str:
     """The tiny model whose config the Scheduler loads; its position limit must cover max_model_len."""
-    from vllm_bidkv.tiny_model import tiny_model_dir
+    from vllm_bidkv_bench.tiny_model import tiny_model_dir
 
     if max_model_len <= 4096:
         return str(tiny_model_dir())
@@ -277,12 +277,12 @@ class _BidKVWorker(_Worker):
         duplex = self.streams.store_free_at > now
         # Rescues and synchronous loads run on the compute stream before the forward: its
         # critical path.
-        wait = cost.copy_s(_num_blocks(plan.pre_forward_stores) * bb, to_device=False, duplex=duplex)
-        sync_loads = [job for job in plan.pre_forward_loads if not job.asynchronous]
+        wait = cost.copy_s(_num_blocks(plan.rescues) * bb, to_device=False, duplex=duplex)
+        sync_loads = [job for job in plan.loads if not job.asynchronous]
         wait += cost.copy_s(_num_blocks(sync_loads) * bb, to_device=True, duplex=duplex)
         self.load_s += wait
-        if plan.pre_forward_stores:
-            self.issued.append((now + wait, [job.job_id for job in plan.pre_forward_stores], None))
+        if plan.rescues:
+            self.issued.append((now + wait, [job.job_id for job in plan.rescues], None))
         if not self._loads_after_forward(out):
             self._start_loads(plan, now + wait)
         return wait
@@ -290,7 +290,7 @@ class _BidKVWorker(_Worker):
     def _start_loads(self, plan: Any, at: float) -> None:
         """``start_load_kv`` at ``at``: a synchronous load is done by then (``before_forward``
         waited for it); an asynchronous one starts on the load stream."""
-        for job in plan.pre_forward_loads:
+        for job in plan.loads:
             self.load_errors.update(job.unavailable_gpu_block_ids)
             finish = self.streams.load(len(job.gpu_block_ids), at) if job.asynchronous else at
             self.issued.append((finish, [job.job_id], job.request_id if job.asynchronous else None))
@@ -300,9 +300,9 @@ class _BidKVWorker(_Worker):
         if self._loads_after_forward(out):
             # The load stream waits for the forward enqueued before it on the compute stream.
             self._start_loads(plan, step_end)
-        if plan.post_forward_stores:
-            finish = self.streams.store(_num_blocks(plan.post_forward_stores), step_end)
-            self.issued.append((finish, [job.job_id for job in plan.post_forward_stores], None))
+        if plan.stores:
+            finish = self.streams.store(_num_blocks(plan.stores), step_end)
+            self.issued.append((finish, [job.job_id for job in plan.stores], None))
 
     def report(self, now: float) -> Any:
         done: dict[int, int] = {}
@@ -316,7 +316,7 @@ class _BidKVWorker(_Worker):
             return None
         from vllm.v1.outputs import KVConnectorOutput
 
-        from vllm_bidkv.connectors.bidkv_connector import BidKVWorkerMetadata
+        from vllm_bidkv.connectors.metadata import BidKVWorkerMetadata
         from vllm_bidkv.offload import JobResults
 
         output = KVConnectorOutput(
@@ -511,15 +511,13 @@ class _Simulator:
     def run(self) -> SimResult:
         from vllm_bidkv.patches import hooks
 
-        restore_hook = None
-        if self.timer is not None:
-            restore_hook = hooks._reorder_for_victim
-            hooks._reorder_for_victim = self.timer.wrap(restore_hook)
+        if self.timer is None:
+            return self._loop()
+        hooks.add_victim_choice_observer(self.timer)
         try:
             return self._loop()
         finally:
-            if restore_hook is not None:
-                hooks._reorder_for_victim = restore_hook
+            hooks.remove_victim_choice_observer(self.timer)
 
     def _next_token(self, request: Any) -> int:
         return sim_token(request.request_id, request.num_output_tokens, self.vocab)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vllm_bidkv.bench.args import byte_size, positive_float, positive_float_list, positive_int
+from vllm_bidkv_bench.args import byte_size, positive_float, positive_float_list, positive_int
 
 DEFAULT_PRESET = {"sim": "h100-llama3-8b", "engine": "cpu-tiny"}
 
@@ -26,13 +26,13 @@ def add_commands(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks that write JSON")
     kinds = bench.add_subparsers(dest="bench", required=True)
 
-    from vllm_bidkv.bench import copy as copy_bench
+    from vllm_bidkv_bench import copy as copy_bench
 
     copy = kinds.add_parser("copy", help="block-copy bandwidth per backend vs one contiguous copy")
     copy_bench.add_cli_args(copy)
     copy.set_defaults(func=copy_bench.main)
 
-    from vllm_bidkv.bench import selection
+    from vllm_bidkv_bench import selection
 
     select = kinds.add_parser("select", help="victim-selection cost per preemption vs running requests")
     selection.add_cli_args(select)
@@ -45,7 +45,7 @@ def add_commands(sub: Any) -> None:
     selection.add_scheduler_cli_args(select_e2e)
     select_e2e.set_defaults(func=selection.main_scheduler)
 
-    from vllm_bidkv.bench import soak
+    from vllm_bidkv_bench import soak
 
     soak_parser = kinds.add_parser("soak", help="OpenAI server + connector under N requests, some hung up")
     soak.add_cli_args(soak_parser)
@@ -145,7 +145,7 @@ def _fraction(text: str) -> float:
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    from vllm_bidkv.tiny_model import BUILTIN_MODELS
+    from vllm_bidkv_bench.tiny_model import BUILTIN_MODELS
 
     group = parser.add_argument_group("engine (default: the preset's)")
     group.add_argument(
@@ -178,10 +178,10 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
 def matrix_from_args(args: argparse.Namespace) -> Any:
     from dataclasses import replace
 
-    from vllm_bidkv.bench.configs import parse_configs
-    from vllm_bidkv.bench.presets import get_preset
-    from vllm_bidkv.bench.runner import Matrix
-    from vllm_bidkv.bench.workloads import WORKLOADS
+    from vllm_bidkv_bench.configs import parse_configs
+    from vllm_bidkv_bench.presets import get_preset
+    from vllm_bidkv_bench.runner import Matrix
+    from vllm_bidkv_bench.workloads import WORKLOADS
 
     preset = get_preset(args.preset or DEFAULT_PRESET[args.kind])
     trace = None
@@ -240,7 +240,7 @@ def _servers(value: str, configs: list[Any]) -> dict[str, str | None]:
 def write_outputs(
     records: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str, Any], prefix: str
 ) -> str:
-    from vllm_bidkv.bench import report
+    from vllm_bidkv_bench import report
 
     table = report.markdown_table(records)
     if args.json:
@@ -258,8 +258,8 @@ def write_outputs(
 def _run_matrix(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from vllm_bidkv.bench.report import machine_meta
-    from vllm_bidkv.bench.runner import run_matrix
+    from vllm_bidkv_bench.report import machine_meta
+    from vllm_bidkv_bench.runner import run_matrix
 
     _quiet()
     matrix = matrix_from_args(args)
@@ -281,7 +281,7 @@ SOAK_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"gpu_blocks": positive_int, 
 
 
 def _soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from vllm_bidkv.bench import soak
+    from vllm_bidkv_bench import soak
 
     for dest, check in SOAK_FLAG_TYPES.items():
         try:
@@ -294,9 +294,9 @@ def _soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import json
 
-    from vllm_bidkv.bench.calibrate import FITTED_RATE, FITTED_THROUGHPUT, fit
-    from vllm_bidkv.bench.costmodel import PRESETS as COST_MODELS
-    from vllm_bidkv.bench.presets import get_preset
+    from vllm_bidkv_bench.calibrate import FITTED_RATE, FITTED_THROUGHPUT, fit
+    from vllm_bidkv_bench.costmodel import PRESETS as COST_MODELS
+    from vllm_bidkv_bench.presets import get_preset
 
     _quiet()
     preset = get_preset(args.preset)
@@ -315,7 +315,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from vllm_bidkv.bench.workloads import make_workload, write_jsonl
+    from vllm_bidkv_bench.workloads import make_workload, write_jsonl
 
     workload = make_workload(args.workload, args.num_requests, args.rate, args.seed, args.length_scale)
     write_jsonl(workload, args.out)
@@ -324,7 +324,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from vllm_bidkv.bench.resultsdoc import SECTIONS, build_results
+    from vllm_bidkv_bench.resultsdoc import SECTIONS, build_results
 
     _quiet()
     rerun = (
@@ -341,10 +341,10 @@ DEMO_PRESETS = ("cpu-llama-chat", "cpu-llama-bursty")
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
-    from vllm_bidkv.bench.configs import parse_configs
-    from vllm_bidkv.bench.presets import get_preset
-    from vllm_bidkv.bench.report import machine_meta
-    from vllm_bidkv.bench.runner import Matrix, run_matrix
+    from vllm_bidkv_bench.configs import parse_configs
+    from vllm_bidkv_bench.presets import get_preset
+    from vllm_bidkv_bench.report import machine_meta
+    from vllm_bidkv_bench.runner import Matrix, run_matrix
 
     _quiet()
     failed = False

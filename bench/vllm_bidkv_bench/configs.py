@@ -30,7 +30,7 @@ Kinds of config:
   Each gets the preset's ``cpu_bytes``, the same CPU memory as ours. vLLM's victim rule.
   On the real engine the peer runs whole, worker included; where vLLM's own worker refuses
   the platform (``OffloadingConnector``'s CPU spec builds its worker on CUDA-alike and XPU
-  only), ``vllm-offloading*`` run with ``vllm_bidkv.bench.peer_spec``: vLLM's
+  only), ``vllm-offloading*`` run with ``vllm_bidkv_bench.peer_spec``: vLLM's
   ``CPUOffloadingSpec`` with a CPU copy handler of ours in its worker (``CPU_COPY_PEERS``).
 * ``ideal-tier``: the bound for a CPU tier with this GPU memory — BidKV's ``bidkv`` victim
   rule and lazy tier, but a tier without a size limit (``cpu_bytes`` large enough to hold
@@ -137,11 +137,11 @@ PEER_CONNECTORS = {"offloading": "OffloadingConnector", "simple-offload": "Simpl
 # Peers whose worker the real engine swaps for a CPU copy handler of ours where vLLM's own
 # refuses the platform: the ``kv_connector_extra_config`` keys that select it (vLLM's
 # ``OffloadingSpecFactory``: ``spec_name`` / ``spec_module_path``), and how reports name
-# the result. ``vllm_bidkv.bench.peer_spec`` holds the spec (vLLM's CPUOffloadingSpec, our
+# the result. ``vllm_bidkv_bench.peer_spec`` holds the spec (vLLM's CPUOffloadingSpec, our
 # worker); it is named here, not imported, so that configs need no vLLM.
 CPU_COPY_PEERS: dict[str, tuple[dict[str, str], str]] = {
     "offloading": (
-        {"spec_name": "CPUCopyOffloadingSpec", "spec_module_path": "vllm_bidkv.bench.peer_spec"},
+        {"spec_name": "CPUCopyOffloadingSpec", "spec_module_path": "vllm_bidkv_bench.peer_spec"},
         "vLLM OffloadingConnector with a CPU copy handler of ours",
     ),
 }

@@ -19,12 +19,12 @@ parts of each measured step.
 Latencies come from vLLM's per-request ``RequestOutput.metrics`` (arrival, first-token
 latency, first/last token timestamps); engine-wide counters from ``LLM.get_metrics()``.
 A vLLM peer (``vllm-offloading*``) runs whole; where vLLM's own worker refuses the platform
-(vLLM on CPU) its worker copies with ``vllm_bidkv.bench.peer_spec`` (``cpu_copy_peer``). Its
+(vLLM on CPU) its worker copies with ``vllm_bidkv_bench.peer_spec`` (``cpu_copy_peer``). Its
 own counters are recorded as ``peer_counters``, and a peer that never stored or loaded in a
 pass with preemptions fails the run (``peer_counters``).
 
 The parent (``run_config``) pickles the workload, starts
-``python -m vllm_bidkv.bench.engine JOB RESULT`` and reads the result back.
+``python -m vllm_bidkv_bench.engine JOB RESULT`` and reads the result back.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vllm_bidkv.bench.configs import CONFIGS, RunConfig
-from vllm_bidkv.bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe
-from vllm_bidkv.bench.presets import BenchPreset
-from vllm_bidkv.bench.workloads import Workload
+from vllm_bidkv_bench.configs import CONFIGS, RunConfig
+from vllm_bidkv_bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe
+from vllm_bidkv_bench.presets import BenchPreset
+from vllm_bidkv_bench.workloads import Workload
 
 # Counters of ``LLM.get_metrics()`` copied into each record (as ``metric_<name>``).
 ENGINE_METRICS = (
@@ -89,7 +89,7 @@ def run_config(
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env.update(dict(config.env))
         proc = subprocess.run(
-            [sys.executable, "-m", "vllm_bidkv.bench.engine", str(job), str(result)],
+            [sys.executable, "-m", "vllm_bidkv_bench.engine", str(job), str(result)],
             env=env,
             capture_output=True,
             text=True,
@@ -113,7 +113,7 @@ def _child(job_path: str, result_path: str) -> None:
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    from vllm_bidkv.tiny_model import model_path
+    from vllm_bidkv_bench.tiny_model import model_path
 
     cpu_copy_peer = _cpu_copy_peer()
     kv = config.kv_transfer_config(job["admission"], preset.cpu_bytes, cpu_copy_peer=cpu_copy_peer)
@@ -202,7 +202,7 @@ class StepProfile:
         self.timer: ConnectorTimer | None = None
         if scheduler.connector is not None:
             self.timer = ConnectorTimer(scheduler.connector)
-            hooks._reorder_for_victim = self.timer.wrap(hooks._reorder_for_victim)
+            hooks.add_victim_choice_observer(self.timer)  # for the child process's life
         schedule, update, step = scheduler.schedule, scheduler.update_from_output, engine.step
 
         def timed_schedule(*args: Any, **kwargs: Any) -> Any:

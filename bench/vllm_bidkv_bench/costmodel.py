@@ -18,7 +18,7 @@ alone gets ``h2d/d2h_bytes_per_s``; both at once share ``duplex_bytes_per_s``.
 
 Every number of ``H100_LLAMA3_8B`` comes from ``/work/shared/COST_FACTS.md`` (row named in
 the comment), except the two efficiency factors (achieved / peak), which are *fitted*
-(``vllm_bidkv.bench.calibrate``) so that stock vLLM in the simulator saturates where it did
+(``vllm_bidkv_bench.calibrate``) so that stock vLLM in the simulator saturates where it did
 in bidkv's own calibration of stock vLLM on its testbed (3.81 req/s achieved at 5.7
 offered). That row cannot tell compute from memory efficiency apart, so the fit scales
 both alike. No fixed per-step overhead is modelled: the row cannot separate it

@@ -68,12 +68,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vllm_bidkv.bench.configs import RunConfig
-from vllm_bidkv.bench.engine import ENGINE_METRICS
-from vllm_bidkv.bench.metrics import RequestTiming, StepCounters
-from vllm_bidkv.bench.presets import BenchPreset
-from vllm_bidkv.bench.server import get, openai_server, wait_idle
-from vllm_bidkv.bench.workloads import DEFAULT_VOCAB, Workload
+from vllm_bidkv_bench.configs import RunConfig
+from vllm_bidkv_bench.engine import ENGINE_METRICS
+from vllm_bidkv_bench.metrics import RequestTiming, StepCounters
+from vllm_bidkv_bench.presets import BenchPreset
+from vllm_bidkv_bench.server import get, openai_server, wait_idle
+from vllm_bidkv_bench.workloads import DEFAULT_VOCAB, Workload
 
 # StepCounters field <- BidKVConnector counter at /metrics.
 CONNECTOR_COUNTERS = {
@@ -89,7 +89,7 @@ def server_options(preset: BenchPreset, config: RunConfig, admission: str) -> di
 
     The same knobs ``engine._child`` gives ``vllm.LLM`` (no ``--enforce-eager`` there
     either), and the dev mode that ``/reset_prefix_cache`` needs."""
-    from vllm_bidkv.tiny_model import model_path
+    from vllm_bidkv_bench.tiny_model import model_path
 
     kv = config.kv_transfer_config(admission, preset.cpu_bytes)
     env = {"VLLM_SERVER_DEV_MODE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -21,7 +21,7 @@ CUDA the backends are torch, triton and ``per_block`` (one ``copy_``, i.e. one
 ``cudaMemcpyAsync``, per block and region).
 
     vllm-bidkv bench copy --json copy.json
-    python -m vllm_bidkv.bench.copy --json copy.json
+    python -m vllm_bidkv_bench.copy --json copy.json
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from vllm_bidkv.bench.args import positive_int
 from vllm_bidkv.kernels.block_copy import BACKENDS, copy_blocks
+from vllm_bidkv_bench.args import positive_int
 
 KIB = 1 << 10
 DEFAULT_BLOCK_COUNTS = (16, 64, 256, 1024)
@@ -317,6 +317,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m vllm_bidkv.bench.copy", description=__doc__.splitlines()[0])
+    cli = argparse.ArgumentParser(prog="python -m vllm_bidkv_bench.copy", description=__doc__.splitlines()[0])
     add_cli_args(cli)
     raise SystemExit(main(cli.parse_args()))

@@ -2,7 +2,7 @@
 
 Runs (or with ``--from-json`` re-reads) the simulator presets, the connector-cost run at
 256 running requests, the calibration check, the real-engine matrix and the demo; writes
-``results/<name>.json`` and ``.csv``, ``<name>_*.png`` and RESULTS.md with the issue's
+``results/<name>.json`` and ``.csv``, ``<name>_*.png`` and RESULTS.md with the project's
 targets evaluated from the numbers (met or missed, never adjusted). Hand-written analysis
 lives in ``results/notes.md`` and is included as is, so regenerating keeps it.
 """
@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_bidkv.bench import report
-from vllm_bidkv.bench.configs import parse_configs
-from vllm_bidkv.bench.presets import TOURNAMENTS, BenchPreset, get_preset
-from vllm_bidkv.bench.runner import Matrix, run_matrix
+from vllm_bidkv_bench import report
+from vllm_bidkv_bench.configs import parse_configs
+from vllm_bidkv_bench.presets import TOURNAMENTS, BenchPreset, get_preset
+from vllm_bidkv_bench.runner import Matrix, run_matrix
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ SECTIONS = (
         for p in TOURNAMENTS
     ),
 )
-TIE = 1.02  # issue 14: "within 2% is a tie"
+TIE = 1.02  # within 2% is a tie
 BOUNDS = ("ideal-tier", "unbounded")
 MAIN = "sim-h100-llama3-8b"
 UNTUNED = ("sim-h100-llama3-8b-multiturn", "sim-h100-llama3-8b-long")  # "a trace nobody tuned for"
@@ -147,8 +147,8 @@ def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
 
 
 def _calibration_check() -> dict[str, Any]:
-    from vllm_bidkv.bench.calibrate import evaluate, loss
-    from vllm_bidkv.bench.costmodel import PRESETS as COST_MODELS
+    from vllm_bidkv_bench.calibrate import evaluate, loss
+    from vllm_bidkv_bench.costmodel import PRESETS as COST_MODELS
 
     preset = get_preset("h100-llama3-8b")
     cost = COST_MODELS[preset.cost_model]
@@ -166,7 +166,7 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 
 def targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> list[tuple[str, ...]]:
-    """(target, rate, measured, threshold, verdict) rows of the issue's targets."""
+    """(target, rate, measured, threshold, verdict) rows of the simulator's targets."""
     out: list[tuple[str, ...]] = []
 
     def check(name: str, rate: str, value: float | None, op: str, limit: float) -> None:
@@ -318,7 +318,7 @@ def engine_profile(records: list[dict[str, Any]]) -> str:
 def tournament_targets(
     data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]],
 ) -> list[tuple[str, ...]]:
-    """(target, rate, measured, threshold, verdict) rows of issue 14's targets, per tournament."""
+    """(target, rate, measured, threshold, verdict) rows of the tournament's targets, per tournament."""
     out: list[tuple[str, ...]] = []
 
     def check(name: str, rate: str, value: float | None, op: str, limit: float, why: str = "") -> None:
@@ -396,7 +396,7 @@ def render(
     calibration: dict[str, Any] | None,
     out: Path,
 ) -> str:
-    from vllm_bidkv.bench.costmodel import PRESETS as COST_MODELS
+    from vllm_bidkv_bench.costmodel import PRESETS as COST_MODELS
 
     meta = next(iter(data.values()))[1] if data else report.machine_meta()
     lines = [
@@ -414,7 +414,7 @@ def render(
         "seed 0 (sections made before 2026-12-02 used seed r there too: each record names its seed); "
         f"admission FCFS for every config; date {meta.get('date')}",
         "",
-        "## Targets (issue #6)",
+        "## Targets: the simulator at H100 scale",
         "",
         "| target | rate | measured | threshold | verdict |",
         "|---|---|---|---|---|",
@@ -424,7 +424,7 @@ def render(
     if tournament:
         lines += [
             "",
-            "## Targets (issue #14, tournament; H100 cost model, rates below stock's saturation)",
+            "## Targets: the tournament (H100 cost model, rates below stock's saturation)",
             "",
             '"Best other" excludes the bounds (`ideal-tier`, `unbounded`); a ratio within 2% is a tie '
             "(threshold 1.02 / 0.98). `ideal-tier` = same GPU blocks, a CPU tier without a size limit, "
@@ -438,7 +438,7 @@ def render(
     if any(name in data for name in COMPUTE_BOUND):
         lines += [
             "",
-            "## Targets (issue #13, real engine, compute-bound model `llama-6x768`)",
+            "## Targets: the real engine (compute-bound model `llama-6x768`)",
             "",
             "Ratios of medians over interleaved runs (each run starts with another config); an "
             "improvement counts only where the min–max ranges of the two configs do not overlap. "
@@ -503,7 +503,7 @@ def render(
         f"| `{k}` | {v:g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in asdict(cost).items()
     ]
     lines += [f"| `kv_bytes_per_token` | {cost.kv_bytes_per_token} |"]
-    lines += ["", "Sources: `vllm_bidkv/bench/costmodel.py` (each number names its COST_FACTS row)."]
+    lines += ["", "Sources: `bench/vllm_bidkv_bench/costmodel.py` (each number names its COST_FACTS row)."]
     if calibration is not None:
         lines += [
             "",
@@ -512,7 +512,7 @@ def render(
             f"Efficiency {calibration['efficiency']:g}, fitted to stock's achieved req/s at 5.7 "
             f"(its capacity; loss {calibration['loss']:.4f}); the preset's 1000-request mixed workload, "
             "median of 3 seeds. "
-            "Method, and why the other numbers are not fitted: `vllm_bidkv/bench/calibrate.py`.",
+            "Method, and why the other numbers are not fitted: `bench/vllm_bidkv_bench/calibrate.py`.",
             "",
             "| rate | sim req/s | bidkv req/s | sim p99 TTFT ms | bidkv p99 TTFT ms |",
             "|---|---|---|---|---|",

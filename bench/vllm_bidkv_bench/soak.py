@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_bidkv.bench.server import Server, connector_config, get, openai_server, wait_idle
 from vllm_bidkv.counters import IDLE_ZERO_GAUGES
 from vllm_bidkv.top import parse_metrics
+from vllm_bidkv_bench.server import Server, connector_config, get, openai_server, wait_idle
 
 BLOCK_SIZE = 32  # tokens per KV block: the server's --block-size here
 # The fault variant's copy failures: every 5th load job and every 7th store batch fail, half
@@ -146,7 +146,7 @@ def tree_rss(pid: int) -> int:
 
 def prompt_pool(seed: int, contexts: int) -> list[str]:
     """``contexts`` prompts: 8 shared system prompts, each prompt its own context after one."""
-    from vllm_bidkv.tiny_model import synthetic_prompt
+    from vllm_bidkv_bench.tiny_model import synthetic_prompt
 
     rng = random.Random(seed)
     systems = [synthetic_prompt(rng, 60) for _ in range(8)]
@@ -496,8 +496,8 @@ async def _drive_all(
 def main(args: argparse.Namespace) -> int:
     import os
 
-    from vllm_bidkv.bench.args import byte_size
-    from vllm_bidkv.tiny_model import tiny_model_dir
+    from vllm_bidkv_bench.args import byte_size
+    from vllm_bidkv_bench.tiny_model import tiny_model_dir
 
     configs = check_args(args)
     t0 = time.monotonic()

@@ -1,0 +1,1 @@
+"""Machinery several test tiers share (not tests themselves)."""

@@ -1,0 +1,76 @@
+"""Read-only questions to the CPU tier about one request: what a hit supplies after the
+GPU prefix, and what a resume would get back if the request were preempted now."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from vllm_bidkv.context import BlockHash, RequestView
+from vllm_bidkv.offload.cpu_tier import CpuBlockTier
+
+
+def match_tokens(
+    tier: CpuBlockTier, request: RequestView, num_computed_tokens: int, block_size: int, window: int | None
+) -> int:
+    """Tokens after the GPU prefix hit the CPU tier can supply (vLLM's external hit).
+
+    The longest hit from block ``num_computed_tokens // block_size`` whose blocks are
+    READY in the tier, capped so one token is left to compute. With a sliding ``window``
+    (tokens; None: full attention), only the blocks of the window before the hit's end
+    are needed (vLLM gives the others the null block), so a hit may start past blocks the
+    tier lacks. 0 if ``num_computed_tokens`` is not block aligned (copies are whole
+    blocks). O(hit length); changes nothing.
+    """
+    bs = block_size
+    room = request.num_tokens - 1 - num_computed_tokens
+    if num_computed_tokens % bs or room <= 0:
+        return 0
+    hashes = request.block_hashes
+    first = num_computed_tokens // bs
+    last = min(len(hashes), first + math.ceil(room / bs))
+    run = hit = 0  # READY blocks in a row ending at block i; the best hit so far
+    for i in range(first, last):
+        if tier.lookup(hashes[i]) is None:
+            if window is None:
+                break
+            run = 0
+            continue
+        run += 1
+        end = min((i + 1) * bs - num_computed_tokens, room)  # tokens the hit would supply
+        needed_from = first  # the first block vLLM will not null (see get_num_skipped_tokens)
+        if window is not None:
+            needed_from = max(first, (num_computed_tokens + end - window + 1) // bs)
+        if i + 1 - needed_from <= run:
+            hit = end
+    return hit
+
+
+def restorable_tokens(
+    tier: CpuBlockTier,
+    ref_counts: Sequence[int],
+    block_hashes: Sequence[BlockHash],
+    start: int,
+    computed_blocks: int,
+    block_size: int,
+) -> tuple[int, int]:
+    """``(cpu_tokens, offloadable_tokens)`` of a running request, for the victim policy.
+
+    ``ref_counts``: of the request's blocks in order; ``start``: how many leading blocks
+    are shared (ref_cnt > 1: they stay on the GPU); ``computed_blocks``: full blocks whose
+    KV is computed. From ``start`` on, each block counts as ``cpu`` if the tier holds (or
+    is storing) its hash, else as ``offloadable`` if it is private and computed (a
+    preemption rescues it); the first block that is neither ends the run (a resume
+    restores a prefix only). Offloadable is capped by the tier size. O(blocks).
+    """
+    cpu = offloadable = 0
+    end = min(len(ref_counts), len(block_hashes))
+    for i in range(start, end):
+        if tier.contains(block_hashes[i]):
+            cpu += 1
+        elif ref_counts[i] == 1 and i < computed_blocks:
+            offloadable += 1
+        else:
+            break
+    offloadable = min(offloadable, max(0, tier.num_slots - cpu))
+    return cpu * block_size, offloadable * block_size
