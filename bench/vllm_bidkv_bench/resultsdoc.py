@@ -139,9 +139,10 @@ def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
         calibration.write_text(json.dumps(_calibration_check(), indent=1) + "\n")
     doc = out / "RESULTS.md"
     text = render(data, json.loads(calibration.read_text()) if calibration.exists() else None, out)
-    soak = results / "soak.md"  # written by `vllm-bidkv bench soak` (a long run of its own)
-    if soak.exists():
-        text += "\n" + soak.read_text()
+    # Written by `vllm-bidkv bench soak` (long runs of their own): the soak and its variants.
+    for soak in (results / "soak.md", results / "soak-variants.md"):
+        if soak.exists():
+            text += "\n" + soak.read_text()
     doc.write_text(text)
     return doc
 

@@ -98,6 +98,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results/soak.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/soak.png"))
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a temp dir)")
+    parser.add_argument(
+        "--from-json", action="store_true", help="no run: write the plot and the section again from --out"
+    )
 
 
 def check_args(args: argparse.Namespace) -> list[SoakConfig]:
@@ -436,6 +439,10 @@ def markdown(result: dict[str, Any]) -> str:
             else f"**{r['rss_slope_bytes_per_request']:+.0f}**"
         ),
     )
+    row(
+        "RSS slope over the second half, bytes/request",
+        lambda r: _signed(fit_line(r["samples"], result["requests"] / 2)),
+    )
     row("preemptions (vLLM)", lambda r: f"{r['preemptions_end'] or 0:.0f}")
 
     def counter(name: str) -> Callable[[dict[str, Any]], str]:
@@ -448,6 +455,10 @@ def markdown(result: dict[str, Any]) -> str:
     row(
         "probe outputs equal stock's",
         lambda r: "control" if r["config"] == "stock" else _yes(r["probes_equal_stock"]),
+    )
+    row(
+        "most stores / loads / pins in flight at a sample",
+        lambda r: " / ".join(f"{v:.0f}" for v in r["in_flight_max"].values()) if r["in_flight_max"] else "-",
     )
     row("idle at the end", lambda r: _yes(r["idle_at_end"]))
     row("run, s", lambda r: f"{r['run_s']:.0f}")
@@ -462,7 +473,7 @@ def markdown(result: dict[str, Any]) -> str:
             + " |"
         )
     lines = [
-        "## Soak: `vllm-bidkv bench soak`",
+        f"## Soak: {', '.join(r['config'] for r in configs)}",
         "",
         f"`vllm-bidkv bench soak --requests {result['requests']} --configs {','.join(r['config'] for r in configs)}`: "
         f"one OpenAI server per config on the same box at the same time (tiny model, float32, "
@@ -473,10 +484,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"Prompts from a pool of {result['contexts']} whose distinct blocks ({result['working_set_blocks']}) "
         f"are {result['working_set_ratio']:.1f}x the tier's {result['tier_blocks']}. RSS is each server's "
         f"process tree (API server + engine core), fitted by least squares against requests finished "
-        f"after the first {100 * result['warmup_share']:.0f}%. `bidkv-faults`: `VLLM_BIDKV_FAULTS="
-        f"{result['faults']}`. Probes: {result['probes']} prompts sent one at a time at the end, greedy. "
+        f"after the first {100 * result['warmup_share']:.0f}% (the targets' slope; the slope over the second "
+        "half is shown beside it). "
+        + (
+            f"`bidkv-faults`: `VLLM_BIDKV_FAULTS={result['faults']}`. "
+            if any(r["config"] == "bidkv-faults" for r in configs)
+            else ""
+        )
+        + f"Probes: {result['probes']} prompts sent one at a time at the end, greedy. "
         f"Load average at the end {result['loadavg_end']}; {result['wall_s']:.0f} s in all. "
-        "JSON: `docs/results/soak.json`; plot: `docs/soak.png`.",
+        f"JSON: `{result['out']}`; plot: `{result['plot']}`.",
         "",
         *rows,
     ]
@@ -487,6 +504,10 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def _signed(fit: tuple[float, float] | None) -> str:
+    return "-" if fit is None else f"{fit[0]:+.0f}"
+
+
 async def _drive_all(
     servers: dict[str, Server], plan: list[tuple[str, int | None]], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
@@ -495,6 +516,9 @@ async def _drive_all(
 
 def main(args: argparse.Namespace) -> int:
     import os
+
+    if args.from_json:
+        return write_outputs(json.loads(args.out.read_text()), args)
 
     from vllm_bidkv_bench.args import byte_size
     from vllm_bidkv_bench.tiny_model import tiny_model_dir
@@ -563,8 +587,16 @@ def main(args: argparse.Namespace) -> int:
         "configs": records,
     }
     args.out.write_text(json.dumps(result, indent=1))
+    return write_outputs(result, args)
+
+
+def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> int:
+    """The plot and the section of ``result``, a summary line per config; exit status 1 if a
+    target was missed."""
+    result.update(out=str(args.out), plot=str(args.plot))
     plot(result, args.plot)
     args.out.with_suffix(".md").write_text(markdown(result))
+    records = result["configs"]
     for record in records:
         summary = {
             k: record[k] for k in ("config", "counts", "resets", "rss_slope_bytes_per_request", "targets")

@@ -35,6 +35,14 @@ def connector(extra: dict[str, Any], by_module_path: bool = False) -> dict[str, 
     return config
 
 
+class EngineRunFailed(AssertionError):
+    """The engine process exited non-zero; ``log`` is all it printed (the message, its end)."""
+
+    def __init__(self, message: str, log: str) -> None:
+        super().__init__(message)
+        self.log = log
+
+
 @functools.cache
 def run_engine(spec_json: str, env_json: str = "{}") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +57,9 @@ def run_engine(spec_json: str, env_json: str = "{}") -> dict[str, Any]:
             timeout=1800,  # a series runs several engines
         )
         if proc.returncode != 0:
-            raise AssertionError(f"engine run failed ({spec_json}):\n{proc.stderr[-4000:]}")
+            raise EngineRunFailed(
+                f"engine run failed ({spec_json}):\n{proc.stderr[-4000:]}", proc.stdout + proc.stderr
+            )
         with open(out) as f:
             loaded = json.load(f)
         result: dict[str, Any] = {"runs": loaded} if isinstance(loaded, list) else loaded
