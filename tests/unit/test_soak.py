@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from vllm_bidkv_bench import soak
 
+pytestmark = pytest.mark.unit
+
 
 def _args(**overrides: Any) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
