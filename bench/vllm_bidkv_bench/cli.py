@@ -125,6 +125,7 @@ ENGINE_FLAGS = {
     "gpu_memory_utilization": "gpu_memory_utilization",
     "tensor_parallel_size": "tensor_parallel_size",
     "cpu_bytes": "cpu_bytes",
+    "enforce_eager": "enforce_eager",
 }
 
 
@@ -162,6 +163,12 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=_positive_int)
     group.add_argument("--gpu-memory-utilization", type=_fraction)
     group.add_argument("--tensor-parallel-size", type=_positive_int)
+    group.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="no torch.compile (vLLM's flag): each engine starts in seconds instead of ~40 s on CPU",
+    )
     group.add_argument(
         "--cpu-bytes",
         type=byte_size,

@@ -131,6 +131,7 @@ def _child(job_path: str, result_path: str) -> None:
         disable_log_stats=False,
         seed=0,
         dtype=preset.dtype,
+        enforce_eager=preset.enforce_eager,
         kv_transfer_config=KVTransferConfig(**kv) if kv else None,
     )
     start_s = time.perf_counter() - started

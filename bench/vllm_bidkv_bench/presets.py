@@ -80,6 +80,8 @@ class BenchPreset:
     gpu_memory_utilization: float = 0.3
     """The CPU backend reserves this share of RAM for KV (0.92 failed here)."""
     tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    """vLLM's ``enforce_eager``: off by default, so the model runs compiled as users serve it."""
 
     @property
     def unbounded_blocks(self) -> int:

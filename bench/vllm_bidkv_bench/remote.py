@@ -106,7 +106,7 @@ def server_options(preset: BenchPreset, config: RunConfig, admission: str) -> di
         "max_num_batched_tokens": preset.max_num_batched_tokens,
         "gpu_memory_utilization": preset.gpu_memory_utilization,
         "tensor_parallel_size": preset.tensor_parallel_size,
-        "enforce_eager": False,
+        "enforce_eager": preset.enforce_eager,
         "env": env,
     }
 

@@ -30,7 +30,7 @@ from vllm_bidkv_bench.workloads import ChatSessions, SessionPlan, TraceRequest, 
 
 pytestmark = pytest.mark.engine
 
-PRESET = replace(get_preset("cpu-tiny"), num_requests=12)
+PRESET = replace(get_preset("cpu-tiny"), num_requests=12, enforce_eager=True)
 CONFIG = CONFIGS["bidkv+offload"]
 
 
