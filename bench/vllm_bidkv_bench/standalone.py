@@ -32,13 +32,16 @@ def build_scheduler(
     log_stats: bool = False,
     sliding_window: int | None = None,
     async_scheduling: bool = False,
+    kv_events_config: Mapping[str, Any] | None = None,
 ) -> Any:
     """``async_scheduling``: vLLM's ``AsyncScheduler`` (schedules step N+1 before step N's
-    output arrives, as on GPUs); the driver then calls ``update_from_output`` one step late."""
+    output arrives, as on GPUs); the driver then calls ``update_from_output`` one step late.
+    ``kv_events_config``: vLLM's ``KVEventsConfig`` fields (the Scheduler publishes KV events)."""
     import torch
     from vllm.config import (
         CacheConfig,
         DeviceConfig,
+        KVEventsConfig,
         KVTransferConfig,
         ModelConfig,
         SchedulerConfig,
@@ -71,6 +74,7 @@ def build_scheduler(
         cache_config=cache_config,
         device_config=DeviceConfig("cpu"),
         kv_transfer_config=KVTransferConfig(**kv_transfer_config) if kv_transfer_config else None,
+        **({"kv_events_config": KVEventsConfig(**kv_events_config)} if kv_events_config else {}),
     )
     shape = {"block_size": block_size, "num_kv_heads": num_kv_heads, "head_size": head_size}
     spec = (  # every layer full attention, or every layer sliding window (one group either way)

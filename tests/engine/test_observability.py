@@ -1,11 +1,14 @@
-"""The tier's gauges, clients that hang up, and ``vllm-bidkv top``: one OpenAI server for all.
+"""The tier's gauges, clients that hang up, ``vllm-bidkv top`` and the tier's KV events: one
+OpenAI server for all.
 
-The server runs the tiny model (float32) with BidKVConnector (lazy offload, 64 MiB tier)
-under KV pressure (36 blocks of 32 tokens, 16 sequences). Three waves of streaming
+The server runs the tiny model (float32) with BidKVConnector (lazy offload, a 4 MiB tier of
+64 blocks, less than the run stores) under KV pressure (36 blocks of 32 tokens, 16
+sequences), with vLLM's KV events published over ZMQ on loopback. Three waves of streaming
 requests, most dropped by the client mid-stream while requests are preempted, rescued,
-stored and loaded; afterwards the server must be idle in every respect (vLLM's KV usage
-and running requests, every ``vllm:bidkv_*`` gauge, no per-request record left) and
-deterministic prompts must return the completions they returned before the waves.
+stored, evicted and loaded; afterwards the server must be idle in every respect (vLLM's KV
+usage and running requests, every ``vllm:bidkv_*`` gauge, no per-request record left),
+deterministic prompts must return the completions they returned before the waves, and a
+subscriber that saw every event batch must know exactly what the CPU tier holds.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from vllm_bidkv_bench.server import connector_config, get, openai_server, wait_idle
+from vllm_bidkv_bench.server import connector_config, free_port, get, openai_server, wait_idle
 
 from vllm_bidkv.counters import GAUGES, IDLE_ZERO_GAUGES
 from vllm_bidkv.top import parse_metrics
@@ -31,16 +36,62 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 WAVES, PER_WAVE, DROPPED_PER_WAVE, WAVE_TOKENS = 3, 16, 12, 96
 
 
+class EventSubscriber:
+    """A router's view: vLLM's KV event batches on a ZMQ SUB socket (pyzmq, msgspec), read in a
+    thread; ``seqs`` numbers every batch the publisher sent. It binds the loopback endpoint
+    before the server starts (vLLM's publisher connects to an endpoint without a wildcard),
+    so no batch goes out before it listens."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+
+        self.seqs: list[int] = []
+        self.batches: list[Any] = []
+        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.bind(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        import msgspec
+        from vllm.distributed.kv_events import KVEventBatch
+
+        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        while not self._stop.is_set():
+            if self._socket.poll(100):
+                _topic, seq, payload = self._socket.recv_multipart()
+                self.seqs.append(int.from_bytes(seq, "big"))
+                self.batches.append(decoder.decode(payload))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     log = tmp_path_factory.mktemp("observability") / "server.log"
     # Every copy reported one step late (the test hook), as CUDA events would be: the server's
     # engine loop keeps stepping while they are in flight, so the idle gauges still reach 0.
     delayed = {"VLLM_BIDKV_FAULTS": json.dumps({"complete_after_steps": 1}), "VLLM_BIDKV_TEST_HOOKS": "1"}
-    with openai_server(
-        tiny_model, connector_config({"cpu_bytes": "64MiB", "offload_mode": "lazy"}), log, env=delayed
-    ) as running:
-        yield {"url": running.url, "model": tiny_model, "log": log}
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint}
+    subscriber = EventSubscriber(endpoint)
+    try:
+        with openai_server(
+            tiny_model,
+            connector_config({"cpu_bytes": "4MiB", "offload_mode": "lazy"}),
+            log,
+            kv_events_config=events,
+            env=delayed,
+        ) as running:
+            time.sleep(1.0)  # the publisher's connection and our subscription, before any request
+            yield {"url": running.url, "model": tiny_model, "log": log, "events": subscriber}
+    finally:
+        subscriber.close()
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -167,7 +218,7 @@ def test_every_gauge_is_exported_and_consistent_at_idle(after_waves: dict[str, A
         final["vllm:bidkv_tier_used_bytes"],
         final["vllm:bidkv_tier_entries"],
     )
-    assert capacity >= 64 * 2**20 - 2**20 and 0 < used <= capacity  # 64 MiB of whole blocks
+    assert capacity == 4 * 2**20 and 0 < used <= capacity  # 64 blocks of 64 KiB
     assert entries > 0 and used % entries == 0 and capacity % (used // entries) == 0
     assert {g: final[f"vllm:bidkv_{g}"] for g in IDLE_ZERO_GAUGES} == dict.fromkeys(IDLE_ZERO_GAUGES, 0.0)
 
@@ -206,3 +257,32 @@ def test_top_once_prints_the_tier_and_counters(server: dict[str, Any], after_wav
     vllm_preempt, policy_preempt = rows["preemptions (vLLM / policy)"].split(" / ")
     assert int(vllm_preempt) == final["vllm:num_preemptions_total"] > 0
     assert int(policy_preempt) == final["vllm:bidkv_preemptions_total"]
+
+
+def test_a_subscriber_knows_what_the_cpu_tier_holds(
+    server: dict[str, Any], after_waves: dict[str, Any]
+) -> None:
+    """vLLM's KV events over ZMQ: every block the tier stored is announced with medium CPU
+    under a hash vLLM's GPU events announced for that block, every eviction removes one, and
+    at idle the announced set is the tier's contents (its size: the tier_entries gauge)."""
+    final, subscriber = after_waves["final"], server["events"]
+    time.sleep(1.0)  # the last step's batch leaves the publisher's thread
+    assert subscriber.seqs == list(range(len(subscriber.seqs))) != [], "a batch was missed"
+    gpu, cpu, stored, removed = set(), set(), 0, 0
+    for batch in subscriber.batches:
+        for event in batch.events:
+            kind, medium = type(event).__name__, getattr(event, "medium", None)
+            if kind == "BlockStored" and medium == "GPU":
+                gpu.update(event.block_hashes)
+            elif kind == "BlockStored" and medium == "CPU":
+                assert set(event.block_hashes) <= gpu, "a CPU hash no GPU event announced"
+                assert not cpu & set(event.block_hashes), "stored twice without a removal"
+                cpu.update(event.block_hashes)
+                stored += len(event.block_hashes)
+            elif kind == "BlockRemoved" and medium == "CPU":
+                assert set(event.block_hashes) <= cpu, "removed what was never stored"
+                cpu.difference_update(event.block_hashes)
+                removed += len(event.block_hashes)
+    assert stored == final["vllm:bidkv_blocks_stored_total"] > 64
+    assert removed == final["vllm:bidkv_cpu_evictions_total"] > 0
+    assert len(cpu) == final["vllm:bidkv_tier_entries"] == stored - removed

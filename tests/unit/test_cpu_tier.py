@@ -235,7 +235,8 @@ class TierModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tier = CpuBlockTier(4, eviction="bid")
+        self.tier = CpuBlockTier(4, eviction="bid", announce=True)
+        self.announced: set[bytes] = set()  # replayed from take_announcements (KV events)
         self.order: list[int] = []  # evictable slots, LRU first, across both queues' rules
         self.pending: set[int] = set()
         self.pins: dict[int, int] = {}
@@ -299,6 +300,16 @@ class TierModel(RuleBasedStateMachine):
             if alive and not drop:
                 self.order.append(slot)
 
+    @precondition(lambda self: self.order or any(self.tier.hash_of(s) for s in self.pins))
+    @rule(data=st.data())
+    def drop(self, data: st.DataObject) -> None:
+        live_pins = {s for s in self.pins if self.tier.hash_of(s) is not None}
+        slot = data.draw(st.sampled_from(sorted(set(self.order) | live_pins)))
+        block_hash = self.tier.hash_of(slot)
+        assert block_hash is not None and self.tier.drop(block_hash)
+        if slot in self.order:
+            self.order.remove(slot)
+
     @precondition(lambda self: self.order)
     @rule(data=st.data())
     def mark_used(self, data: st.DataObject) -> None:
@@ -330,6 +341,18 @@ class TierModel(RuleBasedStateMachine):
         self.tier.check()
         assert self.tier.num_used <= self.tier.num_slots
         assert self.tier.num_pins == sum(self.pins.values())
+
+    @invariant()
+    def announced_set_is_the_ready_set(self) -> None:
+        for block_hash, stored in self.tier.take_announcements():
+            if stored:
+                assert block_hash not in self.announced, "stored twice without a removal"
+                self.announced.add(block_hash)
+            else:
+                self.announced.remove(block_hash)
+        slots = range(self.tier.num_slots)
+        ready = {b for s in slots if (b := self.tier.hash_of(s)) is not None and self.tier.lookup(b) == s}
+        assert self.announced == ready
 
 
 TierModel.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

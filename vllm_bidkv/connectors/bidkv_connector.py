@@ -115,6 +115,9 @@ class BidKVConnector(KVConnectorBase_V1):
     def give_up_copies(self) -> None:
         self._sched.give_up_copies()
 
+    def take_events(self) -> list[Any]:
+        return self.scheduler_role.take_events() if self.scheduler_role is not None else []
+
     # ------------------------------------------------------------------- worker
     def _bound_metadata(self) -> KVConnectorMetadata | None:
         return self._get_connector_metadata() if self.has_connector_metadata() else None

@@ -82,4 +82,7 @@ def offload_spec(
         block_bytes=_block_bytes(kv_cache_config) * world_size,
         world_size=world_size,
         sliding_window=window,
+        # vLLM publishes what take_events returns (every release since 0.13) only with events on.
+        announce=caps.connector_kv_events
+        and bool(getattr(vllm_config.kv_events_config, "enable_kv_cache_events", False)),
     )

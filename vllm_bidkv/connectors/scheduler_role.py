@@ -21,6 +21,7 @@ from vllm_bidkv.connectors.stats import BidKVStats, StatsReporter
 from vllm_bidkv.context import SchedulerContext
 from vllm_bidkv.offload import OffloadSpec
 from vllm_bidkv.patches import hooks
+from vllm_bidkv.patches.kv_events import tier_events
 from vllm_bidkv.patches.scheduler_output import step_events
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide
 
@@ -112,6 +113,12 @@ class SchedulerRole:
     def reset_cache(self) -> bool:
         self._bound.reset()
         return True
+
+    def take_events(self) -> list[Any]:
+        """The CPU tier's changes since the last call as KV events; vLLM's Scheduler publishes
+        them after each step's output (the tier keeps none unless vLLM's KV events are on)."""
+        planner = self.side.planner
+        return tier_events(planner.tier.take_announcements()) if planner is not None else []
 
     def get_kv_connector_stats(self) -> BidKVStats | None:
         """Counter deltas, and the gauges when they changed; None when nothing changed."""

@@ -19,13 +19,15 @@ its protection selects. Protection counts are kept per hash and may name hashes
 the tier does not hold (yet): a preempted request's blocks are protected before
 a lazy store parks them.
 
+With ``announce``, each change of the READY set is kept in order for ``take_announcements``
+(published as vLLM KV events: the announced set is the READY set).
+
 Eviction is LRU over two O(1) queues (``OrderedDict``, oldest first): with
 ``eviction="bid"`` protected entries sit in their own queue, evicted only when
 the unprotected one is empty; with ``"lru"`` protection changes nothing. A slot
 enters its queue at the MRU end when it becomes evictable (commit, last unpin,
-change of protection), so each of those counts as a use. Everything but
-``check`` and ``reset`` is O(1) per hash or slot, except taking and returning a
-free slot, O(log slots).
+change of protection), so each of those counts as a use. All but ``check`` and ``reset``
+is O(1) per hash or slot; taking and returning a free slot is O(log slots).
 
 Free slots are handed out lowest first (a min-heap) because the workers copy a
 job's blocks in one pass when the tier side of the job is a run of consecutive
@@ -34,11 +36,10 @@ job come back to back with no release between them, so lowest-first gives slot
 s+1 right after s whenever s+1 is free: a burst on a fresh or emptied tier is
 0, 1, 2, ..., and elsewhere it walks the free runs in order. Lowest-first (first
 fit) also packs the used slots at the bottom, so the slots freed by drops and
-aborts refill the holes they left and the top stays one free run. A stack (LIFO)
-would hand back the last freed slots, in reverse and scattered; a structure of
-free runs (best fit for the burst) would need the burst's length, which the
-planner does not know in advance. Once the tier is full, slots come from
-eviction, in LRU order: a store's slots were committed in slot order, so they
+aborts refill the holes they left and the top stays one free run. A stack (LIFO) would
+hand back the last freed slots, in reverse and scattered; best fit over free runs would
+need the burst's length, which the planner does not know. Once the tier is full, slots
+come from eviction, in LRU order: a store's slots were committed in slot order, so they
 leave as runs too, broken where hits or loads moved entries to the MRU end.
 """
 
@@ -72,7 +73,9 @@ def num_slots_for(cpu_bytes: int, block_bytes: int) -> int:
 class CpuBlockTier:
     """Slots of the CPU tier: states, hash index, pins, LRU/bid eviction (see module doc)."""
 
-    def __init__(self, num_slots: int, eviction: str = "lru", counters: Counters | None = None) -> None:
+    def __init__(
+        self, num_slots: int, eviction: str = "lru", counters: Counters | None = None, announce: bool = False
+    ) -> None:
         if num_slots < 1:
             raise ValueError(f"vllm-bidkv: the CPU tier needs at least one slot, got num_slots={num_slots}")
         if eviction not in CPU_EVICTIONS:
@@ -96,6 +99,8 @@ class CpuBlockTier:
         self._protect: dict[BlockHash, int] = {}
         self.counters = counters if counters is not None else Counters()  # counts ``cpu_evictions``
         self.num_pins = 0  # sum of pin counts
+        # (hash, stored) per change of the READY set since the last take; None: not kept.
+        self._announcements: list[tuple[BlockHash, bool]] | None = [] if announce else None
 
     # -- queries -----------------------------------------------------------
     @property
@@ -153,6 +158,7 @@ class CpuBlockTier:
             assert old is not None
             del self._slot_of[old]
             self.counters.add("cpu_evictions")
+            self._announce(old, stored=False)
         self._state[slot] = _PENDING
         self._hash[slot] = block_hash
         self._slot_of[block_hash] = slot
@@ -163,6 +169,7 @@ class CpuBlockTier:
         self._expect(slot, _PENDING, "commit")
         self._state[slot] = _READY
         self._enqueue(slot)
+        self._announce(self._hash[slot], stored=True)
 
     def abort(self, slot: int) -> None:
         """The store into ``slot`` failed: the entry is dropped, the slot is free."""
@@ -212,6 +219,7 @@ class CpuBlockTier:
         if self._pins[slot]:
             self._orphan(slot)
         else:
+            self._announce(block_hash, stored=False)
             self._dequeue(slot)
             self._release(slot)
         return True
@@ -222,6 +230,12 @@ class CpuBlockTier:
         for block_hash in ready:
             self.drop(block_hash)
         return len(ready)
+
+    def take_announcements(self) -> list[tuple[BlockHash, bool]]:
+        """The changes of the READY set since the last call, oldest first: (hash, stored)."""
+        taken = self._announcements or []
+        self._announcements = None if self._announcements is None else []
+        return taken
 
     # -- protection (bid eviction) -------------------------------------------
     def protect(self, hashes: Iterable[BlockHash]) -> None:
@@ -314,9 +328,15 @@ class CpuBlockTier:
             self._dequeue(slot)
             self._enqueue(slot)
 
-    def _orphan(self, slot: int) -> None:
+    def _announce(self, block_hash: BlockHash | None, *, stored: bool) -> None:
+        if self._announcements is not None:
+            assert block_hash is not None
+            self._announcements.append((block_hash, stored))
+
+    def _orphan(self, slot: int) -> None:  # READY -> ORPHAN: no longer a hit
         block_hash = self._hash[slot]
         assert block_hash is not None
+        self._announce(block_hash, stored=False)
         del self._slot_of[block_hash]
         self._hash[slot] = None
         self._state[slot] = _ORPHAN

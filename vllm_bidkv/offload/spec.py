@@ -30,6 +30,8 @@ class OffloadSpec:
     """The lazy walk's floor, whatever the consumption."""
     sliding_window: int | None = None
     """Tokens every layer attends to; None: full attention."""
+    announce: bool = False
+    """Keep the tier's changes for vLLM's KV events (``--kv-events-config`` is on)."""
 
     def __post_init__(self) -> None:
         checks = (
@@ -54,6 +56,7 @@ class OffloadSpec:
         world_size: int = 1,
         sliding_window: int | None = None,
         min_clean_blocks: int = 16,
+        announce: bool = False,
     ) -> OffloadSpec | None:
         """The spec of ``config`` with the engine's facts; None when offload is off."""
         if not config.offload_enabled:
@@ -67,4 +70,5 @@ class OffloadSpec:
             lookahead_steps=config.lazy_lookahead_steps,
             min_clean_blocks=min_clean_blocks,
             sliding_window=sliding_window,
+            announce=announce,
         )

@@ -108,6 +108,11 @@ class Capabilities:
     # Scheduler.has_requests() asks connector.has_pending_push_work(), so the engine keeps
     # stepping while copies are in flight (0.32+); before, the bind hook wraps has_requests.
     connector_keeps_engine_stepping: bool
+    # The Scheduler publishes connector.take_events() with its own KV events (the CPU tier's
+    # BlockStored/BlockRemoved); BlockStored takes lora_name (0.18+) and both take group_idx (0.24+).
+    connector_kv_events: bool
+    kv_event_lora_name: bool
+    kv_event_group_idx: bool
     # A vLLM carrying patches/vllm-*-scheduler-context.patch binds the connector itself
     # (and asks it for victims and admission order): the runtime patches stand down.
     vllm_binds_context: bool
@@ -227,6 +232,12 @@ def probe() -> Capabilities:
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
+    try:
+        from vllm.distributed.kv_events import BlockStored
+
+        event_fields = set(BlockStored.__struct_fields__)
+    except ImportError:
+        event_fields = set()
     read = Reading()
     queue_init = kv_cache_utils.FreeKVCacheBlockQueue.__init__
     init = inspect.unwrap(Scheduler.__init__)  # vLLM's, not our bind hook
@@ -293,6 +304,14 @@ def probe() -> Capabilities:
             source_mentions(has_requests, ".has_pending_push_work()"),
             contains(code_names(has_requests), "has_pending_push_work"),
         ),
+        connector_kv_events=bool(event_fields)
+        and read(
+            "connector_kv_events",
+            source_mentions(Scheduler.update_from_output, "connector.take_events()"),
+            contains(code_names(Scheduler.update_from_output), "take_events"),
+        ),
+        kv_event_lora_name="lora_name" in event_fields,
+        kv_event_group_idx="group_idx" in event_fields,
         vllm_binds_context=hasattr(base, "bind_scheduler_context")
         and read(
             "vllm_binds_context",
