@@ -9,9 +9,9 @@ capability table; setup and test wall time) goes to ``<cache>/results.json``;
 docs/COMPAT.md and docs/SUPPORTED.txt are rendered from it. Exit status 1 if any
 listed release could not be installed or any of its tiers failed (or ran no test).
 Every release's environment is built in the background while the first release (the
-main .venv, nothing to install) runs its tests. Releases run ``--jobs`` at a time, longest
-first: vLLM's CPU worker computes on one torch thread, so an engine test keeps about one of
-the two cores busy and the other rows' tests use the other.
+main .venv, nothing to install) runs its tests. With ``--jobs`` 2 (the default on two
+cores) the main row runs beside the Scheduler-level rows, then the other engine rows; every
+test process then computes on one OpenMP thread (``OMP_NUM_THREADS=1``).
 The facts `vllm-bidkv doctor` needs ship in the package as ``vllm_bidkv/compat.json``.
 """
 
@@ -234,7 +234,10 @@ def run_tiers(release: Release, env: Env, out: Path, log: Path, single_thread: b
         BIDKV_TIER_REPORT=str(report),
         PYTHONPATH=os.pathsep.join(p for p in (str(CI_DIR), env.env.get("PYTHONPATH", "")) if p),
     )
-    if single_thread:  # two releases share the two cores
+    if single_thread:
+        # Releases share the cores. vLLM's CPU worker computes on as many OpenMP threads as
+        # there are cores: two engines at once then spin against each other (a 10x slowdown
+        # here), while one thread each costs an engine test nothing on the tiny models.
         run_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [
         env.python,
@@ -606,10 +609,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     cache_was_empty = not any(cache.glob("envs/*")) and not any(cache.glob("wheels/*"))
     full = [r for r in releases if r.full]
-    light = [r for r in releases if not r.full]
-    # One builder: installs are disk-bound and the tests running beside them need the cores.
+    # The main row (every engine test, most of CI) starts first; the Scheduler-level rows run
+    # beside it, then the other engine rows, so two engines rarely run at once.
+    order = full[:1] + [r for r in releases if not r.full] + full[1:]
+    # One builder, in that order: installs are disk-bound and the tests beside them need the cores.
     builder = ThreadPoolExecutor(max_workers=1)
-    envs = {r.key: builder.submit(build_release_env, r, cache) for r in full + light}
+    envs = {r.key: builder.submit(build_release_env, r, cache) for r in order}
 
     def run(release: Release, single_thread: bool) -> None:
         env, result = envs[release.key].result()
@@ -623,10 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         if not result["ok"]:  # CI shows only this output: say why here, not only in the log
             print(failure_report(result, cache / "results" / f"{release.key}.log"), flush=True)
 
-    # The main row (every engine test) starts first and the other lane works through the rest
-    # beside it: one at a time, an engine row left a core idle for most of CI.
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        list(pool.map(lambda r: run(r, args.jobs > 1 and not r.full), full + light))
+        list(pool.map(lambda r: run(r, args.jobs > 1), order))
     builder.shutdown()
 
     ordered = [results[r.key] for r in releases]
