@@ -156,6 +156,16 @@ def prompt_pool(seed: int, contexts: int) -> list[str]:
     return [systems[i % 8] + " " + synthetic_prompt(rng, rng.randint(40, 160)) for i in range(contexts)]
 
 
+def kv_block_bytes(model_dir: str, block_size: int, dtype_bytes: int = 4) -> int:
+    """Bytes of one KV block of the model in ``model_dir``, from its ``config.json`` (float32 by
+    default, as the soak's servers run): layers x (K, V) x KV heads x head size x tokens."""
+    config = json.loads(Path(model_dir, "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_size = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return int(config["num_hidden_layers"] * 2 * kv_heads * head_size * dtype_bytes * block_size)
+
+
 def working_set_blocks(model: str, prompts: list[str]) -> int:
     """Distinct full KV blocks of ``prompts`` (vLLM's prefix-cache unit) under the model's tokenizer."""
     from transformers import AutoTokenizer
@@ -530,8 +540,7 @@ def main(args: argparse.Namespace) -> int:
     plan = request_plan(args, pool)
     probes = pool[: args.probes // 2] + prompt_pool(args.seed + 1, args.probes - args.probes // 2)
     blocks = working_set_blocks(model, pool)
-    # The tiny model's KV per block: 2 layers x (K, V) x 2 KV heads x 64 dims x 4 bytes x 32 tokens.
-    tier_blocks = byte_size(args.cpu_bytes) // (2 * 2 * 2 * 64 * 4 * BLOCK_SIZE)
+    tier_blocks = byte_size(args.cpu_bytes) // kv_block_bytes(model, BLOCK_SIZE)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm-bidkv-soak-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

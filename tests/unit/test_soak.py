@@ -84,3 +84,16 @@ def test_targets_count_every_request_and_judge_the_slope_against_stock() -> None
     failed = _record("bidkv-lazy", 0.0, completed=7999, cancelled=2000, failed=1)
     met = soak.targets(failed, stock, args)
     assert met["every request accounted for"] and not met["0 failed that were not cancelled"]
+
+
+def test_the_tiers_size_in_blocks_comes_from_the_models_own_shape(tmp_path: Any) -> None:
+    """The tiny model (2 layers, 4 heads of 64, 2 KV heads) has 64 KiB blocks of 32 float32
+    tokens, which is what the servers report; another shape gives its own size."""
+    import json
+
+    tiny = {"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(tiny))
+    assert soak.kv_block_bytes(str(tmp_path), 32) == 64 * 1024
+    other = {"num_hidden_layers": 6, "hidden_size": 768, "num_attention_heads": 12, "head_dim": 32}
+    (tmp_path / "config.json").write_text(json.dumps(other))
+    assert soak.kv_block_bytes(str(tmp_path), 16, dtype_bytes=2) == 6 * 2 * 12 * 32 * 2 * 16
