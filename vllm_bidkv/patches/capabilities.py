@@ -235,7 +235,7 @@ def probe() -> Capabilities:
     try:
         from vllm.distributed.kv_events import BlockStored
 
-        event_fields = set(BlockStored.__struct_fields__)
+        event_fields = set(getattr(BlockStored, "__struct_fields__", ()))  # a msgspec Struct
     except ImportError:
         event_fields = set()
     read = Reading()
