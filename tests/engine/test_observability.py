@@ -28,6 +28,7 @@ import httpx
 import pytest
 from vllm_bidkv_bench.server import connector_config, free_port, get, openai_server, wait_idle
 
+from tests.support.kv_events import Announced
 from vllm_bidkv.counters import GAUGES, IDLE_ZERO_GAUGES
 from vllm_bidkv.top import parse_metrics
 
@@ -268,21 +269,11 @@ def test_a_subscriber_knows_what_the_cpu_tier_holds(
     final, subscriber = after_waves["final"], server["events"]
     time.sleep(1.0)  # the last step's batch leaves the publisher's thread
     assert subscriber.seqs == list(range(len(subscriber.seqs))) != [], "a batch was missed"
-    gpu, cpu, stored, removed = set(), set(), 0, 0
+    announced = Announced()
     for batch in subscriber.batches:
-        for event in batch.events:
-            kind, medium = type(event).__name__, getattr(event, "medium", None)
-            if kind == "BlockStored" and medium == "GPU":
-                gpu.update(event.block_hashes)
-            elif kind == "BlockStored" and medium == "CPU":
-                assert set(event.block_hashes) <= gpu, "a CPU hash no GPU event announced"
-                assert not cpu & set(event.block_hashes), "stored twice without a removal"
-                cpu.update(event.block_hashes)
-                stored += len(event.block_hashes)
-            elif kind == "BlockRemoved" and medium == "CPU":
-                assert set(event.block_hashes) <= cpu, "removed what was never stored"
-                cpu.difference_update(event.block_hashes)
-                removed += len(event.block_hashes)
-    assert stored == final["vllm:bidkv_blocks_stored_total"] > 64
-    assert removed == final["vllm:bidkv_cpu_evictions_total"] > 0
-    assert len(cpu) == final["vllm:bidkv_tier_entries"] == stored - removed
+        announced.take(batch.events)
+    assert announced.cpu_stored == final["vllm:bidkv_blocks_stored_total"] > 64
+    assert announced.cpu_removed == final["vllm:bidkv_cpu_evictions_total"] > 0
+    assert (
+        len(announced.cpu) == final["vllm:bidkv_tier_entries"] == announced.cpu_stored - announced.cpu_removed
+    )

@@ -2,7 +2,7 @@
 
 With ``kv_events_config`` on, the Scheduler publishes its block pool's events and the
 connector's ``take_events()`` after every step. The publisher here is vLLM's null one with
-its ``publish`` recorded (the ZMQ path and a real subscriber: tests/engine/test_kv_events.py).
+its ``publish`` recorded (the ZMQ path and a real subscriber: tests/engine/test_observability.py).
 A stand-in worker reports the copies two steps late (no model runs at this tier).
 """
 
@@ -15,38 +15,11 @@ import pytest
 from tests.sched.conftest import add_requests
 from tests.sched.test_connector_scheduler import DelayedCopyWorker, add_again, run_step
 from tests.sched.test_victim import assert_drained, connector_config
+from tests.support.kv_events import Announced
 from vllm_bidkv.patches.capabilities import probe
 
 pytestmark = [pytest.mark.sched, pytest.mark.usefixtures("offload_supported")]
 EVENTS_ON = {"enable_kv_cache_events": True, "publisher": "null"}
-
-
-class Announced:
-    """What a router learns from the published batches: GPU hashes ever stored, and the set
-    of hashes the CPU tier holds (stored, not yet removed)."""
-
-    def __init__(self) -> None:
-        self.gpu_seen: set[Any] = set()
-        self.cpu: set[Any] = set()
-        self.cpu_stored = self.cpu_removed = 0
-
-    def take(self, batch: Any) -> None:
-        from vllm.distributed.kv_events import BlockRemoved, BlockStored
-
-        for event in batch.events:
-            if isinstance(event, BlockStored) and event.medium == "CPU":
-                assert event.token_ids == [] and event.block_size == 0 and event.parent_block_hash is None
-                for block_hash in event.block_hashes:
-                    assert block_hash in self.gpu_seen, "a CPU hash no GPU event announced"
-                    assert block_hash not in self.cpu, "stored twice without a removal"
-                    self.cpu.add(block_hash)
-                    self.cpu_stored += 1
-            elif isinstance(event, BlockRemoved) and event.medium == "CPU":
-                for block_hash in event.block_hashes:
-                    self.cpu.remove(block_hash)  # KeyError: removed what was never stored
-                    self.cpu_removed += 1
-            elif isinstance(event, BlockStored):
-                self.gpu_seen.update(event.block_hashes)
 
 
 def ready_hashes(tier: Any) -> set[Any]:
@@ -75,7 +48,7 @@ def test_the_announced_set_is_the_tiers_contents_after_every_step(make_scheduler
     publish = scheduler.kv_event_publisher.publish
 
     def record(batch: Any) -> None:
-        announced.take(batch)
+        announced.take(batch.events)
         publish(batch)
 
     scheduler.kv_event_publisher.publish = record
@@ -98,8 +71,7 @@ def test_the_announced_set_is_the_tiers_contents_after_every_step(make_scheduler
     # A reset of the connector's cache (vLLM's reset_prefix_cache(reset_connector=True) calls
     # it) drops every entry: the connector's next events remove them all.
     assert scheduler.connector.reset_cache()
-    for event in scheduler.connector.take_events():
-        announced.take(type("Batch", (), {"events": [event]}))
+    announced.take(scheduler.connector.take_events())
     assert announced.cpu == set() == ready_hashes(tier)
 
 

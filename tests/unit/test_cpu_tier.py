@@ -278,11 +278,14 @@ class TierModel(RuleBasedStateMachine):
         else:
             self.tier.abort(slot)
 
-    @precondition(lambda self: self.order or any(self.tier.hash_of(s) for s in self.pins))
+    def _ready(self) -> list[int]:
+        """READY slots: evictable ones and pinned ones still holding their hash."""
+        return sorted(set(self.order) | {s for s in self.pins if self.tier.hash_of(s) is not None})
+
+    @precondition(lambda self: self._ready())
     @rule(data=st.data())
     def pin(self, data: st.DataObject) -> None:
-        live_pins = {s for s in self.pins if self.tier.hash_of(s) is not None}
-        slot = data.draw(st.sampled_from(sorted(set(self.order) | live_pins)))
+        slot = data.draw(st.sampled_from(self._ready()))
         self.tier.pin(slot)
         if slot in self.order:
             self.order.remove(slot)
@@ -300,11 +303,10 @@ class TierModel(RuleBasedStateMachine):
             if alive and not drop:
                 self.order.append(slot)
 
-    @precondition(lambda self: self.order or any(self.tier.hash_of(s) for s in self.pins))
+    @precondition(lambda self: self._ready())
     @rule(data=st.data())
     def drop(self, data: st.DataObject) -> None:
-        live_pins = {s for s in self.pins if self.tier.hash_of(s) is not None}
-        slot = data.draw(st.sampled_from(sorted(set(self.order) | live_pins)))
+        slot = data.draw(st.sampled_from(self._ready()))
         block_hash = self.tier.hash_of(slot)
         assert block_hash is not None and self.tier.drop(block_hash)
         if slot in self.order:
