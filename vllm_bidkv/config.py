@@ -35,7 +35,9 @@ COPY_BACKENDS = ("auto", "triton", "torch")
 
 logger = logging.getLogger("vllm_bidkv")
 
-# Size units of ``cpu_bytes`` (matched case-insensitively): decimal and binary, up to tera.
+# Keys that take a size in bytes.
+BYTE_KEYS = ("cpu_bytes", "disk_bytes")
+# Size units of ``cpu_bytes`` and ``disk_bytes`` (matched case-insensitively): decimal and binary, up to tera.
 SIZE_UNITS: dict[str, int] = {
     "B": 1,
     "KB": 10**3,
@@ -88,6 +90,17 @@ _FIELDS: dict[str, _Field] = {
         int,
         4 * 2**30,
         "CPU tier size in bytes (per worker); accepts units `KB` `MB` `GB` `TB` (powers of 1000) and `KiB` `MiB` `GiB` `TiB` (powers of 1024), e.g. `512MiB`, `1TiB`.",
+        minimum=1,
+    ),
+    "disk_path": _Field(
+        str,
+        "",
+        "A directory for a disk tier behind the CPU tier (empty: none). Blocks the CPU tier stores are written there in the background; a hit there is loaded through the CPU tier; it survives a restart with the same model and KV layout (vLLM's prefix hashes must be the same: with a non-cryptographic `prefix_caching_hash_algo`, set `PYTHONHASHSEED`). Needs `offload_mode` lazy or eager.",
+    ),
+    "disk_bytes": _Field(
+        int,
+        64 * 2**30,
+        "Disk tier size in bytes (per worker), with the units of `cpu_bytes`; the file is sparse, so a disk with less room drops the stores it cannot take.",
         minimum=1,
     ),
     "cpu_eviction": _Field(
@@ -164,6 +177,10 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise _bad(key, value, "a boolean: " + ", ".join(f"{t}/{f}" for t, f in _BOOL_SPELLINGS))
+    if field.type is str and not field.choices:  # a path
+        if not isinstance(value, str) or "\0" in value:
+            raise _bad(key, value, "a path (a string)")
+        return value
     if field.type is str:
         if not isinstance(value, str) or value not in field.choices:
             raise _bad(key, value, "one of " + ", ".join(field.choices))
@@ -171,7 +188,7 @@ def _coerce(key: str, value: Any) -> Any:
     expected = _numeric_expected(key, field)
     if isinstance(value, bool):
         raise _bad(key, value, expected)
-    if key == "cpu_bytes" and isinstance(value, str):
+    if key in BYTE_KEYS and isinstance(value, str):
         value = _parse_bytes(key, value, expected)
     try:
         number = field.type(value)
@@ -188,7 +205,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _numeric_expected(key: str, field: _Field) -> str:
     """What a numeric key accepts, for its error message."""
-    if key == "cpu_bytes":
+    if key in BYTE_KEYS:
         return _SIZE_EXPECTED + (f", >= {field.minimum:g} byte" if field.minimum is not None else "")
     kind = "a finite float" if field.type is float else "an integer"
     return kind + (f" >= {field.minimum:g}" if field.minimum is not None else "")
@@ -214,6 +231,8 @@ class BidKVConfig:
     admission: str = _FIELDS["admission"].default
     offload_mode: str = _FIELDS["offload_mode"].default
     cpu_bytes: int = _FIELDS["cpu_bytes"].default
+    disk_path: str = _FIELDS["disk_path"].default
+    disk_bytes: int = _FIELDS["disk_bytes"].default
     cpu_eviction: str = _FIELDS["cpu_eviction"].default
     copy_backend: str = _FIELDS["copy_backend"].default
     async_load_min_tokens: int = _FIELDS["async_load_min_tokens"].default
@@ -229,6 +248,12 @@ class BidKVConfig:
     def __post_init__(self) -> None:
         for key in _FIELDS:
             object.__setattr__(self, key, _coerce(key, getattr(self, key)))
+        if self.disk_path and self.offload_mode == "off":
+            raise _bad(
+                "disk_path",
+                self.disk_path,
+                "'' while offload_mode='off' (the disk tier sits behind the CPU tier)",
+            )
 
     @property
     def active(self) -> bool:
@@ -280,8 +305,10 @@ def markdown_table() -> str:
         values = ", ".join(f"`{c}`" for c in field.choices) if field.choices else field.type.__name__
         if field.type is float:
             values = "finite " + values
+        if field.type is str and not field.choices:
+            values = "path"
         if field.minimum is not None:
             values += f" ≥ {field.minimum:g}"
-        default = f"{field.default / 2**30:g}GiB" if key == "cpu_bytes" else field.default
+        default = f"{field.default / 2**30:g}GiB" if key in BYTE_KEYS else field.default
         rows.append(f"| `{key}` | `BIDKV_{key.upper()}` | `{default}` | {values} | {field.doc} |")
     return "\n".join(rows)

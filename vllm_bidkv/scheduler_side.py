@@ -30,6 +30,8 @@ from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.counters import GAUGES, Counters
 from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, OffloadSpec, StepPlan
+from vllm_bidkv.offload.disk import DiskTier
+from vllm_bidkv.offload.lookup import restorable_tokens
 from vllm_bidkv.policy import Candidate, Decision, VictimStrategy, admission_key, make_strategy
 from vllm_bidkv.policy.admission import AdmissionKey
 
@@ -102,7 +104,14 @@ class BidKVSchedulerSide:
                 self.counters,
                 announce=self._offload.announce,
             )
-            self.planner = OffloadPlanner(ctx, tier, self._offload, self.counters)
+            disk = self._offload.disk
+            self.planner = OffloadPlanner(
+                ctx,
+                tier,
+                self._offload,
+                self.counters,
+                DiskTier(disk, self.counters, announce=self._offload.announce) if disk is not None else None,
+            )
 
     @property
     def active(self) -> bool:
@@ -172,8 +181,8 @@ class BidKVSchedulerSide:
         shared_blocks = next((i for i, ref in enumerate(refs) if ref <= 1), len(refs))
         cpu_tokens = offloadable_tokens = 0
         if self.planner is not None:
-            cpu_tokens, offloadable_tokens = self.planner.restorable(
-                refs, request.block_hashes, shared_blocks, computed // bs
+            cpu_tokens, offloadable_tokens = restorable_tokens(
+                self.planner.tier, refs, request.block_hashes, shared_blocks, computed // bs, bs
             )
         return Candidate(
             request_id=request.request_id,
@@ -261,6 +270,10 @@ class BidKVSchedulerSide:
         """Workers' job results (``update_connector_output``)."""
         if self.planner is not None:
             self.planner.complete(results)
+            if self.planner.disk is not None and results:
+                # Journal the disk writes just finished now: an engine that goes idle (and is
+                # then killed) keeps them across a restart, without waiting for a next step.
+                self.planner.disk.sync()
 
     def finished(self, request: RequestView, block_ids: Sequence[int]) -> bool:
         """vLLM finished or aborted the request (it still holds ``block_ids``): drop its record.
@@ -310,9 +323,15 @@ class BidKVSchedulerSide:
                 tier_entries=tier.num_used,
                 tier_pinned_entries=tier.num_pins,
                 stores_in_flight=stores,
-                loads_in_flight=len(jobs) - stores,
+                loads_in_flight=sum(1 for job in jobs if job.kind == "load"),
                 gpu_blocks_held=self.planner.ledger.held_gpu_blocks,
             )
+            disk = self.planner.disk
+            if disk is not None:
+                values.update(
+                    disk_capacity_bytes=disk.index.num_slots * block_bytes,
+                    disk_used_bytes=disk.index.num_used * block_bytes,
+                )
         return values
 
     def _unprotect(self, state: RequestState) -> None:

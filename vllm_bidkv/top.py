@@ -141,6 +141,8 @@ ROWS: tuple[str, ...] = (
     "load errors",
     "stored GPU→CPU",
     "loaded CPU→GPU",
+    "disk tier used",
+    "disk blocks written / read / dropped",
 )
 
 
@@ -159,6 +161,7 @@ def summarize(cur: Snapshot, prev: Snapshot | None = None) -> dict[str, str]:
     has_bidkv = f"vllm:bidkv_{next(iter(GAUGES))}" in v
     cap = g("vllm:bidkv_tier_capacity_bytes")
     used = g("vllm:bidkv_tier_used_bytes")
+    disk_cap, disk_used = g("vllm:bidkv_disk_capacity_bytes"), g("vllm:bidkv_disk_used_bytes")
     rows = {
         "tier used": f"{_bytes(used)} / {_bytes(cap)} ({_ratio(used, cap)})"
         if has_bidkv
@@ -182,6 +185,11 @@ def summarize(cur: Snapshot, prev: Snapshot | None = None) -> dict[str, str]:
         "load errors": n("vllm:bidkv_load_errors_total"),
         "stored GPU→CPU": f"{_bytes(g('vllm:bidkv_bytes_stored_total'))} ({_rate(cur, prev, 'vllm:bidkv_bytes_stored_total')})",
         "loaded CPU→GPU": f"{_bytes(g('vllm:bidkv_bytes_loaded_total'))} ({_rate(cur, prev, 'vllm:bidkv_bytes_loaded_total')})",
+        "disk tier used": f"{_bytes(disk_used)} / {_bytes(disk_cap)} ({_ratio(disk_used, disk_cap)})"
+        if disk_cap
+        else "no disk tier",
+        "disk blocks written / read / dropped": f"{n('vllm:bidkv_disk_blocks_written_total')} / "
+        f"{n('vllm:bidkv_disk_blocks_read_total')} / {n('vllm:bidkv_disk_store_drops_total')}",
     }
     return rows
 

@@ -51,6 +51,14 @@ def add_commands(sub: Any) -> None:
     soak.add_cli_args(soak_parser)
     soak_parser.set_defaults(func=lambda args: _soak(soak_parser, args))
 
+    from vllm_bidkv_bench import restart
+
+    restart_parser = kinds.add_parser(
+        "restart", help="the disk tier: TTFT after an engine restart, cold vs warm; its cost; disk bandwidth"
+    )
+    restart.add_cli_args(restart_parser)
+    restart_parser.set_defaults(func=restart.main)
+
     for kind, text in (
         ("sim", "vLLM's real Scheduler + BidKVConnector, timed by an H100 cost model"),
         ("engine", "the real vLLM engine (any model vLLM loads), one process per config, or --server"),

@@ -139,8 +139,8 @@ def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
         calibration.write_text(json.dumps(_calibration_check(), indent=1) + "\n")
     doc = out / "RESULTS.md"
     text = render(data, json.loads(calibration.read_text()) if calibration.exists() else None, out)
-    # Written by `vllm-bidkv bench soak` (long runs of their own): the soak and its variants.
-    for soak in (results / "soak.md", results / "soak-variants.md"):
+    # Written by `vllm-bidkv bench soak` and `bench restart` (long runs of their own).
+    for soak in (results / "soak.md", results / "soak-variants.md", results / "restart.md"):
         if soak.exists():
             text += "\n" + soak.read_text()
     doc.write_text(text)

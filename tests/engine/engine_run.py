@@ -114,6 +114,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     scheduled = count_scheduled_tokens()
     llm = LLM(**engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", MAX_TOKENS), ignore_eos=True)
+    first: dict[str, Any] = {}
+    if spec.get("first_alone"):  # the first prompt alone on the fresh engine (a warm restart's test)
+        (alone,) = llm.generate(prompts(num_prompts=1), params, use_tqdm=False)
+        first = {"first_output": list(alone.outputs[0].token_ids), "first_metrics": metric_values(llm)}
     # Two rounds of the same prompts: the second finds prefixes that the first round's
     # pressure evicted from the GPU (a CPU-tier hit for a *new* request).
     outputs = [
@@ -145,15 +149,21 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         [type(g.kv_cache_spec).__name__, getattr(g.kv_cache_spec, "sliding_window", None)]
         for g in scheduler.kv_cache_config.kv_cache_groups
     ]
+    reset = bool(llm.reset_prefix_cache())  # right after the last request: fails while a copy holds a block
+    # Shut the engine down now, as a server does at exit: its workers drop vLLM's per-process
+    # KV connector, so the next engine of a series builds its own (and the scheduler side lets
+    # go of what it holds, e.g. the disk tier's directory). Left to the garbage collector, the
+    # next engine's workers would keep this one's connector and configuration.
+    llm.llm_engine.engine_core.shutdown()
     return {
+        **first,
         "outputs": [list(o.outputs[0].token_ids) for o in outputs],
         "metrics": metrics,
         "kv_cache_groups": groups,
         "probe_output": list(probe[0].outputs[0].token_ids),
         "jobs_in_flight_after_generate": jobs_at_end,
         "drain_steps": drain_steps,
-        # Right after the last request: fails while any block is still held (a copy in flight).
-        "reset_prefix_cache": bool(llm.reset_prefix_cache()),
+        "reset_prefix_cache": reset,
     }
 
 

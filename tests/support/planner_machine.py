@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -18,6 +20,7 @@ from tests.unit.reference_context import ReferenceContext
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan, TransferJob
+from vllm_bidkv.offload.disk import DiskSpec, DiskTier
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide, StepEvents
 
 BS = 4  # tokens per block in these tests
@@ -116,6 +119,9 @@ class PlannerMachine(RuleBasedStateMachine):
     late and in any order. Content is tracked per GPU block and CPU slot, so a copy from or
     into a block that was reused, or a load of a wrong slot, is caught. A shadow reference
     pool replays vLLM's operations without the planner: the free order must match it.
+    With a disk tier (``disk_slots`` > 0) the disk slots' content is tracked too: a spill
+    lands as late as possible, a promotion reads at issue; at the end a new disk tier on the
+    same directory restores exactly the READY entries.
     """
 
     make_pool: PoolFactory = staticmethod(reference_pool)
@@ -129,18 +135,26 @@ class PlannerMachine(RuleBasedStateMachine):
         eviction=st.sampled_from(["lru", "bid"]),
         world_size=st.sampled_from([1, 2]),
         slots=st.integers(2, 12),
+        disk_slots=st.sampled_from([0, 0, 2, 6, 16]),
     )
-    def setup(self, mode: str, eviction: str, world_size: int, slots: int) -> None:
+    def setup(self, mode: str, eviction: str, world_size: int, slots: int, disk_slots: int) -> None:
         self.ctx, self.vllm = self.make_pool(NUM_BLOCKS, BS)
         self.shadow = ReferenceContext(NUM_BLOCKS, BS)
         config = BidKVConfig(
             victim_policy="vllm-default", offload_mode=mode, cpu_eviction=eviction, lazy_lookahead_steps=2.0
         )
-        spec = OffloadSpec.from_config(config, num_slots=slots, world_size=world_size, min_clean_blocks=3)
+        self.disk_dir = tempfile.mkdtemp(prefix="bidkv-machine-") if disk_slots else None
+        disk = DiskSpec(self.disk_dir, disk_slots, (("model", "m"),)) if self.disk_dir else None
+        spec = OffloadSpec.from_config(
+            config, num_slots=slots, world_size=world_size, min_clean_blocks=3, disk=disk
+        )
         self.side = BidKVSchedulerSide(config, offload=spec)
         self.side.bind(MachineContext(self.ctx, self))
         assert self.side.planner is not None
         self.planner, self.tier = self.side.planner, self.side.planner.tier
+        if self.planner.disk is not None:
+            assert self.planner.disk.open({"prefix_hash_root": "r"}) == 0
+        self.disk: dict[int, BlockHash | None] = {}  # disk slot -> hash whose KV it holds
         self.world_size = world_size
         self.waiting: list[SimRequest] = []
         self.running: list[SimRequest] = []
@@ -204,10 +218,18 @@ class PlannerMachine(RuleBasedStateMachine):
         if external:
             ids = self.blocks[request.request_id]
             last = (computed + external - 1) // BS
-            if lose_hit:  # the last matched entry leaves the tier before the allocation
+            if lose_hit:  # the last matched entry leaves the tiers before the allocation
                 self.tier.drop(hashes[last])
+                if self.planner.disk is not None:
+                    self.planner.disk.index.drop(hashes[last])
             unavailable = self.side.after_alloc(request, ids, external)
-            assert unavailable == (ids[last : last + 1] if lose_hit else [])
+            if unavailable != (ids[last : last + 1] if lose_hit else []):
+                # A CPU hit is always served; a disk hit is lost (recomputed) when its promotion
+                # has no CPU slot (every one pinned or pending, or a store of it in flight).
+                first = ids.index(unavailable[0])
+                assert self.planner.disk is not None and self.tier.lookup(hashes[first]) is None
+                assert self.tier.num_free == 0 or self.tier.contains(hashes[first])
+                assert unavailable == ids[first : last + 1]
         request.num_computed_tokens = computed + external
         return True
 
@@ -267,6 +289,11 @@ class PlannerMachine(RuleBasedStateMachine):
         for job in plan.loads:
             ids = self.blocks[job.request_id or ""]
             request = next(r for r in self.running if r.request_id == job.request_id)
+            for slot, disk_slot in zip(job.cpu_slots, job.disk_slots, strict=False):
+                if disk_slot >= 0:  # a promotion: read from disk at issue, before the copy
+                    assert self.planner.disk is not None
+                    assert self.disk.get(disk_slot) == self.planner.disk.index.hash_of(disk_slot)
+                    self.cpu[slot] = self.disk[disk_slot]
             for block_id, slot in zip(job.gpu_block_ids, job.cpu_slots, strict=True):
                 expected = request.block_hashes[ids.index(block_id)]
                 assert self.cpu.get(slot) == expected, f"load of slot {slot} into block {block_id}: wrong KV"
@@ -348,6 +375,12 @@ class PlannerMachine(RuleBasedStateMachine):
                         f"store from reused block {block_id}"
                     )
                     self.cpu[slot] = self.gpu[block_id]
+            if job.kind == "spill":  # the write reads the CPU row now: it must still be the entry's
+                for slot, disk_slot in zip(job.cpu_slots, job.disk_slots, strict=True):
+                    assert self.planner.disk is not None
+                    # (the CPU entry may be orphaned by a reset meanwhile: the pin keeps its bytes)
+                    assert self.cpu.get(slot) == self.planner.disk.index.hash_of(disk_slot)
+                    self.disk[disk_slot] = self.cpu[slot]
         else:
             self.sent[job_id] = (job, acks + count)
         self.side.complete(JobResults(done={job_id: count}))
@@ -361,6 +394,8 @@ class PlannerMachine(RuleBasedStateMachine):
         if job.kind == "store":
             for slot in job.cpu_slots:
                 self.cpu[slot] = None  # a torn copy
+        for disk_slot in job.disk_slots if job.kind == "spill" else []:
+            self.disk[disk_slot] = None
         # One worker failed it; the others report it done, in any order: the job ends with the last.
         failed_first = data.draw(st.booleans())
         rest = JobResults(done={job_id: self.world_size - acks - 1}) if self.world_size - acks > 1 else None
@@ -426,7 +461,12 @@ class PlannerMachine(RuleBasedStateMachine):
         assert self.tier.num_used <= self.tier.num_slots
         pending = self.planner.ledger.jobs()
         loads = [job for job in pending if job.kind == "load"]
-        assert self.tier.num_pins == sum(len(job.cpu_slots) for job in loads)
+        promotions = sum(d >= 0 for job in loads for d in job.disk_slots)
+        spilling = sum(len(job.cpu_slots) for job in pending if job.kind == "spill")
+        # A load pins its CPU hits (its promotions' slots are PENDING); a spill pins its sources.
+        assert self.tier.num_pins == sum(len(job.cpu_slots) for job in loads) - promotions + spilling
+        if self.planner.disk is not None:
+            assert self.planner.disk.index.num_pins == promotions
         # Sent jobs stay pending until every worker reported them (or one failed them).
         assert {job.job_id for job in pending if job.job_id in self.emitted} == set(self.sent)
 
@@ -465,3 +505,14 @@ class PlannerMachine(RuleBasedStateMachine):
         self._same_free_queue(self.vllm.free_order(), self.shadow.free_order())
         assert self.tier.num_pins == 0
         self.tier.check()
+        disk = self.planner.disk
+        if disk is not None and self.disk_dir is not None:
+            disk.close()
+            index = disk.index
+            ready = {h: index.lookup(h) for h in map(index.hash_of, range(index.num_slots)) if h is not None}
+            again = DiskTier(disk.spec, type(self.side.counters)())
+            restored = again.open({"prefix_hash_root": "r"})
+            assert {h: again.index.lookup(h) for h in ready} == ready, "each READY entry in its slot"
+            assert restored == sum(slot is not None for slot in ready.values()), "and nothing else"
+            again.close()
+            shutil.rmtree(self.disk_dir)

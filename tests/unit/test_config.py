@@ -54,6 +54,8 @@ def test_kill_switch_is_stock_behaviour() -> None:
         ("cpu_bytes", "0.5B", "a whole number of bytes"),
         ("cpu_bytes", float("inf"), "a whole number of bytes"),
         ("cpu_bytes", 2.5, "a whole number of bytes"),
+        ("disk_bytes", "1PiB", "KiB, MiB, GiB, TiB"),
+        ("disk_bytes", 0, ">= 1 byte"),
         ("enabled", "maybe", "a boolean: true/false, 1/0, yes/no, on/off"),
         ("kill_switch", 2, "a boolean"),
         ("seed", -1, "an integer >= 0"),
@@ -173,6 +175,18 @@ def test_cli_bad_value_is_a_message_and_a_nonzero_exit(
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_disk_tier_needs_the_cpu_tier_and_takes_sizes() -> None:
+    config = BidKVConfig.from_sources({"disk_path": "/nvme/kv", "disk_bytes": "2TiB"}, {})
+    assert config.disk_path == "/nvme/kv" and config.disk_bytes == 2 * 2**40
+    assert BidKVConfig().disk_path == "", "off by default"
+    with pytest.raises(ValueError, match="disk_path=7 is invalid; expected a path"):
+        BidKVConfig.from_sources({"disk_path": 7}, {})
+    with pytest.raises(
+        ValueError, match="disk_path='/nvme/kv' is invalid; expected '' while offload_mode='off'"
+    ):
+        BidKVConfig.from_sources({"disk_path": "/nvme/kv", "offload_mode": "off"}, {})
 
 
 def test_unknown_key_is_an_error_naming_it() -> None:

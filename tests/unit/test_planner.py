@@ -15,6 +15,7 @@ from tests.unit.reference_context import ReferenceContext
 from vllm_bidkv.context import BlockHash, SchedulerContext
 from vllm_bidkv.counters import Counters
 from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, OffloadSpec, StepPlan
+from vllm_bidkv.offload.lookup import restorable_tokens
 
 pytestmark = pytest.mark.unit
 
@@ -503,12 +504,18 @@ def test_restorable_counts_a_prefix() -> None:
     request = SimRequest("b", prompt + tokens(2, 9))  # 2 blocks in the tier, then 2 private, 1 partial
     rig.run(request)
     refs, hashes = rig.ctx.request_ref_counts("b"), request.block_hashes
-    assert rig.planner.restorable(refs, hashes, 0, 4) == (8, 8)
-    assert rig.planner.restorable(refs, hashes, 1, 4) == (4, 8), "a shared first block stays on GPU"
+
+    def restorable(
+        refs: Sequence[int], hashes: Sequence[BlockHash], start: int, computed: int
+    ) -> tuple[int, int]:
+        return restorable_tokens(rig.tier, refs, hashes, start, computed, BS)
+
+    assert restorable(refs, hashes, 0, 4) == (8, 8)
+    assert restorable(refs, hashes, 1, 4) == (4, 8), "a shared first block stays on GPU"
     rig.tier.drop(hashes[1])
-    assert rig.planner.restorable(refs, hashes, 0, 4) == (4, 12), "a dropped private block is parked again"
-    assert rig.planner.restorable(refs, hashes, 0, 1) == (4, 0), "stops at the first uncomputed block"
-    assert rig.planner.restorable([1, 1, 2, 1], hashes, 0, 4) == (4, 4), "stops at a shared block"
+    assert restorable(refs, hashes, 0, 4) == (4, 12), "a dropped private block is parked again"
+    assert restorable(refs, hashes, 0, 1) == (4, 0), "stops at the first uncomputed block"
+    assert restorable([1, 1, 2, 1], hashes, 0, 4) == (4, 4), "stops at a shared block"
 
 
 def test_stats_and_constructor_errors() -> None:

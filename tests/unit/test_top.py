@@ -73,7 +73,18 @@ def test_summary_rows_and_rates() -> None:
     assert rows["tokens loaded / recomputed"] == "640 / 32"
     assert rows["stored GPU→CPU"] == "4.0 MiB (1.0 MiB/s)"
     assert rows["loaded CPU→GPU"] == "0 B (-)" or rows["loaded CPU→GPU"] == "0 B (0 B/s)"
+    assert rows["disk tier used"] == "no disk tier"
     assert summarize(cur)["stored GPU→CPU"].endswith("(-)")  # one sample: no rate
+    disk = {
+        "vllm:bidkv_disk_capacity_bytes": 4.0 * 2**30,
+        "vllm:bidkv_disk_used_bytes": 2.0**30,
+        "vllm:bidkv_disk_blocks_written_total": 70.0,
+        "vllm:bidkv_disk_blocks_read_total": 12.0,
+        "vllm:bidkv_disk_store_drops_total": 3.0,
+    }
+    with_disk = summarize(Snapshot("http://a:1", 12.0, dict(values, **disk)))
+    assert with_disk["disk tier used"] == "1.0 GiB / 4.0 GiB (25.0%)"
+    assert with_disk["disk blocks written / read / dropped"] == "70 / 12 / 3"
     no_bidkv = summarize(Snapshot("http://a:1", 1.0, {"vllm:num_requests_running": 2.0}))
     assert no_bidkv["tier used"] == "no bidkv gauges"
     assert summarize(Snapshot("http://a:1", 1.0, error="refused"))["tier used"] == "error: refused"

@@ -50,8 +50,7 @@ class BidKVConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_role = SchedulerRole(self.config, vllm_config, offload)
         else:
-            num_slots = offload.num_slots if offload is not None else 0
-            self.worker_role = WorkerRole(self.config, caps, vllm_config, kv_cache_config, num_slots)
+            self.worker_role = WorkerRole(self.config, caps, vllm_config, kv_cache_config, offload)
         logger.info("vllm-bidkv: %s role, config %s", role.name, self.config)
 
     # ---------------------------------------------------------------- scheduler
@@ -164,6 +163,8 @@ class BidKVConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self.worker_role is not None:
             self.worker_role.shutdown()
+        if self.scheduler_role is not None:
+            self.scheduler_role.shutdown()
         super().shutdown()
 
     # -------------------------------------------------------------------- stats

@@ -8,10 +8,12 @@ refused here, naming what to change, before either role is built.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.offload import OffloadSpec, num_slots_for
+from vllm_bidkv.offload.disk import DiskSpec
 from vllm_bidkv.patches.capabilities import Capabilities
 
 logger = logging.getLogger("vllm_bidkv")
@@ -57,6 +59,43 @@ def _check_offload(
     return num_slots_for(config.cpu_bytes, _block_bytes(kv_cache_config)), window
 
 
+def disk_dir(config: BidKVConfig, vllm_config: Any) -> str:
+    """This engine's disk directory: ``disk_path``, or a directory per data-parallel rank in it
+    (each rank is an engine of its own)."""
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "data_parallel_size", 1) > 1:
+        return os.path.join(config.disk_path, f"dp{parallel.data_parallel_rank}")
+    return config.disk_path
+
+
+def disk_spec(vllm_config: Any, kv_cache_config: Any, config: BidKVConfig) -> DiskSpec | None:
+    """The disk tier's spec (None: no ``disk_path``), with what its old contents must match."""
+    if not config.disk_path:
+        return None
+    import vllm
+
+    block_bytes = _block_bytes(kv_cache_config)
+    group = kv_cache_config.kv_cache_groups[0]
+    fingerprint = {
+        "model": str(vllm_config.model_config.model),
+        "vllm": vllm.__version__,
+        "kv_cache_spec": type(group.kv_cache_spec).__name__,
+        "kv_dtype": str(group.kv_cache_spec.dtype),
+        "block_size": str(group.kv_cache_spec.block_size),
+        "layers": str(len(group.layer_names)),
+        "block_bytes_per_worker": str(block_bytes),
+        "world_size": str(vllm_config.parallel_config.world_size),
+        "prefix_caching_hash_algo": str(getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "")),
+    }
+    num_slots = config.disk_bytes // block_bytes
+    if num_slots < 1:
+        raise ValueError(
+            f"vllm-bidkv: disk_bytes={config.disk_bytes} holds no block of {block_bytes} bytes; "
+            f"raise disk_bytes to at least {block_bytes} or leave disk_path unset"
+        )
+    return DiskSpec(disk_dir(config, vllm_config), num_slots, tuple(sorted(fingerprint.items())))
+
+
 def offload_spec(
     vllm_config: Any, kv_cache_config: Any, caps: Capabilities, config: BidKVConfig
 ) -> OffloadSpec | None:
@@ -77,6 +116,7 @@ def offload_spec(
     return OffloadSpec.from_config(
         config,
         num_slots=num_slots,
+        disk=disk_spec(vllm_config, kv_cache_config, config),
         # Every worker holds its share of each block (TP: its heads), so a block moved is
         # its bytes on one worker times the workers: the byte counters are engine-wide.
         block_bytes=_block_bytes(kv_cache_config) * world_size,

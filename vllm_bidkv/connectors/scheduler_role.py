@@ -21,7 +21,7 @@ from vllm_bidkv.connectors.stats import BidKVStats, StatsReporter
 from vllm_bidkv.context import SchedulerContext
 from vllm_bidkv.offload import OffloadSpec
 from vllm_bidkv.patches import hooks
-from vllm_bidkv.patches.kv_events import tier_events
+from vllm_bidkv.patches.kv_events import MEDIUM_CPU, MEDIUM_STORAGE, prefix_hash_root, tier_events
 from vllm_bidkv.patches.scheduler_output import step_events
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide
 
@@ -49,6 +49,13 @@ class SchedulerRole:
         if self.side.ctx is None and self._unbound_scheduler is not None:
             hooks.bind_late(self._unbound_scheduler)
         return self.side
+
+    def _open_disk(self) -> None:
+        """Open the disk tier at the first request: its old contents are reusable only under the
+        same prefix-hash root, which vLLM sets after it built the Scheduler (and this role)."""
+        disk = self._bound.planner.disk if self._bound.planner is not None else None
+        if disk is not None and not disk.opened:
+            disk.open({"prefix_hash_root": prefix_hash_root()})
 
     # -- asked by the patches' hooks -------------------------------------------------
     def bind_scheduler_context(self, ctx: SchedulerContext) -> None:
@@ -82,6 +89,7 @@ class SchedulerRole:
 
     # -- vLLM's scheduler-side connector hooks -----------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._open_disk()
         hit = self._bound.match(request, num_computed_tokens)
         return hit, self._bound.load_is_async(request.request_id)
 
@@ -90,6 +98,7 @@ class SchedulerRole:
         self._bound.after_alloc(request, block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> BidKVConnectorMetadata:
+        self._open_disk()
         meta = BidKVConnectorMetadata(self._bound.plan_step(step_events(scheduler_output)))
         if not self._config_sent:
             meta.scheduler_config, self._config_sent = asdict(self.config), True
@@ -115,10 +124,22 @@ class SchedulerRole:
         return True
 
     def take_events(self) -> list[Any]:
-        """The CPU tier's changes since the last call as KV events; vLLM's Scheduler publishes
-        them after each step's output (the tier keeps none unless vLLM's KV events are on)."""
+        """The tiers' changes since the last call as KV events (medium CPU, and STORAGE for the
+        disk tier); vLLM's Scheduler publishes them after each step's output (the tiers keep
+        none unless vLLM's KV events are on)."""
         planner = self.side.planner
-        return tier_events(planner.tier.take_announcements()) if planner is not None else []
+        if planner is None:
+            return []
+        events = tier_events(planner.tier.take_announcements(), MEDIUM_CPU)
+        if planner.disk is not None:
+            events += tier_events(planner.disk.take_events(), MEDIUM_STORAGE)
+        return events
+
+    def shutdown(self) -> None:
+        """Release the disk directory (its journal is already up to date) for the next engine."""
+        planner = self.side.planner
+        if planner is not None and planner.disk is not None:
+            planner.disk.close()
 
     def get_kv_connector_stats(self) -> BidKVStats | None:
         """Counter deltas, and the gauges when they changed; None when nothing changed."""

@@ -16,6 +16,10 @@ blocks that cannot be trusted are reported as load errors at once, for vLLM to
 recompute. The worker counts nothing; the scheduler side counts each job once
 every worker reported it.
 
+With a disk tier (``DiskFile``), spills (sent with the metadata) write committed CPU rows
+to disk on a thread of their own and are reported once written, apart from the copies'
+order; a load's promoted blocks are read from disk into their CPU rows before its copy.
+
 Copies fail or complete late on purpose only under the test hook of
 ``connectors.faults`` (``active_faults``), which is off unless a test turns it on.
 """
@@ -25,14 +29,17 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from vllm_bidkv.config import BidKVConfig
+from vllm_bidkv.connectors.disk_file import DiskFile
 from vllm_bidkv.connectors.faults import FaultPlan, InjectedFault, active_faults
 from vllm_bidkv.offload import JobResults, StepPlan, TransferJob
+from vllm_bidkv.offload.disk import DiskSpec
 
 logger = logging.getLogger("vllm_bidkv")
 
@@ -86,8 +93,10 @@ class CopyWorker:
         num_slots: int,
         config: BidKVConfig,
         workers_on_host: int = 1,
+        disk: DiskSpec | None = None,
     ):
-        """``workers_on_host``: workers of this engine on this host, each allocating a tier."""
+        """``workers_on_host``: workers of this engine on this host, each allocating a tier;
+        ``disk``: the disk tier behind it, whose file this worker opens (``DiskFile``)."""
         from vllm_bidkv.kernels import allocate_like, block_views
 
         seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -117,12 +126,36 @@ class CopyWorker:
         self._polled = False  # poll() ran since the last take_results()
         self._load_stream = torch.cuda.Stream() if self._cuda else None
         self._store_stream = torch.cuda.Stream() if self._cuda else None
+        self._spills: deque[tuple[TransferJob, Future[None] | None]] = deque()  # in issue order
+        self._disk_failed = False  # a disk failure was logged (the next ones are only counted)
+        self._disk = self._open_disk(disk) if disk is not None else None
         logger.info(
             "vllm-bidkv: CPU tier %d blocks x %d B = %.2f GiB",
             num_slots,
             row_bytes,
             num_slots * row_bytes / 2**30,
         )
+
+    def _open_disk(self, disk: DiskSpec) -> DiskFile | None:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        try:
+            return DiskFile(disk.path, self._rank, world, self._cpu, disk.num_slots)
+        except OSError as err:
+            logger.warning(
+                "vllm-bidkv: rank %d: no disk tier (%s): its writes and reads fail", self._rank, err
+            )
+            self._disk_failed = True
+            return None
+
+    def _disk_failure(self, what: str, err: BaseException) -> None:
+        if not self._disk_failed:
+            logger.warning(
+                "vllm-bidkv: rank %d: disk tier %s failed (%s); later failures are only counted",
+                self._rank,
+                what,
+                err,
+            )
+            self._disk_failed = True
 
     @property
     def in_flight(self) -> int:
@@ -198,10 +231,36 @@ class CopyWorker:
         for job in plan.loads:
             # Blocks the tier could no longer supply: vLLM must recompute them.
             self._load_errors.update(job.unavailable_gpu_block_ids)
+            if not self._promote(job):
+                self._load_errors.update(job.gpu_block_ids)
+                self._copies.append(_Copy([job], False, None, self._polls + 1 + self._delay()))
+                continue
             fault = faults if faults is not None and faults.load_fails(job) else None
             stream = self._load_stream if job.asynchronous else None
             if not self._issue([job], True, stream, fault):
                 self._load_errors.update(job.gpu_block_ids)
+
+    def _promote(self, job: TransferJob) -> bool:
+        """Read the load's promoted blocks from disk into their CPU rows (before the copy that
+        reads those rows); False if the read failed."""
+        promoted = [(d, slot) for d, slot in zip(job.disk_slots, job.cpu_slots, strict=False) if d >= 0]
+        if not promoted:
+            return True
+        try:
+            if self._disk is None:
+                raise OSError("this worker has no disk tier file")
+            self._disk.read([d for d, _ in promoted], [slot for _, slot in promoted])
+        except Exception as err:  # noqa: BLE001 - a failed read is a load error, recomputed
+            self._disk_failure("read", err)
+            return False
+        return True
+
+    def run_spills(self, plan: StepPlan) -> None:
+        """Spills write committed CPU rows to disk on the disk thread (nothing waits for them)."""
+        for job in plan.spills:
+            self._spills.append(
+                (job, self._disk.write(job.cpu_slots, job.disk_slots) if self._disk else None)
+            )
 
     def run_rescues(self, plan: StepPlan) -> None:
         """Rescues copy on the compute stream: the forward that reuses their blocks waits for them."""
@@ -240,6 +299,13 @@ class CopyWorker:
                 counts[job.job_id] = counts.get(job.job_id, 0) + 1
                 if job.asynchronous:
                     self._finished_loads.add(job.request_id)  # type: ignore[arg-type]
+        while self._spills and (self._spills[0][1] is None or self._spills[0][1].done()):
+            job, future = self._spills.popleft()
+            error = future.exception() if future is not None else OSError("no disk tier file")
+            if error is not None:
+                self._disk_failure("write", error)
+            counts = self._results.failed if error is not None else self._results.done
+            counts[job.job_id] = counts.get(job.job_id, 0) + 1
 
     def take_results(self) -> JobResults:
         """Jobs reported done or failed since the last call (polls first if this step did not)."""
@@ -266,4 +332,7 @@ class CopyWorker:
         if self._cuda:
             torch.cuda.synchronize()
         self._copies.clear()
+        if self._disk is not None:  # its writes read the tier's rows
+            self._disk.close()
+        self._spills.clear()
         release_pinned(self._cpu)

@@ -15,12 +15,21 @@ import torch
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.connectors.metadata import BidKVConnectorMetadata, BidKVWorkerMetadata
 from vllm_bidkv.connectors.worker import CopyWorker
+from vllm_bidkv.offload import OffloadSpec
 from vllm_bidkv.patches.capabilities import Capabilities
 from vllm_bidkv.patches.scheduler_output import step_has_no_forward
 
 # The keys a worker acts on (whether it copies, the tier's size, how it copies); the others
 # (victim rule, admission, bid weights) are the scheduler's alone.
-WORKER_KEYS = ("enabled", "kill_switch", "offload_mode", "cpu_bytes", "copy_backend")
+WORKER_KEYS = (
+    "enabled",
+    "kill_switch",
+    "offload_mode",
+    "cpu_bytes",
+    "copy_backend",
+    "disk_path",
+    "disk_bytes",
+)
 
 
 def check_same_config(mine: BidKVConfig, scheduler: dict[str, Any]) -> None:
@@ -44,21 +53,32 @@ class WorkerRole:
     step's plan take the connector's bound metadata (None: none bound)."""
 
     def __init__(
-        self, config: BidKVConfig, caps: Capabilities, vllm_config: Any, kv_cache_config: Any, num_slots: int
+        self,
+        config: BidKVConfig,
+        caps: Capabilities,
+        vllm_config: Any,
+        kv_cache_config: Any,
+        offload: OffloadSpec | None,
     ) -> None:
         self.config = config
         self.copies: CopyWorker | None = None  # with offload on, once the KV caches are registered
         self._vllm_config = vllm_config
         self._kv_cache_config = kv_cache_config
-        self._num_slots = num_slots
+        self._offload = offload
         self._saves_without_forward = caps.no_forward_step_saves
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self.config.offload_enabled:
             # Assumes one host per engine; a multi-node engine over-counts and refuses early.
             workers = self._vllm_config.parallel_config.world_size
+            assert self._offload is not None
             self.copies = CopyWorker(
-                kv_caches, self._kv_cache_config.num_blocks, self._num_slots, self.config, workers
+                kv_caches,
+                self._kv_cache_config.num_blocks,
+                self._offload.num_slots,
+                self.config,
+                workers,
+                disk=self._offload.disk,
             )
 
     def bind_connector_metadata(self, meta: Any) -> None:
@@ -69,6 +89,7 @@ class WorkerRole:
         # overwrites their blocks.
         if self.copies is not None and isinstance(meta, BidKVConnectorMetadata):
             self.copies.run_rescues(meta.plan)
+            self.copies.run_spills(meta.plan)
 
     def start_load_kv(self, meta: Any) -> None:
         if self.copies is not None and meta is not None:

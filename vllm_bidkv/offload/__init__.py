@@ -1,4 +1,4 @@
-"""The CPU tier, scheduler side: slot bookkeeping, the offload planner and its parts, transfer jobs. No vLLM import."""
+"""The tiers, scheduler side: CPU and disk slot bookkeeping, the offload planner and its parts, transfer jobs. No vLLM import."""
 
 from vllm_bidkv.offload.cpu_tier import CpuBlockTier, num_slots_for
 from vllm_bidkv.offload.jobs import JobKind, JobResults, StepPlan, TransferJob

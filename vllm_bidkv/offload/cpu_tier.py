@@ -19,28 +19,23 @@ its protection selects. Protection counts are kept per hash and may name hashes
 the tier does not hold (yet): a preempted request's blocks are protected before
 a lazy store parks them.
 
-With ``announce``, each change of the READY set is kept in order for ``take_announcements``
-(published as vLLM KV events: the announced set is the READY set).
+With ``announce``, each change of the READY set is kept in order (``take_announcements``).
 
-Eviction is LRU over two O(1) queues (``OrderedDict``, oldest first): with
-``eviction="bid"`` protected entries sit in their own queue, evicted only when
-the unprotected one is empty; with ``"lru"`` protection changes nothing. A slot
+Eviction is LRU over two O(1) queues (``OrderedDict``, oldest first): with ``eviction="bid"``
+protected entries sit in their own queue, evicted only once the other is empty. A slot
 enters its queue at the MRU end when it becomes evictable (commit, last unpin,
 change of protection), so each of those counts as a use. All but ``check`` and ``reset``
 is O(1) per hash or slot; taking and returning a free slot is O(log slots).
 
-Free slots are handed out lowest first (a min-heap) because the workers copy a
-job's blocks in one pass when the tier side of the job is a run of consecutive
-slots (``kernels.torch_copy``), against two passes otherwise. The reserves of one
-job come back to back with no release between them, so lowest-first gives slot
-s+1 right after s whenever s+1 is free: a burst on a fresh or emptied tier is
-0, 1, 2, ..., and elsewhere it walks the free runs in order. Lowest-first (first
-fit) also packs the used slots at the bottom, so the slots freed by drops and
-aborts refill the holes they left and the top stays one free run. A stack (LIFO) would
-hand back the last freed slots, in reverse and scattered; best fit over free runs would
-need the burst's length, which the planner does not know. Once the tier is full, slots
-come from eviction, in LRU order: a store's slots were committed in slot order, so they
-leave as runs too, broken where hits or loads moved entries to the MRU end.
+Free slots are handed out lowest first (a min-heap): the workers copy a job's blocks in
+one pass when its slots are consecutive (``kernels.torch_copy``), two otherwise, and a
+job's reserves come back to back, so a burst on an empty tier gets 0, 1, 2, ... and
+elsewhere walks the free runs in order. First fit also packs used slots at the bottom:
+holes left by drops refill first (a stack would hand them back scattered; best fit
+needs the burst's length, which the planner lacks). A full tier evicts in LRU order,
+in runs too (committed in slot order) broken where hits moved entries to the MRU end.
+
+The disk tier's index (``offload.disk``) is one too, over the disk's slots.
 """
 
 from __future__ import annotations
@@ -74,7 +69,12 @@ class CpuBlockTier:
     """Slots of the CPU tier: states, hash index, pins, LRU/bid eviction (see module doc)."""
 
     def __init__(
-        self, num_slots: int, eviction: str = "lru", counters: Counters | None = None, announce: bool = False
+        self,
+        num_slots: int,
+        eviction: str = "lru",
+        counters: Counters | None = None,
+        announce: bool = False,
+        evictions_counter: str = "cpu_evictions",
     ) -> None:
         if num_slots < 1:
             raise ValueError(f"vllm-bidkv: the CPU tier needs at least one slot, got num_slots={num_slots}")
@@ -85,9 +85,8 @@ class CpuBlockTier:
         self.num_slots = num_slots
         self.eviction = eviction
         self._bid = eviction == "bid"
-        # Per-slot bookkeeping exists for the slots handed out so far (ids below ``_grown``);
-        # the others are FREE. It grows with use, so a tier far larger than the host (the
-        # worker refuses that) or an unlimited one (the simulator's bound) costs nothing here.
+        # Per-slot bookkeeping exists for the slots handed out so far (below ``_grown``; the
+        # others are FREE): a huge or unlimited tier (the simulator's bound) costs nothing here.
         self._grown = 0
         self._state: list[int] = []
         self._hash: list[BlockHash | None] = []
@@ -97,7 +96,8 @@ class CpuBlockTier:
         self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, unprotected
         self._kept: OrderedDict[int, None] = OrderedDict()  # evictable, protected (bid only)
         self._protect: dict[BlockHash, int] = {}
-        self.counters = counters if counters is not None else Counters()  # counts ``cpu_evictions``
+        self.counters = counters if counters is not None else Counters()
+        self._evictions_counter = evictions_counter  # the disk tier's index counts its own
         self.num_pins = 0  # sum of pin counts
         # (hash, stored) per change of the READY set since the last take; None: not kept.
         self._announcements: list[tuple[BlockHash, bool]] | None = [] if announce else None
@@ -157,7 +157,7 @@ class CpuBlockTier:
             old = self._hash[slot]
             assert old is not None
             del self._slot_of[old]
-            self.counters.add("cpu_evictions")
+            self.counters.add(self._evictions_counter)
             self._announce(old, stored=False)
         self._state[slot] = _PENDING
         self._hash[slot] = block_hash

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-JobKind = Literal["store", "load"]
+JobKind = Literal["store", "load", "spill"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class TransferJob:
     any number of steps later, and each worker reports the request in
     ``finished_recving`` once its copy is done (vLLM admits it when every worker did).
     A synchronous load is ordered before the step's forward, which reads it.
+
+    ``disk_slots``: a spill (CPU tier -> disk tier, no GPU block) writes ``cpu_slots[i]``
+    to ``disk_slots[i]``; a load whose hit the disk tier supplied first reads
+    ``disk_slots[i]`` into ``cpu_slots[i]`` wherever it is >= 0 (a promotion).
     """
 
     job_id: int
@@ -46,18 +50,27 @@ class TransferJob:
     request_id: str | None = None
     unavailable_gpu_block_ids: list[int] = field(default_factory=list)
     asynchronous: bool = False
+    disk_slots: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("store", "load"):
-            raise ValueError(f"vllm-bidkv: job {self.job_id}: kind {self.kind!r} is not 'store' or 'load'")
-        if len(self.gpu_block_ids) != len(self.cpu_slots):
+        if self.kind not in ("store", "load", "spill"):
+            raise ValueError(f"vllm-bidkv: job {self.job_id}: kind {self.kind!r} is not store, load or spill")
+        if self.kind == "spill" and (self.gpu_block_ids or len(self.disk_slots) != len(self.cpu_slots)):
+            raise ValueError(
+                f"vllm-bidkv: job {self.job_id}: a spill has one disk slot per CPU slot, no GPU block"
+            )
+        if self.kind != "spill" and self.disk_slots and len(self.disk_slots) != len(self.cpu_slots):
+            raise ValueError(f"vllm-bidkv: job {self.job_id}: disk slots must match the CPU slots one to one")
+        if self.kind == "store" and self.disk_slots:
+            raise ValueError(f"vllm-bidkv: job {self.job_id}: a store reads no disk slot")
+        if self.kind != "spill" and len(self.gpu_block_ids) != len(self.cpu_slots):
             raise ValueError(
                 f"vllm-bidkv: job {self.job_id}: {len(self.gpu_block_ids)} GPU blocks "
                 f"but {len(self.cpu_slots)} CPU slots"
             )
-        if self.kind == "store" and (self.unavailable_gpu_block_ids or self.asynchronous):
+        if self.kind != "load" and (self.unavailable_gpu_block_ids or self.asynchronous):
             raise ValueError(
-                f"vllm-bidkv: job {self.job_id}: a store has no unavailable blocks and is never asynchronous"
+                f"vllm-bidkv: job {self.job_id}: only a load has unavailable blocks or is asynchronous"
             )
         if self.asynchronous and self.request_id is None:
             raise ValueError(f"vllm-bidkv: job {self.job_id}: an asynchronous load needs its request id")
@@ -73,9 +86,11 @@ class StepPlan:
     """CPU-tier hits: synchronous ones before the forward, asynchronous ones on a load stream."""
     stores: list[TransferJob] = field(default_factory=list)
     """Lazy and eager stores, after the forward that computed their blocks."""
+    spills: list[TransferJob] = field(default_factory=list)
+    """Writes of committed CPU-tier entries to the disk tier, in the background."""
 
     def jobs(self) -> list[TransferJob]:
-        return [*self.rescues, *self.loads, *self.stores]
+        return [*self.rescues, *self.loads, *self.stores, *self.spills]
 
 
 @dataclass

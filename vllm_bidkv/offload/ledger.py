@@ -51,10 +51,11 @@ class JobLedger:
         self._entries: dict[int, LedgerEntry] = {}
         self._next_job_id = 0
         # Not sent yet, by when a worker runs them: rescues and loads before the forward,
-        # stores after it.
+        # stores after it, spills in the background.
         self._rescues: list[TransferJob] = []
         self._loads: list[TransferJob] = []
         self._stores: list[TransferJob] = []
+        self._spills: list[TransferJob] = []
         self._async_loads: dict[str, int] = {}  # request id -> its asynchronous load's job id
         self.held_gpu_blocks = 0  # GPU blocks touched by entries: vLLM gets them back at the end
         self.held_store_blocks = 0  # of which by stores
@@ -70,6 +71,7 @@ class JobLedger:
         touched: bool = True,
         rescue: bool = False,
         asynchronous: bool = False,
+        disk_slots: list[int] | None = None,
     ) -> LedgerEntry:
         """A new job, queued for the next ``take_step_plan``. The caller already holds what
         it owns (touched ``gpu_ids`` if ``touched``, reserved or pinned ``slots``)."""
@@ -81,6 +83,7 @@ class JobLedger:
             request_id=request_id,
             unavailable_gpu_block_ids=unavailable or [],
             asynchronous=asynchronous,
+            disk_slots=disk_slots or [],
         )
         self._next_job_id += 1
         entry = LedgerEntry(job, touched=touched, rescue=rescue)
@@ -92,14 +95,16 @@ class JobLedger:
         if asynchronous:
             assert request_id is not None
             self._async_loads[request_id] = job.job_id
-        queue = self._loads if kind == "load" else self._rescues if rescue else self._stores
+        queue = {"load": self._loads, "spill": self._spills}.get(
+            kind, self._rescues if rescue else self._stores
+        )
         queue.append(job)
         return entry
 
     def take_step_plan(self) -> StepPlan:
         """Every job issued since the last call, now sent."""
-        plan = StepPlan(rescues=self._rescues, loads=self._loads, stores=self._stores)
-        self._rescues, self._loads, self._stores = [], [], []
+        plan = StepPlan(rescues=self._rescues, loads=self._loads, stores=self._stores, spills=self._spills)
+        self._rescues, self._loads, self._stores, self._spills = [], [], [], []
         for job in plan.jobs():
             self._entries[job.job_id].sent = True
         return plan
@@ -144,7 +149,7 @@ class JobLedger:
         assert not entry.sent, "a sent job finishes only when every worker reported it"
         self._remove(entry)
         job_id = entry.job.job_id
-        for queue in (self._rescues, self._loads, self._stores):
+        for queue in (self._rescues, self._loads, self._stores, self._spills):
             queue[:] = [job for job in queue if job.job_id != job_id]
 
     def untouch(self, entry: LedgerEntry) -> list[int]:
@@ -175,7 +180,8 @@ class JobLedger:
         assert self.held_store_blocks == sum(
             len(e.job.gpu_block_ids) for e in touched if e.job.kind == "store"
         )
-        queued = [job.job_id for queue in (self._rescues, self._loads, self._stores) for job in queue]
+        queues = (self._rescues, self._loads, self._stores, self._spills)
+        queued = [job.job_id for queue in queues for job in queue]
         assert len(queued) == len(set(queued)), "a job queued twice"
         for job_id, entry in self._entries.items():
             assert entry.job.job_id == job_id < self._next_job_id

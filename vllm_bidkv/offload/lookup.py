@@ -1,25 +1,30 @@
-"""Read-only questions to the CPU tier about one request: what a hit supplies after the
+"""Read-only questions to the tiers about one request: what a hit supplies after the
 GPU prefix, and what a resume would get back if the request were preempted now."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vllm_bidkv.context import BlockHash, RequestView
 from vllm_bidkv.offload.cpu_tier import CpuBlockTier
 
 
 def match_tokens(
-    tier: CpuBlockTier, request: RequestView, num_computed_tokens: int, block_size: int, window: int | None
+    ready: Callable[[BlockHash], bool],
+    request: RequestView,
+    num_computed_tokens: int,
+    block_size: int,
+    window: int | None,
 ) -> int:
-    """Tokens after the GPU prefix hit the CPU tier can supply (vLLM's external hit).
+    """Tokens after the GPU prefix hit the tiers can supply (vLLM's external hit).
 
     The longest hit from block ``num_computed_tokens // block_size`` whose blocks are
-    READY in the tier, capped so one token is left to compute. With a sliding ``window``
-    (tokens; None: full attention), only the blocks of the window before the hit's end
-    are needed (vLLM gives the others the null block), so a hit may start past blocks the
-    tier lacks. 0 if ``num_computed_tokens`` is not block aligned (copies are whole
+    ``ready`` (READY in the CPU tier, or in the disk tier behind it), capped so one token
+    is left to compute. With a sliding ``window`` (tokens; None: full attention), only the
+    blocks of the window before the hit's end are needed (vLLM gives the others the null
+    block), so a hit may start past blocks the tiers lack. 0 if ``num_computed_tokens`` is
+    not block aligned (copies are whole
     blocks). O(hit length); changes nothing.
     """
     bs = block_size
@@ -31,7 +36,7 @@ def match_tokens(
     last = min(len(hashes), first + math.ceil(room / bs))
     run = hit = 0  # READY blocks in a row ending at block i; the best hit so far
     for i in range(first, last):
-        if tier.lookup(hashes[i]) is None:
+        if not ready(hashes[i]):
             if window is None:
                 break
             run = 0

@@ -1,8 +1,8 @@
 """OffloadPlanner: decides, each scheduler step, which GPU blocks go to the CPU tier and back.
 
-It talks only to a ``SchedulerContext`` (GPU blocks) and a ``CpuBlockTier`` (CPU
-slots) and turns its decisions into ``TransferJob``s; the connector ships them
-to the workers (``plan_step``) and feeds their results back (``complete``).
+It talks to a ``SchedulerContext`` (GPU blocks), a ``CpuBlockTier`` (CPU slots) and the
+``DiskTier`` behind it, if any; the connector ships its ``TransferJob``s to the workers
+(``plan_step``) and feeds their results back (``complete``).
 
 Its parts keep the books: ``JobLedger`` (ledger.py) holds every job, and what it
 owns, until every worker reported it; ``LoadTrust`` (trust.py) says which GPU blocks a
@@ -12,10 +12,9 @@ hand the block out, so no copy races a reuse) and a hold per CPU slot (PENDING f
 store, a pin for a load: never evicted), each released once, when it finishes.
 
 Victims are rescued: a preempted request's computed full blocks are copied before this
-step's forward, whether vLLM already gave them to another request in the same
-``schedule()`` or not. A rescue owns no touch (taking blocks from vLLM just when it is
-short of them would cause more preemptions); the forward is the first thing that may
-write them. So a resumed victim loads every full block it had.
+step's forward, the first thing that may write them, even if vLLM already gave them to
+another request; a rescue owns no touch (taking blocks from vLLM just when it is short of
+them would cause more preemptions). So a resumed victim loads every full block it had.
 
 Stores: ``lazy`` parks hashed free blocks the tier lacks just before vLLM reuses them
 (the walk), so the tier holds what HBM lost rather than a copy of HBM; ``eager`` also
@@ -29,14 +28,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from vllm_bidkv.context import BlockHash, KVCacheBlockView, RequestView, SchedulerContext
 from vllm_bidkv.counters import Counters
 from vllm_bidkv.offload.cpu_tier import CpuBlockTier
+from vllm_bidkv.offload.disk import DiskTier, hold_for_load, is_ready, release_load
 from vllm_bidkv.offload.jobs import JobKind, JobResults, StepPlan
 from vllm_bidkv.offload.ledger import JobLedger, LedgerEntry
-from vllm_bidkv.offload.lookup import match_tokens, restorable_tokens
+from vllm_bidkv.offload.lookup import match_tokens
 from vllm_bidkv.offload.spec import OffloadSpec
 from vllm_bidkv.offload.trust import LoadTrust
 from vllm_bidkv.offload.walk import LazyWalk
@@ -46,12 +47,19 @@ class OffloadPlanner:
     """Scheduler-side planner of CPU-tier stores and loads (see module doc)."""
 
     def __init__(
-        self, ctx: SchedulerContext, tier: CpuBlockTier, spec: OffloadSpec, counters: Counters
+        self,
+        ctx: SchedulerContext,
+        tier: CpuBlockTier,
+        spec: OffloadSpec,
+        counters: Counters,
+        disk: DiskTier | None = None,
     ) -> None:
-        """``tier`` is built from ``spec``; ``counters``: the scheduler side's counter sink."""
+        """``tier`` is built from ``spec``; ``counters``: the scheduler side's counter sink;
+        ``disk``: the disk tier behind the CPU tier (``offload.disk``), if any."""
         assert tier.num_slots == spec.num_slots, "the tier is built from the same spec"
         self._ctx = ctx
         self.tier = tier
+        self.disk = disk
         self._spec = spec
         self._counters = counters
         self.ledger = JobLedger(spec.world_size)
@@ -61,9 +69,10 @@ class OffloadPlanner:
 
     # -- loads -----------------------------------------------------------------
     def match(self, request: RequestView, num_computed_tokens: int) -> int:
-        """Tokens after the GPU prefix hit the CPU tier can supply (``lookup.match_tokens``)."""
+        """Tokens after the GPU prefix hit the tiers can supply (``lookup.match_tokens``)."""
+        ready = partial(is_ready, self.tier, self.disk)
         return match_tokens(
-            self.tier, request, num_computed_tokens, self._ctx.block_size, self._spec.sliding_window
+            ready, request, num_computed_tokens, self._ctx.block_size, self._spec.sliding_window
         )
 
     def plan_load(
@@ -77,15 +86,10 @@ class OffloadPlanner:
     ) -> list[int]:
         """Queue the load of a ``match`` result into the blocks vLLM just allocated.
 
-        Args:
-            gpu_block_ids: all of the request's group-0 blocks; null ones (a sliding
-                window's skipped blocks) are not loaded.
-            asynchronous: the request waits in ``WAITING_FOR_REMOTE_KVS`` until every
-                worker finished the load (``TransferJob.asynchronous``).
-
-        Returns:
-            The GPU blocks of the hit that left the tier since ``match`` (the job's
-            ``unavailable_gpu_block_ids``: load errors, recomputed by vLLM). Usually ``[]``.
+        ``gpu_block_ids``: all of the request's group-0 blocks (null ones, a sliding window's
+        skipped blocks, are not loaded); ``asynchronous``: see ``TransferJob.asynchronous``.
+        Returns the GPU blocks of the hit that left the tiers since ``match`` (the job's
+        ``unavailable_gpu_block_ids``: load errors, recomputed by vLLM). Usually ``[]``.
         """
         if num_external_tokens <= 0:
             return []
@@ -102,44 +106,44 @@ class OffloadPlanner:
                 f"vllm-bidkv: load for request {request_id}: blocks [{first}, {end}) but the request has "
                 f"{len(block_hashes)} block hashes and {len(gpu_block_ids)} GPU blocks"
             )
-        slots: list[int] = []
-        gpu_ids: list[int] = []
-        lost = end
-        for i in range(first, end):
-            if self._spec.sliding_window is not None and self._ctx.get_block(gpu_block_ids[i]).is_null:
-                continue  # outside the sliding window: vLLM skipped the block, nothing reads it
-            slot = self.tier.lookup(block_hashes[i])
-            if slot is None:
-                lost = i
-                break
-            slots.append(slot)
-            gpu_ids.append(gpu_block_ids[i])
+        # Outside a sliding window vLLM gave a block the null block: nothing reads it, none loaded.
+        window = self._spec.sliding_window
+        wanted = [
+            i
+            for i in range(first, end)
+            if window is None or not self._ctx.get_block(gpu_block_ids[i]).is_null
+        ]
+        # disk_slots: per slot, the disk slot it is promoted from, or -1
+        slots, disk_slots = hold_for_load(self.tier, self.disk, [block_hashes[i] for i in wanted])
+        gpu_ids = [gpu_block_ids[i] for i in wanted[: len(slots)]]
+        lost = wanted[len(slots)] if len(slots) < len(wanted) else end
         unavailable = gpu_block_ids[lost:end]
-        for slot in slots:
-            self.tier.pin(slot)
         try:
             self._ctx.touch(gpu_ids)
         except BaseException:
-            for slot in slots:
-                self.tier.unpin(slot)
+            release_load(self.tier, self.disk, slots, disk_slots, ok=True, keep=False)
             raise
         entry = self._issue(
-            "load", gpu_ids, slots, request_id, unavailable=unavailable, asynchronous=asynchronous
+            "load",
+            gpu_ids,
+            slots,
+            request_id,
+            unavailable=unavailable,
+            asynchronous=asynchronous,
+            disk_slots=disk_slots if self.disk is not None else None,
         )
         entry.tokens = min(num_external_tokens, len(slots) * bs)
         self.trust.load_issued(entry.job)
         self._counters.add("cpu_hit_blocks", len(slots))
+        self._counters.add("disk_hit_blocks", sum(d >= 0 for d in disk_slots))  # of which the disk supplied
         self._counters.add("load_errors", len(unavailable))
         return unavailable
 
     # -- stores ----------------------------------------------------------------
     def plan_step(self, blocks_allocated: int) -> StepPlan:
-        """This step's jobs (call once per step, from ``build_connector_meta``).
-
-        ``blocks_allocated``: GPU blocks vLLM allocated since the previous call (new
-        blocks of scheduled requests); it drives the lazy walk. Returns every job
-        planned since the previous call.
-        """
+        """This step's jobs: every job planned since the previous call (once per step, from
+        ``build_connector_meta``). ``blocks_allocated``: GPU blocks vLLM allocated since then
+        (new blocks of scheduled requests); it drives the lazy walk."""
         if self._spec.mode == "lazy":
             picks: list[tuple[int, int]] = []
 
@@ -159,6 +163,8 @@ class OffloadPlanner:
 
             self.walk.step(blocks_allocated, visit)
             self._queue_store(picks, None)
+        if self.disk is not None:
+            self.disk.sync()  # before any spill the plan sends may overwrite a journaled slot
         return self.ledger.take_step_plan()
 
     def store_finished(self, request: RequestView, block_ids: Sequence[int]) -> None:
@@ -242,10 +248,9 @@ class OffloadPlanner:
     def complete(self, results: JobResults) -> None:
         """Apply worker results (``update_connector_output``); releases finished jobs.
 
-        A job is finished once every worker reported it (``JobLedger.acknowledge``): a
-        store then commits its slots, or aborts them if it failed, went stale or may have
-        read KV computed from a failed load; a load unpins its slots (dropping them if it
-        failed: the data is suspect). Raises ValueError for a job never sent.
+        A job is finished once every worker reported it (``JobLedger.acknowledge``): a store
+        commits its slots unless it failed, went stale or may have read KV computed from a
+        failed load; a load releases its slots. Raises ValueError for a job never sent.
         """
         for entry, ok in self.ledger.acknowledge(results):
             self._finish(entry, ok=ok)
@@ -253,18 +258,19 @@ class OffloadPlanner:
     def _finish(self, entry: LedgerEntry, *, ok: bool) -> None:
         job = entry.job
         n = len(job.cpu_slots)
-        if job.kind == "store":
-            tainted = (
-                entry.load_failures_at_issue is not None
-                and self.trust.failures > entry.load_failures_at_issue
-            )
-            commit = ok and not entry.stale and not tainted
+        if job.kind == "spill":
+            assert self.disk is not None
+            self.disk.spill_finished(self.tier, job.cpu_slots, job.disk_slots, ok and not entry.stale)
+        elif job.kind == "store":
+            issued_at = entry.load_failures_at_issue
+            commit = ok and not entry.stale and (issued_at is None or self.trust.failures == issued_at)
             for slot in job.cpu_slots:
-                if commit:
-                    self.tier.commit(slot)
-                else:
-                    self.tier.abort(slot)
+                (self.tier.commit if commit else self.tier.abort)(slot)
             if commit:
+                if self.disk is not None:  # write-through (offload.disk)
+                    cpu_slots, disk_slots = self.disk.reserve_spills(self.tier, job.cpu_slots)
+                    if cpu_slots:
+                        self._issue("spill", [], cpu_slots, None, touched=False, disk_slots=disk_slots)
                 self._counters.add("blocks_stored", n)
                 self._counters.add("bytes_stored", n * self._spec.block_bytes)
                 if entry.rescue:
@@ -273,8 +279,7 @@ class OffloadPlanner:
                 self.aborted_store_blocks += n
         else:
             self.trust.load_finished(job, ok)
-            for slot in job.cpu_slots:
-                self.tier.unpin(slot, drop=not ok)  # a failed load's data is suspect
+            release_load(self.tier, self.disk, job.cpu_slots, job.disk_slots, ok=ok, keep=not entry.stale)
             if ok:
                 self._counters.add("blocks_loaded", n)
                 self._counters.add("bytes_loaded", n * self._spec.block_bytes)
@@ -291,15 +296,14 @@ class OffloadPlanner:
 
     # -- resets ------------------------------------------------------------------
     def reset(self) -> None:
-        """vLLM's ``reset_prefix_cache``: no block stored before it is a hit after it.
-
-        READY entries are dropped (pinned ones when their loads finish) and stores in
-        flight are aborted on completion: after a weight update, old KV in the CPU
-        tier would silently poison new requests.
-        """
+        """vLLM's ``reset_prefix_cache``: no block stored before it is a hit after it (after a
+        weight update old KV would poison new requests). READY entries are dropped (pinned
+        ones when their loads finish); copies in flight that would add entries never do."""
         self.tier.reset()
+        if self.disk is not None:
+            self.disk.reset()
         for entry in self.ledger.entries():
-            if entry.job.kind == "store":
+            if entry.job.kind != "load" or max(entry.job.disk_slots, default=-1) >= 0:  # promotions too
                 entry.stale = True
 
     def give_up_copies(self) -> None:
@@ -307,10 +311,9 @@ class OffloadPlanner:
         ``reset_connector``, e.g. after a weight update): give back the GPU blocks copies
         hold now, so the pool can be emptied.
 
-        Jobs not sent are dropped. Sent stores keep their PENDING slots until every worker
-        reported them (a late write may land there), then abort. Sent synchronous loads
-        keep their pins until reported (their writes precede any later compute on the
-        stream). Asynchronous loads are kept whole: vLLM holds their blocks until they end.
+        Jobs not sent are dropped. Sent stores and spills keep their PENDING slots until every
+        worker reported them (a late write may land there), then abort; sent synchronous loads
+        keep their pins until reported. Asynchronous loads are kept whole (vLLM holds their blocks).
         """
         for entry in self.ledger.entries():
             if entry.job.asynchronous:
@@ -322,15 +325,7 @@ class OffloadPlanner:
             elif entry.touched:
                 self._untouch(entry)
 
-    # -- for the victim policy and the gauges ------------------------------------
-    def restorable(
-        self, ref_counts: Sequence[int], block_hashes: Sequence[BlockHash], start: int, computed_blocks: int
-    ) -> tuple[int, int]:
-        """``(cpu_tokens, offloadable_tokens)`` of a running request (``lookup.restorable_tokens``)."""
-        return restorable_tokens(
-            self.tier, ref_counts, block_hashes, start, computed_blocks, self._ctx.block_size
-        )
-
+    # -- for the gauges and tests ---------------------------------------------------
     def stats(self) -> dict[str, int]:
         """The counter sink's totals plus the diagnostics and the current holdings."""
         stats = self._counters.totals()
@@ -348,3 +343,5 @@ class OffloadPlanner:
         self.trust.check()
         self.walk.check()
         self.tier.check()
+        if self.disk is not None:
+            self.disk.index.check()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vllm_bidkv.config import CPU_EVICTIONS, OFFLOAD_MODES, BidKVConfig
+from vllm_bidkv.offload.disk import DiskSpec
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class OffloadSpec:
     """Tokens every layer attends to; None: full attention."""
     announce: bool = False
     """Keep the tier's changes for vLLM's KV events (``--kv-events-config`` is on)."""
+    disk: DiskSpec | None = None
+    """The disk tier behind the CPU tier (``disk_path``); None: none."""
 
     def __post_init__(self) -> None:
         checks = (
@@ -41,6 +44,12 @@ class OffloadSpec:
             ("world_size", self.world_size, self.world_size >= 1, ">= 1"),
             ("lazy_lookahead_steps", self.lookahead_steps, self.lookahead_steps > 0, "> 0"),
             ("min_clean_blocks", self.min_clean_blocks, self.min_clean_blocks >= 0, ">= 0"),
+            (
+                "disk tier slots",
+                self.disk and self.disk.num_slots,
+                not self.disk or self.disk.num_slots >= 1,
+                ">= 1",
+            ),
         )
         for key, value, ok, allowed in checks:
             if not ok:
@@ -57,6 +66,7 @@ class OffloadSpec:
         sliding_window: int | None = None,
         min_clean_blocks: int = 16,
         announce: bool = False,
+        disk: DiskSpec | None = None,
     ) -> OffloadSpec | None:
         """The spec of ``config`` with the engine's facts; None when offload is off."""
         if not config.offload_enabled:
@@ -71,4 +81,5 @@ class OffloadSpec:
             min_clean_blocks=min_clean_blocks,
             sliding_window=sliding_window,
             announce=announce,
+            disk=disk,
         )

@@ -1,4 +1,4 @@
-"""The CPU tier's changes as vLLM KV cache events (``--kv-events-config``).
+"""The tiers' changes as vLLM KV cache events (``--kv-events-config``), and the hash root.
 
 vLLM's Scheduler publishes what ``connector.take_events()`` returns beside its GPU block
 pool's events, so a KV-aware router learns that this engine still holds a prefix its GPU
@@ -16,10 +16,12 @@ from typing import Any
 from vllm_bidkv.context import BlockHash
 from vllm_bidkv.patches.capabilities import probe
 
-MEDIUM_CPU = "CPU"  # vllm.distributed.kv_events.MEDIUM_CPU, which releases before 0.26 lack
+# vllm.distributed.kv_events' names (releases before 0.26 lack them); STORAGE: vLLM's file tier's.
+MEDIUM_CPU = "CPU"
+MEDIUM_STORAGE = "STORAGE"
 
 
-def tier_events(changes: list[tuple[BlockHash, bool]]) -> list[Any]:
+def tier_events(changes: list[tuple[BlockHash, bool]], medium: str = MEDIUM_CPU) -> list[Any]:
     """One ``BlockStored`` or ``BlockRemoved`` per run of like changes ((hash, stored), oldest
     first), in order: a hash stored and evicted in one step is announced and then removed."""
     if not changes:
@@ -41,11 +43,20 @@ def tier_events(changes: list[tuple[BlockHash, bool]]) -> list[Any]:
                     token_ids=[],
                     block_size=0,
                     lora_id=None,
-                    medium=MEDIUM_CPU,
+                    medium=medium,
                     **lora,
                     **group,
                 )
             )
         else:
-            events.append(BlockRemoved(block_hashes=hashes, medium=MEDIUM_CPU, **group))
+            events.append(BlockRemoved(block_hashes=hashes, medium=medium, **group))
     return events
+
+
+def prefix_hash_root() -> str:
+    """vLLM's ``NONE_HASH`` (the root of every block-hash chain, set when the engine starts) as
+    hex: block hashes match across restarts only under the same root. '' if unknown."""
+    from vllm.v1.core import kv_cache_utils
+
+    root = getattr(kv_cache_utils, "NONE_HASH", None)
+    return bytes(root).hex() if isinstance(root, (bytes, bytearray)) else ""
