@@ -119,22 +119,29 @@ def _matrix_args(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--no-progress", action="store_true")
     if kind == "engine":
         _engine_args(parser)
+    else:
+        _sim_args(parser)
 
 
-# bench engine flag -> BenchPreset field, with vLLM's own flag names.
-ENGINE_FLAGS = {
-    "model": "model",
-    "dtype": "dtype",
+# The deployment's shape, for both runners: flag -> BenchPreset field, with vLLM's own flag names.
+SHAPE_FLAGS = {
     "block_size": "block_size",
     "max_num_seqs": "max_num_seqs",
     "num_gpu_blocks_override": "num_gpu_blocks",
     "max_model_len": "max_model_len",
     "max_num_batched_tokens": "max_num_batched_tokens",
+    "cpu_bytes": "cpu_bytes",
+}
+# bench engine's flags beside the shape; bench sim's.
+ENGINE_FLAGS = {
+    **SHAPE_FLAGS,
+    "model": "model",
+    "dtype": "dtype",
     "gpu_memory_utilization": "gpu_memory_utilization",
     "tensor_parallel_size": "tensor_parallel_size",
-    "cpu_bytes": "cpu_bytes",
     "enforce_eager": "enforce_eager",
 }
+SIM_FLAGS = {**SHAPE_FLAGS, "cost_model": "cost_model"}
 
 
 def _positive_int(text: str) -> int:
@@ -153,6 +160,29 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _shape_args(group: Any) -> None:
+    group.add_argument("--block-size", type=_positive_int, help="tokens per KV block")
+    group.add_argument("--max-num-seqs", type=_positive_int)
+    group.add_argument(
+        "--num-gpu-blocks-override", type=_positive_int, help="GPU KV blocks (small: preemption)"
+    )
+    group.add_argument("--max-model-len", type=_positive_int)
+    group.add_argument("--max-num-batched-tokens", type=_positive_int)
+    group.add_argument(
+        "--cpu-bytes",
+        type=byte_size,
+        help="CPU tier size per worker (offload configs): bytes, or 512MiB, 1TiB",
+    )
+
+
+def _sim_args(parser: argparse.ArgumentParser) -> None:
+    from vllm_bidkv_bench.costmodel import PRESETS as COST_MODELS
+
+    group = parser.add_argument_group("the simulated deployment (default: the preset's)")
+    _shape_args(group)
+    group.add_argument("--cost-model", choices=sorted(COST_MODELS), help="what times each step")
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     from vllm_bidkv_bench.tiny_model import BUILTIN_MODELS
 
@@ -162,13 +192,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
         help=f"a model directory or a name vLLM loads, or one made here: {', '.join(BUILTIN_MODELS)}",
     )
     group.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
-    group.add_argument("--block-size", type=_positive_int)
-    group.add_argument("--max-num-seqs", type=_positive_int)
-    group.add_argument(
-        "--num-gpu-blocks-override", type=_positive_int, help="GPU KV blocks (small: preemption)"
-    )
-    group.add_argument("--max-model-len", type=_positive_int)
-    group.add_argument("--max-num-batched-tokens", type=_positive_int)
+    _shape_args(group)
     group.add_argument("--gpu-memory-utilization", type=_fraction)
     group.add_argument("--tensor-parallel-size", type=_positive_int)
     group.add_argument(
@@ -176,11 +200,6 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="no torch.compile (vLLM's flag): each engine starts in seconds instead of ~40 s on CPU",
-    )
-    group.add_argument(
-        "--cpu-bytes",
-        type=byte_size,
-        help="CPU tier size per worker (offload configs): bytes, or 512MiB, 1TiB",
     )
     group.add_argument(
         "--server",
@@ -210,10 +229,9 @@ def matrix_from_args(args: argparse.Namespace) -> Any:
         trace = args.workload
     if args.num_requests is not None:
         preset = replace(preset, num_requests=args.num_requests)
+    flags = ENGINE_FLAGS if args.kind == "engine" else SIM_FLAGS
     overrides = {
-        field: getattr(args, flag)
-        for flag, field in ENGINE_FLAGS.items()
-        if getattr(args, flag, None) is not None
+        field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag, None) is not None
     }
     preset = replace(preset, **overrides)
     rates = args.rates or list(preset.rates)

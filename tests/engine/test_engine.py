@@ -164,7 +164,15 @@ def assert_counters_agree(m: dict[str, float]) -> None:
     and the gauges are idle at the end."""
     from vllm_bidkv.counters import COUNTERS, IDLE_ZERO_GAUGES
 
-    moved = {name: m.get(f"vllm:bidkv_{name}", 0) for name in COUNTERS if name != "load_errors"}
+    disk = [name for name in COUNTERS if name.startswith("disk_")]  # this run has no disk tier
+    assert (
+        not any(m.get(f"vllm:bidkv_{name}", 0) for name in disk) and m["vllm:bidkv_disk_capacity_bytes"] == 0
+    )
+    moved = {
+        name: m.get(f"vllm:bidkv_{name}", 0)
+        for name in COUNTERS
+        if name != "load_errors" and name not in disk
+    }
     assert all(moved.values()), f"counters that never moved: {[n for n, v in moved.items() if not v]}"
     assert m.get("vllm:bidkv_load_errors", 0) == 0
     assert moved["blocks_rescued"] <= moved["blocks_stored"]

@@ -300,3 +300,40 @@ def test_config_names() -> None:
         "offload_mode": "off",
         "admission": "sjf",
     }
+
+
+def test_bench_sim_runs_the_users_own_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench sim`` with the engine runner's shape flags (a shape no preset has) and the cost
+    model: vLLM's Scheduler runs under exactly that shape."""
+    import logging
+
+    # The command quiets vLLM's and our loggers for its run: not for the tests after this one
+    # (setLevel, not the attribute: it also clears the loggers' cached verdicts).
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    loggers = {logger: logger.level for logger in map(logging.getLogger, ("vllm", "vllm_bidkv"))}
+    from vllm_bidkv_bench.presets import PRESETS
+    from vllm_bidkv_bench.report import read_json
+
+    from vllm_bidkv.cli import main
+
+    shape = {"num_gpu_blocks": 97, "block_size": 32, "max_num_seqs": 5, "max_num_batched_tokens": 1536}
+    shape |= {"max_model_len": 3072, "cpu_bytes": 300 * 2**20, "cost_model": "h100-llama3-8b"}
+    assert not any(all(getattr(p, k) == v for k, v in shape.items()) for p in PRESETS.values())
+    out = tmp_path / "sim.json"
+    argv = ["bench", "sim", "--configs", "stock,bidkv+offload", "--rates", "40", "--num-requests", "24"]
+    argv += ["--runs", "1", "--num-gpu-blocks-override", "97", "--block-size", "32", "--max-num-seqs", "5"]
+    argv += ["--max-num-batched-tokens", "1536", "--max-model-len", "3072", "--cpu-bytes", "300MiB"]
+    argv += ["--cost-model", "h100-llama3-8b", "--json", str(out), "--no-progress"]
+    try:
+        assert main(argv) == 0
+    finally:
+        for logger, level in loggers.items():
+            logger.setLevel(level)
+    records, meta = read_json(out)
+    assert {k: meta["preset"][k] for k in shape} == shape
+    ran = {r["config"]: r for r in records}
+    assert {"stock", "bidkv+offload", "unbounded"} <= set(ran) and not any("error" in r for r in records)
+    assert all(r["max_running"] <= 5 for r in records) and ran["stock"]["max_running"] == 5, (
+        "--max-num-seqs bounds the batch, and 40 req/s fills it"
+    )
+    assert ran["stock"]["preemptions"] > 0, "97 blocks of 32 tokens cannot hold 5 long requests"

@@ -16,11 +16,11 @@ from vllm_bidkv_bench.workloads import make_workload
 pytestmark = pytest.mark.unit
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str, kind: str = "engine") -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    _matrix_args(parser, "engine")
+    _matrix_args(parser, kind)
     args = parser.parse_args(argv)
-    args.kind = "engine"
+    args.kind = kind
     return args
 
 
@@ -183,3 +183,24 @@ def test_openai_server_survives_losing_its_port_to_another_process(
     finally:
         thief.shutdown()
         thief.server_close()
+
+
+def test_sim_takes_the_shape_flags_and_the_cost_model(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(
+        "--num-gpu-blocks-override", "28000", "--block-size", "16", "--max-num-seqs", "256",
+        "--max-num-batched-tokens", "8192", "--max-model-len", "131072", "--cpu-bytes", "1TiB",
+        "--cost-model", "h100-llama3-8b", kind="sim",
+    )  # fmt: skip
+    p = matrix_from_args(args).preset
+    assert (p.num_gpu_blocks, p.block_size, p.max_num_seqs, p.max_num_batched_tokens) == (
+        28000,
+        16,
+        256,
+        8192,
+    )
+    assert (p.max_model_len, p.cpu_bytes, p.cost_model) == (131072, 2**40, "h100-llama3-8b")
+    with pytest.raises(SystemExit):
+        parse("--cost-model", "a100-mistral", kind="sim")
+    assert "--cost-model: invalid choice: 'a100-mistral'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--model", "/models/mine", kind="sim")  # the engine's own flags are not the simulator's

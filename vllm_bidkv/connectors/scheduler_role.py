@@ -120,6 +120,7 @@ class SchedulerRole:
         return self.side.has_jobs_in_flight()
 
     def reset_cache(self) -> bool:
+        self._open_disk()  # a reset before the first request (new weights) empties it too
         self._bound.reset()
         return True
 
