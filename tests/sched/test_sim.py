@@ -302,7 +302,11 @@ def test_config_names() -> None:
     }
 
 
-def test_bench_sim_runs_the_users_own_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_sim_runs_the_users_own_shape(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    offload_supported: None,  # every simulator matrix runs ideal-tier, an offload config
+) -> None:
     """``bench sim`` with the engine runner's shape flags (a shape no preset has) and the cost
     model: vLLM's Scheduler runs under exactly that shape."""
     import logging
