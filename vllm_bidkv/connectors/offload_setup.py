@@ -27,10 +27,9 @@ def _block_bytes(kv_cache_config: Any) -> int:
 
 def _check_offload(
     vllm_config: Any, kv_cache_config: Any, caps: Capabilities, config: BidKVConfig
-) -> tuple[int, int | None]:
-    """Refuse configurations the CPU tier cannot serve; return the number of CPU slots and
-    the sliding window of a sliding-window group (None: full attention, which a hybrid
-    model's one group is)."""
+) -> int | None:
+    """Refuse configurations the CPU tier cannot serve; return the sliding window of a
+    sliding-window group (None: full attention, which a hybrid model's one group is)."""
     if not caps.connector_worker_meta:
         raise ValueError(
             f"vllm-bidkv: offload_mode={config.offload_mode!r} needs build_connector_worker_meta "
@@ -54,9 +53,7 @@ def _check_offload(
             f"this model has {len(groups)}: [{', '.join(kinds)}] (state-space / Mamba layers?). "
             "Set offload_mode='off'."
         )
-    spec = groups[0].kv_cache_spec
-    window = spec.sliding_window if kinds == ["SlidingWindowSpec"] else None
-    return num_slots_for(config.cpu_bytes, _block_bytes(kv_cache_config)), window
+    return groups[0].kv_cache_spec.sliding_window if kinds == ["SlidingWindowSpec"] else None
 
 
 def disk_dir(config: BidKVConfig, vllm_config: Any) -> str:
@@ -68,13 +65,15 @@ def disk_dir(config: BidKVConfig, vllm_config: Any) -> str:
     return config.disk_path
 
 
-def disk_spec(vllm_config: Any, kv_cache_config: Any, config: BidKVConfig) -> DiskSpec | None:
-    """The disk tier's spec (None: no ``disk_path``), with what its old contents must match."""
+def disk_spec(
+    vllm_config: Any, kv_cache_config: Any, config: BidKVConfig, block_bytes: int
+) -> DiskSpec | None:
+    """The disk tier's spec (None: no ``disk_path``), with what its old contents must match;
+    ``block_bytes``: a worker's share of a block."""
     if not config.disk_path:
         return None
     import vllm
 
-    block_bytes = _block_bytes(kv_cache_config)
     group = kv_cache_config.kv_cache_groups[0]
     fingerprint = {
         "model": str(vllm_config.model_config.model),
@@ -87,12 +86,7 @@ def disk_spec(vllm_config: Any, kv_cache_config: Any, config: BidKVConfig) -> Di
         "world_size": str(vllm_config.parallel_config.world_size),
         "prefix_caching_hash_algo": str(getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "")),
     }
-    num_slots = config.disk_bytes // block_bytes
-    if num_slots < 1:
-        raise ValueError(
-            f"vllm-bidkv: disk_bytes={config.disk_bytes} holds no block of {block_bytes} bytes; "
-            f"raise disk_bytes to at least {block_bytes} or leave disk_path unset"
-        )
+    num_slots = num_slots_for(config.disk_bytes, block_bytes, "disk_bytes", "leave disk_path unset")
     return DiskSpec(disk_dir(config, vllm_config), num_slots, tuple(sorted(fingerprint.items())))
 
 
@@ -103,7 +97,8 @@ def offload_spec(
     on, failed loads are set to be recomputed."""
     if not config.offload_enabled:
         return None
-    num_slots, window = _check_offload(vllm_config, kv_cache_config, caps, config)
+    window = _check_offload(vllm_config, kv_cache_config, caps, config)
+    block_bytes = _block_bytes(kv_cache_config)  # one worker's share of a block
     world_size = vllm_config.parallel_config.world_size
     transfer = vllm_config.kv_transfer_config
     if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
@@ -115,11 +110,11 @@ def offload_spec(
         transfer.kv_load_failure_policy = "recompute"
     return OffloadSpec.from_config(
         config,
-        num_slots=num_slots,
-        disk=disk_spec(vllm_config, kv_cache_config, config),
+        num_slots=num_slots_for(config.cpu_bytes, block_bytes),
+        disk=disk_spec(vllm_config, kv_cache_config, config, block_bytes),
         # Every worker holds its share of each block (TP: its heads), so a block moved is
         # its bytes on one worker times the workers: the byte counters are engine-wide.
-        block_bytes=_block_bytes(kv_cache_config) * world_size,
+        block_bytes=block_bytes * world_size,
         world_size=world_size,
         sliding_window=window,
         # vLLM publishes what take_events returns (every release since 0.13) only with events on.

@@ -141,13 +141,11 @@ class CopyWorker:
         try:
             return DiskFile(disk.path, self._rank, world, self._cpu, disk.num_slots)
         except OSError as err:
-            logger.warning(
-                "vllm-bidkv: rank %d: no disk tier (%s): its writes and reads fail", self._rank, err
-            )
-            self._disk_failed = True
+            self._disk_failure("file", err)  # every spill and promotion on this rank fails
             return None
 
     def _disk_failure(self, what: str, err: BaseException) -> None:
+        """Log this rank's first disk failure (the file, a write); the scheduler side counts all."""
         if not self._disk_failed:
             logger.warning(
                 "vllm-bidkv: rank %d: disk tier %s failed (%s); later failures are only counted",
@@ -202,6 +200,8 @@ class CopyWorker:
             stream.wait_event(issued)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             try:
+                if to_gpu:
+                    self._promote(jobs)
                 self._copy(src, dst, src_ids, dst_ids, fault)
             except Exception:  # noqa: BLE001 - a failed copy turns into a recompute or a miss
                 logger.exception(
@@ -231,29 +231,22 @@ class CopyWorker:
         for job in plan.loads:
             # Blocks the tier could no longer supply: vLLM must recompute them.
             self._load_errors.update(job.unavailable_gpu_block_ids)
-            if not self._promote(job):
-                self._load_errors.update(job.gpu_block_ids)
-                self._copies.append(_Copy([job], False, None, self._polls + 1 + self._delay()))
-                continue
             fault = faults if faults is not None and faults.load_fails(job) else None
             stream = self._load_stream if job.asynchronous else None
             if not self._issue([job], True, stream, fault):
                 self._load_errors.update(job.gpu_block_ids)
 
-    def _promote(self, job: TransferJob) -> bool:
-        """Read the load's promoted blocks from disk into their CPU rows (before the copy that
-        reads those rows); False if the read failed."""
-        promoted = [(d, slot) for d, slot in zip(job.disk_slots, job.cpu_slots, strict=False) if d >= 0]
+    def _promote(self, loads: list[TransferJob]) -> None:
+        """Read the loads' promoted blocks from disk into their CPU rows, before the copy that
+        reads those rows (host code: done before the copy is enqueued); OSError if it cannot."""
+        promoted = [
+            (d, s) for job in loads for d, s in zip(job.disk_slots, job.cpu_slots, strict=False) if d >= 0
+        ]
         if not promoted:
-            return True
-        try:
-            if self._disk is None:
-                raise OSError("this worker has no disk tier file")
-            self._disk.read([d for d, _ in promoted], [slot for _, slot in promoted])
-        except Exception as err:  # noqa: BLE001 - a failed read is a load error, recomputed
-            self._disk_failure("read", err)
-            return False
-        return True
+            return
+        if self._disk is None:
+            raise OSError("this worker has no disk tier file")
+        self._disk.read([d for d, _ in promoted], [s for _, s in promoted])
 
     def run_spills(self, plan: StepPlan) -> None:
         """Spills write committed CPU rows to disk on the disk thread (nothing waits for them)."""

@@ -52,19 +52,6 @@ _FREE, _PENDING, _READY, _ORPHAN = range(4)
 _STATE_NAMES = ("FREE", "PENDING", "READY", "ORPHAN")
 
 
-def num_slots_for(cpu_bytes: int, block_bytes: int) -> int:
-    """How many blocks of ``block_bytes`` fit in ``cpu_bytes``; ValueError if none."""
-    if block_bytes <= 0:
-        raise ValueError(f"vllm-bidkv: block size must be positive, got block_bytes={block_bytes}")
-    slots = cpu_bytes // block_bytes
-    if slots < 1:
-        raise ValueError(
-            f"vllm-bidkv: cpu_bytes={cpu_bytes} holds no block of {block_bytes} bytes; "
-            f"raise cpu_bytes to at least {block_bytes} or set offload_mode='off'"
-        )
-    return slots
-
-
 class CpuBlockTier:
     """Slots of the CPU tier: states, hash index, pins, LRU/bid eviction (see module doc)."""
 

@@ -115,6 +115,7 @@ class OffloadPlanner:
         ]
         # disk_slots: per slot, the disk slot it is promoted from, or -1
         slots, disk_slots = hold_for_load(self.tier, self.disk, [block_hashes[i] for i in wanted])
+        promoted = sum(d >= 0 for d in disk_slots)
         gpu_ids = [gpu_block_ids[i] for i in wanted[: len(slots)]]
         lost = wanted[len(slots)] if len(slots) < len(wanted) else end
         unavailable = gpu_block_ids[lost:end]
@@ -130,12 +131,12 @@ class OffloadPlanner:
             request_id,
             unavailable=unavailable,
             asynchronous=asynchronous,
-            disk_slots=disk_slots if self.disk is not None else None,
+            disk_slots=disk_slots if promoted else None,  # a load has disk slots iff it promotes
         )
         entry.tokens = min(num_external_tokens, len(slots) * bs)
         self.trust.load_issued(entry.job)
         self._counters.add("cpu_hit_blocks", len(slots))
-        self._counters.add("disk_hit_blocks", sum(d >= 0 for d in disk_slots))  # of which the disk supplied
+        self._counters.add("disk_hit_blocks", promoted)  # of which the disk supplied
         self._counters.add("load_errors", len(unavailable))
         return unavailable
 
@@ -303,7 +304,7 @@ class OffloadPlanner:
         if self.disk is not None:
             self.disk.reset()
         for entry in self.ledger.entries():
-            if entry.job.kind != "load" or max(entry.job.disk_slots, default=-1) >= 0:  # promotions too
+            if entry.job.kind != "load" or entry.job.disk_slots:  # spills and promotions too
                 entry.stale = True
 
     def give_up_copies(self) -> None:

@@ -13,6 +13,22 @@ from vllm_bidkv.config import CPU_EVICTIONS, OFFLOAD_MODES, BidKVConfig
 from vllm_bidkv.offload.disk import DiskSpec
 
 
+def num_slots_for(
+    size: int, block_bytes: int, key: str = "cpu_bytes", instead: str = "set offload_mode='off'"
+) -> int:
+    """How many blocks of ``block_bytes`` fit in ``size`` (the value of config ``key``: a
+    tier's size); ValueError if none, naming the key and ``instead``, the other way out."""
+    if block_bytes <= 0:
+        raise ValueError(f"vllm-bidkv: block size must be positive, got block_bytes={block_bytes}")
+    slots = size // block_bytes
+    if slots < 1:
+        raise ValueError(
+            f"vllm-bidkv: {key}={size} holds no block of {block_bytes} bytes; "
+            f"raise {key} to at least {block_bytes} or {instead}"
+        )
+    return slots
+
+
 @dataclass(frozen=True)
 class OffloadSpec:
     mode: str
