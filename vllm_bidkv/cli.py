@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_cli.add_commands(sub)
     else:
         sub.add_parser("bench", help="benchmarks that write JSON (copy, select, sim, engine)")
-        sub.add_parser("demo", help="stock vLLM vs BidKV on the real engine: table and plots")
+        sub.add_parser("demo", help="stock vLLM, vLLM's own offloading and BidKV on the real engine: who won")
 
     args = parser.parse_args(argv)
     try:

@@ -92,8 +92,10 @@ def add_commands(sub: Any) -> None:
     report.set_defaults(func=_report)
 
     demo = sub.add_parser(
-        "demo", help="stock vLLM vs BidKV on the real engine: closed-loop chat and shared-prefix bursts"
+        "demo",
+        help="stock vLLM, vLLM's own offloading and BidKV on the real engine: chat and multi-round QA",
     )
+    demo.add_argument("--runs", type=positive_int, default=1, help="runs per config (3: its own spread)")
     demo.add_argument("--plot", default="vllm-bidkv-demo", metavar="DIR", help="where plots and JSON go")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
@@ -202,6 +204,12 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
         help="no torch.compile (vLLM's flag): each engine starts in seconds instead of ~40 s on CPU",
     )
     group.add_argument(
+        "--loads",
+        type=positive_float_list,
+        help="comma-separated fractions of stock's capacity on this machine, measured first "
+        "(default: the preset's, for calibrated presets); --rates instead sets absolute req/s",
+    )
+    group.add_argument(
         "--server",
         metavar="URL,...|auto",
         help="drive running OpenAI servers (vllm serve), one URL per --configs entry in that order, "
@@ -235,6 +243,17 @@ def matrix_from_args(args: argparse.Namespace) -> Any:
     }
     preset = replace(preset, **overrides)
     rates = args.rates or list(preset.rates)
+    # Calibrated (engine): --loads, else the preset's loads unless --rates sets absolute ones.
+    loads = tuple(getattr(args, "loads", None) or (() if args.rates else preset.loads))
+    if args.kind != "engine" or trace is not None:
+        if getattr(args, "loads", None):
+            raise SystemExit("--loads: a trace file has its own arrival times; leave --loads out")
+        loads = ()
+    if not rates and not loads and trace is None:
+        raise SystemExit(
+            f"--rates: preset {preset.name} sets its load from stock's capacity on the real engine "
+            f"(bench engine); give --rates for bench {args.kind}"
+        )
     configs = parse_configs(args.configs or list(preset.configs), with_unbounded=preset.with_unbounded)
     servers = None
     if getattr(args, "server", None):
@@ -250,6 +269,7 @@ def matrix_from_args(args: argparse.Namespace) -> Any:
         seed=args.seed,
         trace=trace,
         servers=servers,
+        loads=loads,
     )
 
 
@@ -368,34 +388,8 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_PRESETS = ("cpu-llama-chat", "cpu-llama-bursty")
-
-
 def _demo(args: argparse.Namespace) -> int:
-    from dataclasses import asdict, replace
-
-    from vllm_bidkv_bench.configs import parse_configs
-    from vllm_bidkv_bench.presets import get_preset
-    from vllm_bidkv_bench.report import machine_meta
-    from vllm_bidkv_bench.runner import Matrix, run_matrix
+    from vllm_bidkv_bench.demo import main
 
     _quiet()
-    failed = False
-    for name in DEMO_PRESETS:
-        preset = replace(get_preset(name), runs=1)
-        configs = parse_configs(list(preset.configs), with_unbounded=False)
-        print(
-            f"\nvllm-bidkv demo, {name}: workload {preset.workload} ({preset.num_requests} requests), "
-            f"real vLLM engine on CPU, model {preset.model} (random weights, made here), "
-            f"{preset.num_gpu_blocks} KV blocks of {preset.block_size} tokens; configs "
-            f"{', '.join(c.name for c in configs)}; one engine start each. One run per config: "
-            "docs/RESULTS.md has 3 interleaved runs with their spread.",
-            flush=True,
-        )
-        matrix = Matrix("engine", preset, configs, list(preset.rates), 1)
-        records = run_matrix(matrix, progress=not args.no_progress)
-        args.json = str(Path(args.plot) / f"demo-{name}.json")
-        meta = {**machine_meta(), "preset": asdict(preset), "admission": "fcfs", "seed": 0}
-        print(write_outputs(records, args, meta, f"demo-{name}"))
-        failed |= any("error" in r for r in records)
-    return 1 if failed else 0
+    return main(args)

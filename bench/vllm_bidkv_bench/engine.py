@@ -13,8 +13,9 @@ the wall clock and the engine is stepped (``LLMEngine.step``: schedule -> execut
 update) in between; greedy sampling with ``ignore_eos`` so every request produces exactly
 its ``output_len`` tokens. Closed-loop workloads (``chat``, ``agentic``) send each turn
 when the previous answer is complete, with that answer's tokens in its prompt. The
-workload is played twice in each process and only the second pass is measured (see
-``_child``); engine counters are differences over that pass. ``StepProfile`` times the
+workload's first requests are played 10× compressed as a warm-up in each process, then
+the whole workload is played and measured (see ``_child``); engine counters are
+differences over that pass. ``StepProfile`` times the
 parts of each measured step.
 Latencies come from vLLM's per-request ``RequestOutput.metrics`` (arrival, first-token
 latency, first/last token timestamps); engine-wide counters from ``LLM.get_metrics()``.
@@ -140,10 +141,12 @@ def _child(job_path: str, result_path: str) -> None:
     group = scheduler.kv_cache_config.kv_cache_groups[0]
     block_bytes = int(group.kv_cache_spec.page_size_bytes) * len(group.layer_names)
 
-    # Warm-up: replay the trace once unmeasured. The first steps of each batch shape pay for
-    # torch.compile on this backend, which would otherwise land on whichever config meets the
-    # shape first. Then every cache (GPU prefix cache and the connector's CPU tier) is reset.
-    _, _, _, warmup_s = _replay(engine, workload, "warmup-")
+    # Warm-up: play the trace's first requests unmeasured. The first steps of a batch shape
+    # pay for torch.compile on this backend, which would otherwise land on whichever config
+    # meets the shape first. Arrivals and think times are compressed 10× (a calibrated
+    # preset's pass is mostly waiting for them). Then every cache (GPU prefix cache and the
+    # connector's CPU tier) is reset.
+    _, _, _, warmup_s = _replay(engine, workload.head(WARMUP_REQUESTS), "warmup-", pace=WARMUP_PACE)
     if not llm.reset_prefix_cache(reset_connector=True):
         raise RuntimeError("engine: could not reset the prefix cache after the warm-up pass")
     before = _metrics(llm)
@@ -367,20 +370,24 @@ def peer_counters(
     return counters
 
 
+WARMUP_REQUESTS, WARMUP_PACE = 8, 0.1
+
+
 def _replay(
-    engine: Any, workload: Workload, prefix: str
+    engine: Any, workload: Workload, prefix: str, pace: float = 1.0
 ) -> tuple[list[dict[str, Any]], dict[str, list[int]], dict[str, list[int]], float]:
     """Add requests at their arrival times and step the engine until all finish.
 
-    Closed loop (``chat``, ``agentic``): a finished turn's next turn (its prompt + the
-    output just received + a new message) joins the arrivals at finish + think time.
+    Closed loop (``chat``, ``agentic``, ``multi-round-qa``): a finished turn's next turn (its
+    prompt + the output just received + a new message) joins the arrivals at finish + think
+    time. ``pace`` multiplies arrival times and think times (the warm-up's compression).
     Returns per-request timings (in ``requests`` order), outputs and prompts by request id,
     and the pass's wall time."""
     from vllm import SamplingParams
 
     workload = workload.replay()  # closed loop: from the first turns, with fresh sessions
     vocab = engine.model_config.get_vocab_size()
-    pending = [(r.arrival_s, i) for i, r in enumerate(workload.requests)]
+    pending = [(r.arrival_s * pace, i) for i, r in enumerate(workload.requests)]
     heapq.heapify(pending)
     index: dict[str, int] = {}
     timings: dict[int, dict[str, Any]] = {}
@@ -390,13 +397,13 @@ def _replay(
     while len(timings) < workload.total_requests:
         now = time.monotonic() - clock0
         while pending and pending[0][0] <= now:
-            _, i = heapq.heappop(pending)
+            at, i = heapq.heappop(pending)
             req, rid = workload.requests[i], workload.request_id(i)
             params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
             prompts[rid] = workload.prompt_token_ids(i, vocab)
             index[prefix + rid] = i
             # vLLM measures latencies from arrival_time: the trace's, as a server would see it.
-            arrival = wall0 + req.arrival_s
+            arrival = wall0 + at
             engine.add_request(prefix + rid, {"prompt_token_ids": prompts[rid]}, params, arrival_time=arrival)
         if not engine.has_unfinished_requests():
             if not pending:
@@ -409,9 +416,12 @@ def _replay(
                 rid = workload.request_id(i)
                 outputs[rid] = list(out.outputs[0].token_ids)
                 timings[i] = _timing(out, wall0, workload.requests[i])
-                turn = workload.on_finish(i, prompts[rid], outputs[rid], time.monotonic() - clock0)
-                if turn is not None:
-                    heapq.heappush(pending, (workload.requests[turn].arrival_s, turn))
+                finished = time.monotonic() - clock0
+                turn = workload.on_finish(i, prompts[rid], outputs[rid], finished)
+                if turn is not None:  # at finish + think time × pace
+                    heapq.heappush(
+                        pending, (finished + (workload.requests[turn].arrival_s - finished) * pace, turn)
+                    )
     return [timings[i] for i in range(len(workload.requests))], outputs, prompts, time.monotonic() - clock0
 
 

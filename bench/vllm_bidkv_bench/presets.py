@@ -13,14 +13,16 @@ about the GPU pool's size (1.17 GiB: an inclusive tier then holds little the GPU
 or 10× it, for ``mixed``, ``long-context``, ``chat``, ``agentic`` and ``rag``; 500
 requests, one run per rate (the simulator is deterministic; seeds vary the trace only).
 
-``cpu-*`` and ``demo`` are real-engine presets for this machine: the tiny model, blocks of
-32 tokens (the CPU attention backend needs multiples of 32), and a pool of 36 blocks that
-preempts (ENGINE_NOTES "Engine knobs that mattered"). Their arrivals are compressed into
-about a second: on a shared 2-core box a step takes 5 to 150 ms depending on what else
-runs, so with arrivals spread over the run the schedule (who waits, who is preempted)
-would depend on how fast each config's steps happened to be. Arriving together, every
-config gets the same requests in the same scheduler state and does comparable work;
-latencies stay wall-clock (each record carries the load average).
+``cpu-*`` are real-engine presets for this machine: the tiny model or ``llama-6x768``,
+blocks of 32 tokens (the CPU attention backend needs multiples of 32), and a pool of 36-48
+blocks that preempts (ENGINE_NOTES "Engine knobs that mattered"). Bursts (``cpu-tiny``,
+``cpu-llama-bursty``, ``cpu-llama-no-pressure``) arrive within about a second: every config
+gets the same requests in the same scheduler state and does comparable work. The others
+(chat, multi-round QA, long-document QA) are *calibrated*: their offered load is a fraction
+of stock's capacity measured by the runner on the box that runs them (``loads``), since
+wall-clock arrivals and think times fixed in seconds would offer more load than a slower box
+can serve, and TTFT would measure its queue. Latencies stay wall-clock (each record carries
+the load average and its calibration).
 """
 
 from __future__ import annotations
@@ -67,7 +69,13 @@ class BenchPreset:
     cpu_bytes: int
     length_scale: float = 1.0
     think_scale: float = 1.0
-    """Closed-loop workloads: × every think time (a short engine run plays whole sessions)."""
+    """Closed-loop workloads: × every think time (a short engine run plays whole sessions).
+    With ``loads``, the multiplier at a capacity of 1 req/s: it is divided by stock's capacity."""
+    loads: tuple[float, ...] = ()
+    """Real engine: offered load as fractions of stock's capacity on the machine that runs it.
+    Non-empty: ``bench engine`` first measures that capacity (``runner.measure_capacity``) and
+    runs at ``load × capacity`` req/s, think times scaled by ``1 / capacity``, so the preset is
+    the same pressure on a faster or a slower box; ``rates`` are then ignored."""
     with_unbounded: bool = True
     """Also run ``unbounded`` (more GPU memory) beside the configs."""
     cost_model: str = "h100-llama3-8b"
@@ -147,28 +155,42 @@ TOURNAMENTS = tuple(
     _tournament(workload, rates, tier) for workload, rates in TOURNAMENT_RATES.items() for tier in (1, 10)
 )
 
-# Issue 13's real-engine comparison on a model whose forward is most of a prefill step
-# (``llama-6x768``): stock vLLM, the inert connector (vLLM's connector path and our patches,
-# nothing done) and ours; 3 interleaved runs; no ``unbounded`` (the no-pressure preset is
-# the run where nothing is preempted).
+# The real-engine comparison on a model whose forward is most of a prefill step
+# (``llama-6x768``): stock vLLM, vLLM's own OffloadingConnector (its worker copying with a CPU
+# copy handler of ours, ``peer_spec``) and ours, with the same CPU bytes; 3 interleaved runs;
+# no ``unbounded`` (the no-pressure preset is the run where nothing is preempted).
 _COMPUTE = replace(
     _CPU,
     model="llama-6x768",
-    configs=("stock", "kill-switch", "bidkv+offload"),
+    configs=("stock", "vllm-offloading", "bidkv+offload"),
     runs=3,
     with_unbounded=False,
 )
+# Calibrated presets run at 80% of stock's capacity: loaded, not saturated (past it a TTFT
+# measures the length of the run).
+ENGINE_LOAD = 0.8
 COMPUTE_BOUND = (
     # Bursts of 8 sharing a system prompt, all arriving within ~0.2 s, 48 blocks: preempts.
     replace(_COMPUTE, name="cpu-llama-bursty", workload="bursty", num_requests=64, rates=(400.0,),
             num_gpu_blocks=48, length_scale=1.5),
-    # Closed-loop chat: ~17 sessions live at once, their histories (~300-1500 tokens each) far
-    # beyond the 40 GPU blocks (1,280 tokens); think times 0.2-2 s.
-    replace(_COMPUTE, name="cpu-llama-chat", workload="chat", num_requests=96, rates=(20.0,),
-            num_gpu_blocks=40, length_scale=0.5, think_scale=0.1),
+    # Closed-loop chat: sessions whose histories (~300-1500 tokens each) are far beyond the
+    # 40 GPU blocks (1,280 tokens); think times 1-10 s at a capacity of 1 req/s (0.2-2 s at 5).
+    replace(_COMPUTE, name="cpu-llama-chat", workload="chat", num_requests=96, rates=(),
+            loads=(ENGINE_LOAD,), num_gpu_blocks=40, length_scale=0.5, think_scale=0.5),
+    # LMCache's multi-round QA at 1/5 length: users of ~600 tokens (a shared 200-token system
+    # prompt and their own 300-500) asking 4-6 questions 2-8 s apart at 1 req/s of capacity;
+    # 40 GPU blocks hold about two users.
+    replace(_COMPUTE, name="cpu-llama-multi-round-qa", workload="multi-round-qa", num_requests=96,
+            rates=(), loads=(ENGINE_LOAD,), num_gpu_blocks=40, length_scale=0.2, think_scale=2.0),
+    # vLLM's long-document QA at 1/8 length: 8 documents of 512-960 tokens asked 4 times each,
+    # interleaved; 40 GPU blocks hold about one and a half.
+    replace(_COMPUTE, name="cpu-llama-long-doc-qa", workload="long-doc-qa", num_requests=32,
+            rates=(), loads=(ENGINE_LOAD,), num_gpu_blocks=40, length_scale=0.125),
     # No pressure: every running request fits at full length and the GPU prefix cache keeps
     # everything, so the CPU tier can never be hit; 32 running at once (connector-cost target).
+    # The inert connector (vLLM's connector path and our patches, nothing done) beside them.
     replace(_COMPUTE, name="cpu-llama-no-pressure", workload="bursty", num_requests=64, rates=(400.0,),
+            configs=("stock", "kill-switch", "vllm-offloading", "bidkv+offload"),
             max_num_seqs=32, num_gpu_blocks=32 * 64 + 1, length_scale=1.5),
 )  # fmt: skip
 

@@ -21,7 +21,8 @@ prompt. Prompt ids are drawn below the model's vocabulary as ``engine._replay`` 
 else 512 (the tiny model's; valid ids in any real vocabulary), so both modes send the
 same prompts to the same model.
 
-Two passes, as in the in-process runner: a warm-up pass, then ``POST
+Two passes, as in the in-process runner: a warm-up pass of the workload's first requests
+(``engine.WARMUP_REQUESTS``, at their own pace), then ``POST
 /reset_prefix_cache?reset_external=true`` (vLLM's dev endpoint, only with
 ``VLLM_SERVER_DEV_MODE=1``; ``reset_external`` also resets the connector's CPU tier), then
 the measured pass. A server started here gets dev mode and must reset; a user's server
@@ -69,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_bidkv_bench.configs import RunConfig
-from vllm_bidkv_bench.engine import ENGINE_METRICS
+from vllm_bidkv_bench.engine import ENGINE_METRICS, WARMUP_REQUESTS
 from vllm_bidkv_bench.metrics import RequestTiming, StepCounters
 from vllm_bidkv_bench.presets import BenchPreset
 from vllm_bidkv_bench.server import get, openai_server, wait_idle
@@ -91,7 +92,9 @@ def server_options(preset: BenchPreset, config: RunConfig, admission: str) -> di
     either), and the dev mode that ``/reset_prefix_cache`` needs."""
     from vllm_bidkv_bench.tiny_model import model_path
 
-    kv = config.kv_transfer_config(admission, preset.cpu_bytes)
+    kv = config.kv_transfer_config(
+        admission, preset.cpu_bytes, cpu_copy_peer=config.is_peer and _cpu_copy_peer()
+    )
     env = {"VLLM_SERVER_DEV_MODE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if kv is None:
         env["BIDKV_DISABLE"] = "1"
@@ -171,7 +174,7 @@ def _drive(
             raise TimeoutError(f"bench engine --server {url}: ran past its timeout")
         return left
 
-    _, _, _, warmup_s = _run_pass(workload, url, model, vocab, "warmup-", remaining())
+    _, _, _, warmup_s = _run_pass(workload.head(WARMUP_REQUESTS), url, model, vocab, "warmup-", remaining())
     _check_connector(url, config, admission, wait_idle(url, timeout=min(120.0, remaining())))
     cache_reset = _reset_cache(url, timeout=min(RESET_TIMEOUT_S, remaining()))
     if own and not cache_reset:
@@ -202,7 +205,38 @@ def _drive(
     }
     if workload.sessions is not None:  # closed loop: what each turn really sent (as engine.py)
         result["prompts"] = prompts
+    if config.is_peer:  # its own counters at /metrics, checked as the in-process runner checks them
+        result["label"] = config.engine_label(own and _cpu_copy_peer())
+        result["peer_counters"] = _peer_counters(config, before, after, result["counters"]["preemptions"])
     return result
+
+
+def _cpu_copy_peer() -> bool:
+    """A server started here runs on this machine's platform: the in-process runner's test."""
+    from vllm_bidkv_bench.engine import _cpu_copy_peer as on_this_platform
+
+    return on_this_platform()
+
+
+def _peer_counters(
+    config: RunConfig, before: Mapping[str, float], after: Mapping[str, float], preemptions: int
+) -> dict[str, float]:
+    """A peer's counters over the measured pass from ``/metrics`` (``<name>_total``), under the
+    names the in-process runner records; raises as it does when the peer never stored or loaded."""
+    from vllm_bidkv_bench.engine import PEER_ACTIVITY
+
+    # The exposition sums label sets away, and by_source{source="host"} is one of its labels:
+    # the connector's hits (the peer's only tier is the host) are its external hits instead.
+    names = (*PEER_ACTIVITY.get(config.connector, ()), "vllm:external_prefix_cache_hits")
+    counters = {n: after.get(f"{n}_total", 0.0) - before.get(f"{n}_total", 0.0) for n in names}
+    counters["host_hit_tokens"] = counters.pop("vllm:external_prefix_cache_hits")
+    idle = [n for n in PEER_ACTIVITY.get(config.connector, ()) if not counters[n]]
+    if preemptions > 0 and idle:
+        raise RuntimeError(
+            f"config {config.name}: {preemptions} preemptions but the peer's own counters never "
+            f"moved ({', '.join(idle)}): its worker did not store or load"
+        )
+    return counters
 
 
 def _check_connector(url: str, config: RunConfig, admission: str, metrics: Mapping[str, float]) -> None:

@@ -11,12 +11,14 @@ the same (rate, run) (*more GPU memory*, not a bound) and, in the simulator, its
 at the same (rate, run) — same GPU blocks, an unlimited CPU tier, free copies (see
 ``configs``). ``ttft_p99`` > 1 and ``throughput`` < 1 are the distance left to the bound.
 The simulator always runs ``ideal-tier``, like ``unbounded``; a real engine has no free
-copies, so its records carry ``distance_to_ideal: null``.
+copies, so its records carry ``distance_to_ideal: null``. An engine matrix with ``loads``
+first measures stock's capacity on this machine (``measure_capacity``) and runs at those
+fractions of it; every record then carries its ``calibration`` and ``load``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vllm_bidkv_bench.configs import RunConfig
@@ -39,15 +41,22 @@ class Matrix:
     servers: dict[str, str | None] | None = None
     """Engine only: drive OpenAI servers instead of in-process engines, config name -> URL
     (None: the runner starts that config's server)."""
+    loads: tuple[float, ...] = ()
+    """Engine only: run at these fractions of stock's capacity (``measure_capacity``), not ``rates``."""
+    calibration: dict[str, Any] | None = None
+    """``measure_capacity``'s result once measured: the rates and think scale every run uses."""
 
     def workloads(self) -> list[tuple[float | str, int, Workload]]:
         out: list[tuple[float | str, int, Workload]] = []
         if self.trace is not None:
             trace = load_jsonl(self.trace, seed=self.seed)
             return [(trace.name, run, trace) for run in range(self.runs)]
-        for rate in self.rates:
+        p = self.preset
+        rates, think_scale = self.rates, p.think_scale
+        if self.calibration is not None:
+            rates, think_scale = self.calibration["rates"], self.calibration["think_scale"]
+        for rate in rates:
             for run in range(self.runs):
-                p = self.preset
                 out.append(
                     (
                         rate,
@@ -59,7 +68,7 @@ class Matrix:
                             self.seed + run if self.kind == "sim" else self.seed,
                             p.length_scale,
                             p.max_model_len,
-                            p.think_scale,
+                            think_scale,
                         ),
                     )
                 )
@@ -70,11 +79,11 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
     from tqdm import tqdm
 
     if matrix.kind == "sim" and not any(c.ideal for c in matrix.configs):
-        from dataclasses import replace
-
         from vllm_bidkv_bench.configs import CONFIGS
 
         matrix = replace(matrix, configs=[*matrix.configs, CONFIGS["ideal-tier"]])
+    if matrix.kind == "engine" and matrix.loads and matrix.trace is None and matrix.calibration is None:
+        matrix = replace(matrix, calibration=measure_capacity(matrix))
     jobs = matrix.workloads()
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs) * len(matrix.configs), desc=f"bench {matrix.kind}", disable=not progress)
@@ -100,6 +109,9 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
                     "seed": workload.seed,
                     "error": repr(err),
                 }
+            if matrix.calibration is not None:
+                record["calibration"] = matrix.calibration
+                record["load"] = matrix.calibration["loads"][matrix.calibration["rates"].index(rate)]
             records.append(record)
             batch[config.name] = record
             bar.update()
@@ -113,6 +125,54 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
     add_ideal_distance(records, matrix.kind)
     order = {c.name: i for i, c in enumerate(matrix.configs)}
     return sorted(records, key=lambda r: (str(r["rate"]), r["run"], order[r["config"]]))
+
+
+# The capacity probe: every request (closed loop: every session's first turn) arrives within
+# a few milliseconds, and a session's next turn follows its answer at once.
+PROBE_RATE, PROBE_THINK_SCALE = 10_000.0, 1e-6
+
+
+def measure_capacity(matrix: Matrix) -> dict[str, Any]:
+    """Stock vLLM's capacity on this machine for the matrix's workload, and the rates it implies.
+
+    Capacity = the throughput (req/s) of stock serving the preset's own requests all at once,
+    its queue never empty: what this box can serve of this workload. Each load then runs at
+    ``load × capacity`` req/s and, closed loop, with think times × ``think_scale / capacity``,
+    so the number of sessions live at once (rate × think time) does not depend on the box.
+    Raises when stock cannot run (a calibrated preset without its capacity would be a guess)."""
+    from vllm_bidkv_bench.configs import CONFIGS
+
+    p = matrix.preset
+    probe = make_workload(
+        p.workload,
+        p.num_requests,
+        PROBE_RATE,
+        matrix.seed,
+        p.length_scale,
+        p.max_model_len,
+        PROBE_THINK_SCALE,
+    )
+    stock = CONFIGS["stock"]
+    # --server: the user's stock server where one is given, else one started here.
+    servers = None if matrix.servers is None else {"stock": matrix.servers.get("stock")}
+    alone = Matrix("engine", p, [stock], [], 1, matrix.admission, matrix.seed, servers=servers)
+    record, _ = _engine_record(alone, probe, stock, "capacity", 0)
+    return calibration(record["throughput_rps"], matrix.loads, p.think_scale, record["load_avg_1m"])
+
+
+def calibration(
+    capacity_rps: float, loads: tuple[float, ...], think_scale: float, load_avg: float
+) -> dict[str, Any]:
+    """The rates and think scale of ``loads`` at a measured capacity (``measure_capacity``)."""
+    if not capacity_rps > 0:
+        raise RuntimeError(f"calibration: stock served nothing (capacity {capacity_rps} req/s)")
+    return {
+        "capacity_rps": capacity_rps,
+        "loads": list(loads),
+        "rates": [round(load * capacity_rps, 3) for load in loads],
+        "think_scale": think_scale / capacity_rps,
+        "probe": f"stock, every request at once (closed loop: no think time), load average {load_avg:.2f}",
+    }
 
 
 def _reference(configs: list[RunConfig]) -> RunConfig | None:

@@ -36,11 +36,21 @@ Generators (``WORKLOADS``), lengths in tokens before ``length_scale``:
   short turns (tool results 32–192 tokens in, 16–96 out) 0.5–3 s apart (tool execution).
 * ``rag`` — Poisson arrivals; each request is one of 64 documents (1024–3072 tokens) drawn
   with Zipf popularity (P(rank k) ∝ 1/k) plus a question of 16–128 tokens; output 32–256.
+* ``multi-round-qa`` — LMCache's multi-round QA shape (PEERS (f)), closed loop: users
+  arrive as a Poisson process (request rate / mean rounds, 4–6 rounds each); every user's
+  first prompt is one system prompt of 1,000 tokens shared by all users, then the user's own
+  context of 1,500–2,500 tokens and a question of 16–64; round k+1 is round k's prompt +
+  its actual answer + a new question, sent 1–4 s (think time) after the answer; answers
+  80–120 tokens (LMCache's 100).
+* ``long-doc-qa`` — vLLM's long-document QA shape (PEERS (f)): 8 documents of 4,096–7,680
+  tokens, each asked ``num_requests / 8`` questions (16–64 tokens after the document),
+  interleaved: every round asks each document once, in a shuffled order; Poisson arrivals;
+  outputs 32–128. A document comes back only after the seven others.
 * ``bursty`` — bursts of 8 requests (burst starts Poisson at rate/8, requests within a
   burst 50 ms apart on average); each burst shares one of 3 system prompts of 96–256
   tokens; bodies 32–224, outputs 64–192 tokens. The demo's workload.
 
-Closed-loop workloads (``chat``, ``agentic``) carry a ``ChatSessions``: their ``requests``
+Closed-loop workloads (``chat``, ``agentic``, ``multi-round-qa``) carry a ``ChatSessions``: their ``requests``
 start with each session's first turn and grow while a runner plays them —
 ``Workload.on_finish(index, prompt_ids, output_ids, finish_s)`` (or
 ``ChatSessions.next_turn`` directly, for an engine runner with real outputs) returns the
@@ -164,6 +174,18 @@ class Workload:
         return Workload(
             self.name, self.seed, [r for _, r in first], sessions=sessions, turns=[(s, 0) for s, _ in first]
         )
+
+    def head(self, n: int) -> Workload:
+        """The first ``n`` requests (closed loop: the first sessions holding ``n`` turns), same ids."""
+        if self.sessions is None:
+            return Workload(self.name, self.seed, self.requests[:n])
+        plans, turns = [], 0
+        for plan in self.sessions.plans:
+            if turns >= n:
+                break
+            plans.append(plan)
+            turns += len(plan.output_lens)
+        return Workload(self.name, self.seed, [], sessions=ChatSessions(plans)).replay()
 
     def on_finish(
         self, index: int, prompt_ids: list[int], output_ids: list[int], finish_s: float
@@ -345,6 +367,27 @@ def _closed_loop(
     return Workload(name, seed, [], sessions=sessions).replay()
 
 
+def _session(
+    rng: random.Random,
+    start: float,
+    first: tuple[int, ...],
+    turns: int,
+    message: tuple[int, int],
+    output: tuple[int, int],
+    think: tuple[float, float],
+    scale: float,
+) -> SessionPlan:
+    """A session of ``turns`` turns after ``first``: messages, outputs and think times drawn
+    uniformly from their ranges (lengths × ``scale``), in that order."""
+    return SessionPlan(
+        start,
+        first,
+        tuple(_ids(rng, _scaled(rng, *message, scale)) for _ in range(turns - 1)),
+        tuple(_scaled(rng, *output, scale) for _ in range(turns)),
+        tuple(rng.uniform(*think) for _ in range(turns - 1)),
+    )
+
+
 def chat(
     num_requests: int,
     rate: float,
@@ -362,13 +405,7 @@ def chat(
         first = _ids(rng, _scaled(rng, 64, 512, length_scale))
         if rng.random() < 0.5:
             first = system[rng.randrange(len(system))] + first
-        return SessionPlan(
-            start,
-            first,
-            tuple(_ids(rng, _scaled(rng, 32, 256, length_scale)) for _ in range(n - 1)),
-            tuple(_scaled(rng, 32, 256, length_scale) for _ in range(n)),
-            tuple(rng.uniform(2.0, 20.0) for _ in range(n - 1)),
-        )
+        return _session(rng, start, first, n, (32, 256), (32, 256), (2.0, 20.0), length_scale)
 
     return _closed_loop("chat", seed, num_requests, rate / mean_turns, session, max_context, think_scale)
 
@@ -389,15 +426,50 @@ def agentic(
         context = _ids(rng, _scaled(rng, 1536, 4096, length_scale)) + _ids(
             rng, _scaled(rng, 64, 256, length_scale)
         )
-        return SessionPlan(
-            start,
-            tools + context,
-            tuple(_ids(rng, _scaled(rng, 32, 192, length_scale)) for _ in range(n - 1)),
-            tuple(_scaled(rng, 16, 96, length_scale) for _ in range(n)),
-            tuple(rng.uniform(0.5, 3.0) for _ in range(n - 1)),
-        )
+        return _session(rng, start, tools + context, n, (32, 192), (16, 96), (0.5, 3.0), length_scale)
 
     return _closed_loop("agentic", seed, num_requests, rate / mean_turns, session, max_context, think_scale)
+
+
+def multi_round_qa(
+    num_requests: int,
+    rate: float,
+    seed: int,
+    length_scale: float = 1.0,
+    max_context: int = 8192,
+    think_scale: float = 1.0,
+) -> Workload:
+    system = _ids(
+        random.Random(f"multi-round-qa/{seed}/system"), _scaled(random.Random(0), 1000, 1000, length_scale)
+    )
+    mean_rounds = 5.0
+
+    def user(rng: random.Random, start: float) -> SessionPlan:
+        n = rng.randint(4, 6)
+        context = _ids(rng, _scaled(rng, 1500, 2500, length_scale))
+        first = system + context + _ids(rng, _scaled(rng, 16, 64, length_scale))
+        return _session(rng, start, first, n, (16, 64), (80, 120), (1.0, 4.0), length_scale)
+
+    return _closed_loop(
+        "multi-round-qa", seed, num_requests, rate / mean_rounds, user, max_context, think_scale
+    )
+
+
+def long_doc_qa(num_requests: int, rate: float, seed: int, length_scale: float = 1.0) -> Workload:
+    rng = random.Random(f"long-doc-qa/{seed}")
+    documents = _prefixes(rng, 8, 4096, 7680, length_scale)
+    order: list[int] = []
+    while len(order) < num_requests:  # interleaved: each round asks every document once
+        round_ = list(range(len(documents)))
+        rng.shuffle(round_)
+        order += round_
+    out, clock = [], 0.0
+    for doc in order[:num_requests]:
+        clock += rng.expovariate(rate)
+        question = _scaled(rng, 16, 64, length_scale)
+        output = _scaled(rng, 32, 128, length_scale)
+        out.append(TraceRequest(clock, documents[doc] + question, output, f"doc{doc}", documents[doc]))
+    return Workload("long-doc-qa", seed, out)
 
 
 def rag(num_requests: int, rate: float, seed: int, length_scale: float = 1.0) -> Workload:
@@ -423,8 +495,10 @@ WORKLOADS: dict[str, Generator] = {
     "chat": chat,
     "agentic": agentic,
     "rag": rag,
+    "multi-round-qa": multi_round_qa,
+    "long-doc-qa": long_doc_qa,
 }
-CLOSED_LOOP = ("chat", "agentic")
+CLOSED_LOOP = ("chat", "agentic", "multi-round-qa")
 
 
 def make_workload(

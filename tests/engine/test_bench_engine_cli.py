@@ -20,6 +20,7 @@ import pytest
 from vllm_bidkv_bench.configs import CONFIGS
 from vllm_bidkv_bench.engine import run_config
 from vllm_bidkv_bench.presets import get_preset
+from vllm_bidkv_bench.runner import Matrix, run_matrix
 from vllm_bidkv_bench.tiny_model import tiny_model_dir
 from vllm_bidkv_bench.workloads import make_workload
 
@@ -102,3 +103,21 @@ def test_chat_turns_carry_the_models_actual_answers() -> None:
             assert prompts[later][: len(head)] == head and len(prompts[later]) > len(head)
             pairs += 1
     assert pairs >= 4
+
+
+def test_a_calibrated_preset_runs_at_its_share_of_stocks_measured_capacity() -> None:
+    """The runner measures stock's capacity on this box first, then offers half of it."""
+    preset = replace(
+        get_preset("cpu-llama-chat"), model="tiny", num_requests=10, num_gpu_blocks=24, max_model_len=704,
+        length_scale=0.25, enforce_eager=True, runs=1, loads=(0.5,),
+    )  # fmt: skip
+    matrix = Matrix("engine", preset, [CONFIGS["stock"]], [], 1, loads=preset.loads)
+    (record,) = run_matrix(matrix, progress=False)
+    assert "error" not in record, record.get("error")
+    cal = record["calibration"]
+    capacity = cal["capacity_rps"]
+    assert capacity > 0 and record["load"] == 0.5
+    assert record["rate"] == cal["rates"][0] == round(0.5 * capacity, 3)
+    assert cal["think_scale"] == pytest.approx(preset.think_scale / capacity)
+    # Offered half of what stock served with its queue never empty: it serves less than that.
+    assert record["throughput_rps"] < capacity and record["completed"] == 10

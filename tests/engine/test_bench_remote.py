@@ -3,8 +3,9 @@
 One server (tiny model, bidkv+offload, the ``cpu-tiny`` engine knobs: 36 blocks of 32
 tokens, so a burst of 12 requests preempts) is started as a user would start it, and
 ``run_config_on_server`` drives it by URL: a static burst (every request gets exactly its
-output length; preemptions, CPU-tier loads; outputs equal to the in-process engine's,
-stock — greedy float32 outputs are the same under every config) and a closed-loop chat of
+output length; preemptions, CPU-tier loads; outputs equal to those of vLLM's own
+OffloadingConnector on a server the runner starts — greedy float32 outputs are the same
+under every config) and a closed-loop chat of
 two sessions (each turn's prompt is the previous prompt + the answer the server gave).
 """
 
@@ -21,7 +22,6 @@ from dataclasses import replace
 
 import pytest
 from vllm_bidkv_bench.configs import CONFIGS
-from vllm_bidkv_bench.engine import run_config
 from vllm_bidkv_bench.metrics import StepCounters
 from vllm_bidkv_bench.presets import get_preset
 from vllm_bidkv_bench.remote import _reset_cache, _token_ids, run_config_on_server, server_options
@@ -107,10 +107,16 @@ def test_static_burst_against_server(server: str) -> None:
     assert remote["metrics"]["vllm:num_preemptions"] == counters.preemptions
     assert remote["block_bytes"] > 0
 
+    # vLLM's own OffloadingConnector on a server the runner starts (--server auto), its worker
+    # copying with our CPU copy handler on this platform: its /metrics counters say it stored
+    # and loaded, and its outputs are ours (greedy float32 outputs equal stock's under every config).
     started = time.monotonic()
-    engine = run_config(workload, CONFIGS["stock"], PRESET, admission="fcfs")
-    print(f"in-process stock engine: {time.monotonic() - started:.1f} s")
-    assert engine["outputs"] == outputs
+    peer = run_config_on_server(workload, CONFIGS["vllm-offloading"], PRESET, admission="fcfs", url=None)
+    print(f"vllm-offloading server: {time.monotonic() - started:.1f} s; {peer['peer_counters']}")
+    assert "CPU copy handler of ours" in peer["label"] and peer["counters"]["preemptions"] > 0
+    own = peer["peer_counters"]
+    assert own["vllm:kv_offload_store_bytes"] > 0 and own["vllm:kv_offload_load_bytes"] > 0
+    assert peer["outputs"] == outputs
 
 
 def test_server_of_another_config_is_refused(server: str) -> None:

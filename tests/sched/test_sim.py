@@ -218,6 +218,42 @@ def test_closed_loop_workloads_are_seeded_and_bounded(name: str) -> None:
         write_jsonl(a, "/nonexistent.jsonl")
 
 
+def test_head_is_the_first_requests_with_the_same_prompts() -> None:
+    """The engine runner's warm-up: the workload's first requests (first sessions), same token ids."""
+    static = make_workload("rag", 40, 3.0, 0)
+    head = static.head(8)
+    assert head.requests == static.requests[:8]
+    assert [head.prompt_token_ids(i, 512) for i in range(8)] == [
+        static.prompt_token_ids(i, 512) for i in range(8)
+    ]
+    chat = make_workload("chat", 60, 3.0, 0)
+    first = chat.head(10)
+    assert chat.sessions is not None and first.sessions is not None
+    plans = first.sessions.plans
+    assert plans == chat.sessions.plans[: len(plans)] and first.total_requests >= 10
+    assert first.total_requests - len(plans[-1].output_lens) < 10  # no session more than needed
+
+
+def test_long_doc_qa_interleaves_documents() -> None:
+    """vLLM's long-document QA order: every round asks each of the 8 documents once."""
+    workload = make_workload("long-doc-qa", 40, 3.0, 0)
+    docs = [r.prefix_group for r in workload.requests]
+    rounds = [docs[i : i + 8] for i in range(0, 40, 8)]
+    assert all(sorted(r) == sorted(f"doc{d}" for d in range(8)) for r in rounds)
+    assert rounds[0] != rounds[1]  # shuffled per round
+    assert all(4096 <= r.prefix_len <= 7680 and r.prompt_len > r.prefix_len for r in workload.requests)
+
+
+def test_multi_round_qa_users_share_the_system_prompt_and_keep_their_context() -> None:
+    """LMCache's multi-round QA: one 1,000-token system prompt for all, then each user's own context."""
+    workload = make_workload("multi-round-qa", 60, 3.0, 0)
+    assert workload.sessions is not None
+    firsts = [plan.first_prompt for plan in workload.sessions.plans]
+    assert len(firsts) >= 10 and len({f[:1000] for f in firsts}) == 1
+    assert len({f[1000:1100] for f in firsts}) == len(firsts)  # each user's context is its own
+    assert all(4 <= len(p.output_lens) <= 6 for p in workload.sessions.plans[:-1])
+
+
 def test_jsonl_round_trip(tmp_path: Path) -> None:
     workload = make_workload("mixed", 30, 2.0, 3)
     path = tmp_path / "trace.jsonl"

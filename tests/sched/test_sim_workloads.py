@@ -19,7 +19,7 @@ SMALL = replace(
 )
 
 
-@pytest.mark.parametrize("name", ["chat", "agentic"])
+@pytest.mark.parametrize("name", ["chat", "agentic", "multi-round-qa"])
 def test_next_turn_starts_with_prompt_and_actual_output(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     outputs: dict[str, tuple[list[int], float]] = {}  # what the Scheduler's Request really holds at finish
     record = _Simulator._record
@@ -32,7 +32,7 @@ def test_next_turn_starts_with_prompt_and_actual_output(name: str, monkeypatch: 
         return record(self, result)
 
     monkeypatch.setattr(_Simulator, "_record", spy)
-    scale = 0.3 if name == "chat" else 0.12
+    scale = {"chat": 0.3, "agentic": 0.12, "multi-round-qa": 0.12}[name]
     workload = make_workload(name, 30, 4.0, 0, length_scale=scale, max_context=900)
     result = simulate(workload, CONFIGS["stock"], SMALL, H100_LLAMA3_8B)
     played = result.played

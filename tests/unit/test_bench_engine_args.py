@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from vllm_bidkv_bench.cli import _matrix_args, _servers, matrix_from_args
 from vllm_bidkv_bench.configs import CONFIGS, parse_configs
+from vllm_bidkv_bench.demo import winners
 from vllm_bidkv_bench.engine import fit_line
+from vllm_bidkv_bench.runner import calibration
 from vllm_bidkv_bench.workloads import make_workload
 
 pytestmark = pytest.mark.unit
@@ -204,3 +206,60 @@ def test_sim_takes_the_shape_flags_and_the_cost_model(capsys: pytest.CaptureFixt
     assert "--cost-model: invalid choice: 'a100-mistral'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse("--model", "/models/mine", kind="sim")  # the engine's own flags are not the simulator's
+
+
+def test_calibrated_presets_take_loads_and_rates_turn_calibration_off() -> None:
+    """A calibrated preset runs at fractions of stock's capacity; --rates sets absolute req/s instead."""
+    matrix = matrix_from_args(parse("--preset", "cpu-llama-chat"))
+    assert matrix.loads == (0.8,) and matrix.rates == []
+    assert matrix_from_args(parse("--preset", "cpu-llama-chat", "--loads", "0.5,0.95")).loads == (0.5, 0.95)
+    absolute = matrix_from_args(parse("--preset", "cpu-llama-chat", "--rates", "3"))
+    assert absolute.loads == () and absolute.rates == [3.0]
+    assert matrix_from_args(parse("--preset", "cpu-llama-bursty")).loads == ()  # a burst: not calibrated
+
+
+def test_calibrated_preset_in_the_simulator_asks_for_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(
+        SystemExit, match="--rates: preset cpu-llama-chat sets its load from stock's capacity"
+    ):
+        matrix_from_args(parse("--preset", "cpu-llama-chat", kind="sim"))
+
+
+def test_calibration_scales_rates_and_think_times_by_the_capacity() -> None:
+    """Twice the capacity: twice the rate, half the think time, so as many sessions are live."""
+    slow, fast = calibration(2.0, (0.5, 0.8), 0.5, 1.0), calibration(4.0, (0.5, 0.8), 0.5, 1.0)
+    assert slow["rates"] == [1.0, 1.6] and fast["rates"] == [2.0, 3.2]
+    assert slow["think_scale"] == 2 * fast["think_scale"] == 0.25
+    live = [c["rates"][1] * c["think_scale"] for c in (slow, fast)]
+    assert live[0] == pytest.approx(live[1])
+    with pytest.raises(RuntimeError, match="stock served nothing"):
+        calibration(0.0, (0.8,), 0.5, 1.0)
+
+
+def test_demo_says_who_won_and_whether_it_is_outside_the_spread() -> None:
+    def rec(config: str, run: int, ttft: float, tput: float) -> dict[str, object]:
+        return {
+            "config": config,
+            "run": run,
+            "rate": 1.0,
+            "ttft_p50_ms": ttft,
+            "throughput_rps": tput,
+            "completed": 96,
+        }
+
+    one_run = [
+        rec("stock", 0, 3000, 2.0),
+        rec("vllm-offloading", 0, 1500, 2.4),
+        rec("bidkv+offload", 0, 1000, 2.5),
+    ]
+    committed = [rec("stock", r, 3000 + r, 2.0) for r in range(3)]
+    committed += [rec("vllm-offloading", r, 1400 + 100 * r, 2.4 + 0.1 * r) for r in range(3)]
+    committed += [rec("bidkv+offload", r, 1000 + 450 * r, 2.45) for r in range(3)]
+    table = winners([("cpu-llama-chat", one_run)], lambda preset: committed)
+    stock, peer = (line for line in table.splitlines() if line.startswith("| cpu-llama-chat"))
+    assert "| stock | 3.00× lower (ours won) | 1.25× higher (ours won) | TTFT yes, throughput yes" in stock
+    # Ours 1000-1900 against the peer's 1400-1600: the win of this run is inside the spread.
+    assert "| 1.50× lower (ours won) | 1.04× higher (ours won) | TTFT no (ranges overlap)" in peer
+    assert "(RESULTS.md, 3 runs of 96 requests)" in peer
+    alone = winners([("cpu-llama-chat", one_run)], lambda preset: None)
+    assert "no spread: one run and no committed runs" in alone
