@@ -23,6 +23,7 @@ from typing import Any
 DEMO_PRESETS = ("cpu-llama-chat", "cpu-llama-multi-round-qa")
 OURS = "bidkv+offload"
 DEMO_REQUESTS = 32
+TIE = 1.02  # within 2% either way, as in RESULTS.md
 # The committed RESULTS.md data of each demo preset (3 interleaved runs on a quiet box).
 COMMITTED = {
     "cpu-llama-chat": "docs/results/engine-llama-chat.json",
@@ -126,9 +127,9 @@ def _ratio(records: list[dict[str, Any]], num: str, den: str, key: str) -> float
 
 
 def _times(ratio: float, better: str) -> str:
-    if ratio >= 1:
-        return f"{ratio:.2f}× {better} (ours won)" if ratio > 1.02 else f"{ratio:.2f}× (tie within 2%)"
-    return f"{ratio:.2f}× (ours lost)"
+    if 1 / TIE <= ratio <= TIE:
+        return f"{ratio:.2f}× (tie within 2%)"
+    return f"{ratio:.2f}× {better} (ours won)" if ratio > 1 else f"{ratio:.2f}× (ours lost)"
 
 
 def _apart(records: list[dict[str, Any]], a: str, b: str, key: str) -> str:
