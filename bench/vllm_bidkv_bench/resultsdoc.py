@@ -57,6 +57,7 @@ SECTIONS = (
             "bidkv-0.1",
             "bidkv",
             "offload",
+            "vllm-offloading",
             "bidkv+offload",
         ),
     ),
