@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_bidkv_bench.resultsdoc import TIE, ranges_apart, spread
+
 DEMO_PRESETS = ("cpu-llama-chat", "cpu-llama-multi-round-qa")
 OURS = "bidkv+offload"
 DEMO_REQUESTS = 32
-TIE = 1.02  # within 2% either way, as in RESULTS.md
 # The committed RESULTS.md data of each demo preset (3 interleaved runs on a quiet box).
 COMMITTED = {
     "cpu-llama-chat": "docs/results/engine-llama-chat.json",
@@ -115,15 +116,11 @@ def winners(
     return "\n".join(lines)
 
 
-def _values(records: list[dict[str, Any]], config: str, key: str) -> list[float]:
-    return [r[key] for r in records if r.get("config") == config and isinstance(r.get(key), int | float)]
-
-
 def _ratio(records: list[dict[str, Any]], num: str, den: str, key: str) -> float | None:
-    a, b = _values(records, num, key), _values(records, den, key)
-    if not a or not b or not statistics.median(b):
+    a, b = spread(records, num, key), spread(records, den, key)
+    if a is None or b is None or not b[0]:
         return None
-    return statistics.median(a) / statistics.median(b)
+    return a[0] / b[0]
 
 
 def _times(ratio: float, better: str) -> str:
@@ -133,7 +130,7 @@ def _times(ratio: float, better: str) -> str:
 
 
 def _apart(records: list[dict[str, Any]], a: str, b: str, key: str) -> str:
-    x, y = _values(records, a, key), _values(records, b, key)
-    if not x or not y:
+    x, y = spread(records, a, key), spread(records, b, key)
+    if x is None or y is None:
         return "not measured"
-    return "yes" if max(x) < min(y) or max(y) < min(x) else "no (ranges overlap)"
+    return "yes" if ranges_apart(x, y) else "no (ranges overlap)"

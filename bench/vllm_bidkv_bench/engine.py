@@ -116,7 +116,7 @@ def _child(job_path: str, result_path: str) -> None:
 
     from vllm_bidkv_bench.tiny_model import model_path
 
-    cpu_copy_peer = _cpu_copy_peer()
+    cpu_copy_peer = peer_needs_cpu_copy()
     kv = config.kv_transfer_config(job["admission"], preset.cpu_bytes, cpu_copy_peer=cpu_copy_peer)
     started = time.perf_counter()
     llm = LLM(
@@ -341,7 +341,7 @@ PEER_ACTIVITY = {
 }
 
 
-def _cpu_copy_peer() -> bool:
+def peer_needs_cpu_copy() -> bool:
     """Whether vLLM's own offloading worker refuses this platform (``CPUOffloadingSpec.get_worker``
     builds one on CUDA-alike and XPU only), so a peer runs with our CPU copy handler."""
     from vllm.platforms import current_platform
@@ -360,14 +360,19 @@ def peer_counters(
     or load in a pass with preemptions."""
     counters = probe.connector_stats(type(scheduler.connector))
     counters["host_hit_tokens"] = host_hit_tokens
-    if probe.counters.preemptions > 0:
-        idle = [name for name in PEER_ACTIVITY.get(config.connector, ()) if not counters.get(name)]
-        if idle:
-            raise RuntimeError(
-                f"config {config.name}: {probe.counters.preemptions} preemptions but the peer's own "
-                f"counters never moved ({', '.join(idle)}): its worker did not store or load"
-            )
+    check_peer_activity(config, counters, probe.counters.preemptions)
     return counters
+
+
+def check_peer_activity(config: RunConfig, counters: dict[str, float], preemptions: int) -> None:
+    """Raise when a peer's own activity counters (``PEER_ACTIVITY``) never moved in a pass
+    with preemptions: its worker did not store or load, and its record would mean nothing."""
+    idle = [name for name in PEER_ACTIVITY.get(config.connector, ()) if not counters.get(name)]
+    if preemptions > 0 and idle:
+        raise RuntimeError(
+            f"config {config.name}: {preemptions} preemptions but the peer's own "
+            f"counters never moved ({', '.join(idle)}): its worker did not store or load"
+        )
 
 
 WARMUP_REQUESTS, WARMUP_PACE = 8, 0.1

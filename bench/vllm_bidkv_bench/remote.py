@@ -70,7 +70,13 @@ from pathlib import Path
 from typing import Any
 
 from vllm_bidkv_bench.configs import RunConfig
-from vllm_bidkv_bench.engine import ENGINE_METRICS, WARMUP_REQUESTS
+from vllm_bidkv_bench.engine import (
+    ENGINE_METRICS,
+    PEER_ACTIVITY,
+    WARMUP_REQUESTS,
+    check_peer_activity,
+    peer_needs_cpu_copy,
+)
 from vllm_bidkv_bench.metrics import RequestTiming, StepCounters
 from vllm_bidkv_bench.presets import BenchPreset
 from vllm_bidkv_bench.server import get, openai_server, wait_idle
@@ -93,7 +99,7 @@ def server_options(preset: BenchPreset, config: RunConfig, admission: str) -> di
     from vllm_bidkv_bench.tiny_model import model_path
 
     kv = config.kv_transfer_config(
-        admission, preset.cpu_bytes, cpu_copy_peer=config.is_peer and _cpu_copy_peer()
+        admission, preset.cpu_bytes, cpu_copy_peer=config.is_peer and peer_needs_cpu_copy()
     )
     env = {"VLLM_SERVER_DEV_MODE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if kv is None:
@@ -206,16 +212,10 @@ def _drive(
     if workload.sessions is not None:  # closed loop: what each turn really sent (as engine.py)
         result["prompts"] = prompts
     if config.is_peer:  # its own counters at /metrics, checked as the in-process runner checks them
-        result["label"] = config.engine_label(own and _cpu_copy_peer())
+        # A server started here runs on this machine's platform: the in-process runner's test.
+        result["label"] = config.engine_label(own and peer_needs_cpu_copy())
         result["peer_counters"] = _peer_counters(config, before, after, result["counters"]["preemptions"])
     return result
-
-
-def _cpu_copy_peer() -> bool:
-    """A server started here runs on this machine's platform: the in-process runner's test."""
-    from vllm_bidkv_bench.engine import _cpu_copy_peer as on_this_platform
-
-    return on_this_platform()
 
 
 def _peer_counters(
@@ -223,19 +223,12 @@ def _peer_counters(
 ) -> dict[str, float]:
     """A peer's counters over the measured pass from ``/metrics`` (``<name>_total``), under the
     names the in-process runner records; raises as it does when the peer never stored or loaded."""
-    from vllm_bidkv_bench.engine import PEER_ACTIVITY
-
     # The exposition sums label sets away, and by_source{source="host"} is one of its labels:
     # the connector's hits (the peer's only tier is the host) are its external hits instead.
     names = (*PEER_ACTIVITY.get(config.connector, ()), "vllm:external_prefix_cache_hits")
     counters = {n: after.get(f"{n}_total", 0.0) - before.get(f"{n}_total", 0.0) for n in names}
     counters["host_hit_tokens"] = counters.pop("vllm:external_prefix_cache_hits")
-    idle = [n for n in PEER_ACTIVITY.get(config.connector, ()) if not counters[n]]
-    if preemptions > 0 and idle:
-        raise RuntimeError(
-            f"config {config.name}: {preemptions} preemptions but the peer's own counters never "
-            f"moved ({', '.join(idle)}): its worker did not store or load"
-        )
+    check_peer_activity(config, counters, preemptions)
     return counters
 
 

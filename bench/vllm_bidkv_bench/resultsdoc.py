@@ -232,12 +232,17 @@ def targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> lis
     return out
 
 
-def _spread(rows: list[dict[str, Any]], config: str, key: str) -> tuple[float, float, float] | None:
-    """(median, min, max) of ``key`` over the runs of ``config``."""
+def spread(rows: list[dict[str, Any]], config: str, key: str) -> tuple[float, float, float] | None:
+    """(median, min, max) of ``key`` over the runs of ``config``; None if it has none."""
     import statistics
 
     values = [r[key] for r in rows if r["config"] == config and isinstance(r.get(key), int | float)]
     return (statistics.median(values), min(values), max(values)) if values else None
+
+
+def ranges_apart(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+    """Two ``spread``s whose min–max ranges do not overlap: a difference that counts."""
+    return a[2] < b[1] or b[2] < a[1]
 
 
 def engine_targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> list[tuple[str, ...]]:
@@ -264,7 +269,7 @@ def engine_targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]])
         theirs: str = "stock",
     ) -> None:
         rows = [r for r in data.get(section, ([], {}))[0] if "error" not in r]
-        a, b = _spread(rows, mine, key), _spread(rows, theirs, key)
+        a, b = spread(rows, mine, key), spread(rows, theirs, key)
         if a is None or b is None:
             out.append((f"{section}: {what}", "–", "–", f"{limit:g}", "n/a (not run)"))
             return
@@ -275,17 +280,17 @@ def engine_targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]])
         measured = ratio(a[0], b[0])
         by_run = {c: {r["run"]: r[key] for r in rows if r["config"] == c} for c in (mine, theirs)}
         paired = [ratio(v, by_run[theirs][n]) for n, v in by_run[mine].items() if n in by_run[theirs]]
-        spread = f"{mine} {num(a[1])}–{num(a[2])}, {theirs} {num(b[1])}–{num(b[2])}"
+        ranges = f"{mine} {num(a[1])}–{num(a[2])}, {theirs} {num(b[1])}–{num(b[2])}"
         if paired:
-            spread += f"; same-run ratio {min(paired):.3f}–{max(paired):.3f}"
-        apart = a[2] < b[1] or b[2] < a[1]
+            ranges += f"; same-run ratio {min(paired):.3f}–{max(paired):.3f}"
+        apart = ranges_apart(a, b)
         if kind == "ceiling":
             ok, op = measured <= limit, "≤"
         else:
             ok, op = measured >= limit and (apart or kind == "floor"), "≥"
         overlap = kind == "gain" and measured >= limit  # the ratio is there, the ranges are not apart
         verdict = "**met**" if ok else ("missed (ranges overlap)" if overlap else "missed")
-        out.append((f"{section}: {what}", spread, f"{measured:.3f}", f"{op} {limit:g}", verdict))
+        out.append((f"{section}: {what}", ranges, f"{measured:.3f}", f"{op} {limit:g}", verdict))
 
     bursty, chat, qa, doc, idle = COMPUTE_BOUND
     peer = "vllm-offloading"
@@ -305,7 +310,7 @@ def engine_targets(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]])
     check(idle, "ttft_p50_ms", "ceiling", 1.05, "TTFT p50 bidkv+offload / stock")
     for section in COMPUTE_BOUND:
         rows = [r for r in data.get(section, ([], {}))[0] if "error" not in r and "profile" in r]
-        share = _spread(rows, "bidkv+offload", "connector_share")  # the record's copy of its profile's
+        share = spread(rows, "bidkv+offload", "connector_share")  # the record's copy of its profile's
         if share is not None:
             running = max(r["profile"]["max_running"] for r in rows if r["config"] == "bidkv+offload")
             out.append((f"{section}: bidkv+offload connector share of schedule()+update() (max {running} running)",
