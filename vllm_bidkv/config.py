@@ -28,9 +28,9 @@ VICTIM_POLICIES = (
     "remaining-output",
     "bidkv-0.2",
 )
-ADMISSIONS = ("fcfs", "sjf")
-OFFLOAD_MODES = ("lazy", "eager", "off")
-CPU_EVICTIONS = ("lru", "bid")
+ADMISSIONS = ("fcfs", "sjf", "cache-aware")
+OFFLOAD_MODES = ("auto", "lazy", "eager", "off")
+CPU_EVICTIONS = ("lru", "bid", "arc")
 COPY_BACKENDS = ("auto", "triton", "torch")
 
 logger = logging.getLogger("vllm_bidkv")
@@ -77,13 +77,19 @@ _FIELDS: dict[str, _Field] = {
     "admission": _Field(
         str,
         "fcfs",
-        "Order of the waiting queue: vLLM's (`fcfs`) or shortest prompt first (`sjf`).",
+        "Order of the waiting queue: vLLM's (`fcfs`), shortest prompt first (`sjf`), or least prefill work left after the GPU prefix-cache and CPU-tier hits first (`cache-aware`, looked up again every step, aged by `admission_max_bypass`).",
         ADMISSIONS,
+    ),
+    "admission_max_bypass": _Field(
+        int,
+        32,
+        "Aging bound of `cache-aware` admission: a waiting request is overtaken by at most this many later arrivals, then goes first whatever its size. 0: first come, first served.",
+        minimum=0,
     ),
     "offload_mode": _Field(
         str,
-        "lazy",
-        "`lazy`: park free GPU blocks in the CPU tier just before vLLM reuses them; `eager`: store a request's blocks when it finishes or is preempted; `off`: no CPU tier.",
+        "auto",
+        "`auto`: store each full block once the forward that computed it is done while the CPU tier has room (a free slot, or an entry unused for four turnovers of the GPU pool), else park it as `lazy` does; `lazy`: park free GPU blocks in the CPU tier just before vLLM reuses them; `eager`: also store a request's blocks when it finishes; `off`: no CPU tier. Every mode but `off` rescues preempted requests' blocks.",
         OFFLOAD_MODES,
     ),
     "cpu_bytes": _Field(
@@ -95,7 +101,7 @@ _FIELDS: dict[str, _Field] = {
     "disk_path": _Field(
         str,
         "",
-        "A directory for a disk tier behind the CPU tier (empty: none). Blocks the CPU tier stores are written there in the background; a hit there is loaded through the CPU tier; it survives a restart with the same model and KV layout (vLLM's prefix hashes must be the same: with a non-cryptographic `prefix_caching_hash_algo`, set `PYTHONHASHSEED`). Needs `offload_mode` lazy or eager.",
+        "A directory for a disk tier behind the CPU tier (empty: none). Blocks the CPU tier stores are written there in the background; a hit there is loaded through the CPU tier; it survives a restart with the same model and KV layout (vLLM's prefix hashes must be the same: with a non-cryptographic `prefix_caching_hash_algo`, set `PYTHONHASHSEED`). Needs an `offload_mode` other than `off`.",
     ),
     "disk_bytes": _Field(
         int,
@@ -106,7 +112,7 @@ _FIELDS: dict[str, _Field] = {
     "cpu_eviction": _Field(
         str,
         "lru",
-        "CPU tier eviction: `lru`, or `bid` (keep blocks of preempted requests that will resume).",
+        "CPU tier eviction: `lru`, `bid` (LRU, but keep the blocks of preempted requests until they resume), or `arc` (the adaptive replacement cache of vLLM's own CPU offloading).",
         CPU_EVICTIONS,
     ),
     "copy_backend": _Field(
@@ -229,6 +235,7 @@ class BidKVConfig:
     kill_switch: bool = _FIELDS["kill_switch"].default
     victim_policy: str = _FIELDS["victim_policy"].default
     admission: str = _FIELDS["admission"].default
+    admission_max_bypass: int = _FIELDS["admission_max_bypass"].default
     offload_mode: str = _FIELDS["offload_mode"].default
     cpu_bytes: int = _FIELDS["cpu_bytes"].default
     disk_path: str = _FIELDS["disk_path"].default

@@ -16,7 +16,8 @@ The path of one request through it:
   strategy and records the victim's blocks;
 * ``plan_step`` (``build_connector_meta``, once per step) rescues this step's
   victims, protects their CPU entries until they resume, counts what a resumed
-  victim recomputes, and returns the step's transfer plan;
+  victim recomputes, offers running requests' newly cached blocks to the tier
+  (``auto``) and returns the step's transfer plan;
 * ``finished`` (``request_finished``, for finished and aborted requests alike)
   is the one place a record is removed.
 """
@@ -33,7 +34,7 @@ from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, Offload
 from vllm_bidkv.offload.disk import DiskTier
 from vllm_bidkv.offload.lookup import restorable_tokens
 from vllm_bidkv.policy import Candidate, Decision, VictimStrategy, admission_key, make_strategy
-from vllm_bidkv.policy.admission import AdmissionKey
+from vllm_bidkv.policy.admission import AdmissionKey, CacheAwareAdmission
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class RequestState:
     """Its blocks and their hashes when it was chosen: rescued at this step's plan, then dropped."""
     protected: list[BlockHash] = field(default_factory=list)
     """Hashes protected in the tier while it waits to resume (bid eviction)."""
+    next_store_block: int = 0
+    """``offload_mode`` auto: its first block not yet offered to the tier at compute time."""
 
 
 class BidKVSchedulerSide:
@@ -117,12 +120,13 @@ class BidKVSchedulerSide:
     def active(self) -> bool:
         return self.config.active
 
-    def admission_key(self) -> AdmissionKey | None:
-        return admission_key(self.config.admission) if self.active else None
+    def admission_key(self) -> AdmissionKey | CacheAwareAdmission | None:
+        config, tier_hit = self.config, (self.planner.match if self.planner is not None else None)
+        return admission_key(config.admission, config.admission_max_bypass, tier_hit) if self.active else None
 
     def has_pending_block_frees(self) -> bool:
         """Stores in flight hold free blocks; vLLM (0.30+) waits for them instead of preempting."""
-        return self.planner is not None and self.planner.ledger.held_store_blocks > 0
+        return self.planner is not None and self.planner.holds_free_blocks()
 
     def _state(self, request_id: str) -> RequestState:
         state = self.requests.get(request_id)
@@ -245,6 +249,7 @@ class BidKVSchedulerSide:
             if state is None:
                 continue
             self._unprotect(state)
+            state.next_store_block = 0  # its blocks now: a load may have written the first ones
             if state.computed_at_preemption is not None:
                 lost = state.computed_at_preemption - state.matched_tokens
                 self.counters.add("recomputed_tokens", max(0, lost))
@@ -264,6 +269,10 @@ class BidKVSchedulerSide:
         for state in self._victims:  # a rescue is valid only until this step's forward
             state.victim_blocks = []
         self._victims = []
+        for request in self.ctx.running() if self.config.offload_mode == "auto" and self.ctx else ():
+            state = self.requests.get(request.request_id)  # O(1) each but where a block was filled
+            if state is not None:
+                state.next_store_block = self.planner.store_computed(request, state.next_store_block)
         return self.planner.plan_step(events.blocks_allocated)
 
     def complete(self, results: JobResults) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vllm_bidkv.config import ADMISSIONS
 from vllm_bidkv_bench.args import byte_size, positive_float, positive_float_list, positive_int
 
 DEFAULT_PRESET = {"sim": "h100-llama3-8b", "engine": "cpu-tiny"}
@@ -109,7 +110,10 @@ def _matrix_args(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--runs", type=positive_int, help="runs per (config, rate); medians are reported")
     parser.add_argument("--num-requests", type=positive_int)
     parser.add_argument(
-        "--admission", choices=("fcfs", "sjf"), default="fcfs", help="the same for every config"
+        "--admission",
+        choices=ADMISSIONS,
+        default="fcfs",
+        help="the same for every config (vLLM's peers run fcfs only; cache-aware ages by the connector's default admission_max_bypass)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="workload seed (sim: run r uses seed + r; engine: every run)"
@@ -183,6 +187,17 @@ def _sim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("the simulated deployment (default: the preset's)")
     _shape_args(group)
     group.add_argument("--cost-model", choices=sorted(COST_MODELS), help="what times each step")
+    group.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="vLLM's async scheduling: step N+1 is scheduled before step N's output is processed",
+    )
+    group.add_argument(
+        "--loads",
+        type=positive_float_list,
+        help="comma-separated fractions of the simulator's stock capacity (req/s of virtual time), "
+        "measured first (default: the preset's, for calibrated presets); --rates sets absolute req/s",
+    )
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -243,16 +258,15 @@ def matrix_from_args(args: argparse.Namespace) -> Any:
     }
     preset = replace(preset, **overrides)
     rates = args.rates or list(preset.rates)
-    # Calibrated (engine): --loads, else the preset's loads unless --rates sets absolute ones.
+    # Calibrated: --loads, else the preset's loads unless --rates sets absolute ones.
     loads = tuple(getattr(args, "loads", None) or (() if args.rates else preset.loads))
-    if args.kind != "engine" or trace is not None:
+    if trace is not None:
         if getattr(args, "loads", None):
             raise SystemExit("--loads: a trace file has its own arrival times; leave --loads out")
         loads = ()
     if not rates and not loads and trace is None:
         raise SystemExit(
-            f"--rates: preset {preset.name} sets its load from stock's capacity on the real engine "
-            f"(bench engine); give --rates for bench {args.kind}"
+            f"--rates: preset {preset.name} has neither rates nor loads; give --rates or --loads"
         )
     configs = parse_configs(args.configs or list(preset.configs), with_unbounded=preset.with_unbounded)
     servers = None
@@ -270,6 +284,7 @@ def matrix_from_args(args: argparse.Namespace) -> Any:
         trace=trace,
         servers=servers,
         loads=loads,
+        async_scheduling=getattr(args, "async_scheduling", False),
     )
 
 

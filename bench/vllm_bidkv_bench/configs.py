@@ -15,8 +15,9 @@ Kinds of config:
   (vLLM's victim, no offload). Against ``stock`` it isolates the cost of vLLM's own
   connector path and of our patches.
 * BidKV: a victim strategy (``vllm_bidkv.policy.STRATEGIES``) with offload ``off`` (victim
-  rule alone), ``lazy`` or ``eager``. Names: the strategy (``lcf``), ``+offload`` for lazy
-  (``lcf+offload``); ``offload`` is vLLM's own victim with our lazy tier. A CPU-tier hit of
+  rule alone), ``auto`` (the default), ``lazy`` or ``eager``. Names: the strategy (``lcf``),
+  ``+offload`` for the default ``auto`` (``lcf+offload``), ``-lazy`` / ``-eager`` after it for
+  the others; ``offload`` is vLLM's own victim with our tier. A CPU-tier hit of
   ``async_load_min_tokens`` (8192) tokens or more loads asynchronously (the request waits
   while the batch runs on); ``bidkv+offload-sync`` loads every hit synchronously, before the
   forward that reads it, so that against ``bidkv+offload`` it shows what asynchronous loads
@@ -32,8 +33,12 @@ Kinds of config:
   the platform (``OffloadingConnector``'s CPU spec builds its worker on CUDA-alike and XPU
   only), ``vllm-offloading*`` run with ``vllm_bidkv_bench.peer_spec``: vLLM's
   ``CPUOffloadingSpec`` with a CPU copy handler of ours in its worker (``CPU_COPY_PEERS``).
-* ``ideal-tier``: the bound for a CPU tier with this GPU memory — BidKV's ``bidkv`` victim
-  rule and lazy tier, but a tier without a size limit (``cpu_bytes`` large enough to hold
+* ``oracle``: the bound for any policy with this memory (simulator only) — the preset's GPU
+  blocks and CPU bytes, copies that take no time, every computed block offered to the tier at
+  compute time, and Belady eviction with bypass: it knows every request of the trace ahead
+  (``vllm_bidkv_bench.oracle``). Records carry ``distance_to_oracle``.
+* ``ideal-tier``: a reference, "unlimited CPU memory" — BidKV's ``bidkv`` victim
+  rule and tier (``auto``), but a tier without a size limit (``cpu_bytes`` large enough to hold
   every block the run can produce: nothing is ever evicted) and host↔device copies that
   take no time (the simulator prices them at 0); the connector's own CPU time never enters
   the virtual clock of any config. It keeps the ``bidkv`` victim so that bidkv+offload's
@@ -70,6 +75,9 @@ class RunConfig:
     """How reports describe the config (empty: nothing to add)."""
     kill_switch: bool = False
     """BidKVConnector loaded and patched in, but inert (``kill_switch``): vLLM's connector path alone."""
+    oracle: bool = False
+    """``oracle`` (simulator only): free copies, every block offered to the tier, Belady eviction
+    (``vllm_bidkv_bench.oracle``)."""
     env: tuple[tuple[str, str], ...] = ()
     """Environment of the engine process (the real engine only): a test hook such as
     ``VLLM_BIDKV_FAULTS``, e.g. completions held back as CUDA events would hold them."""
@@ -146,7 +154,7 @@ CPU_COPY_PEERS: dict[str, tuple[dict[str, str], str]] = {
     ),
 }
 
-# Victim rules added by issue 14 (``vllm_bidkv.policy.STRATEGIES``): each alone and with the lazy tier.
+# Victim rules added by issue 14 (``vllm_bidkv.policy.STRATEGIES``): each alone and with the tier.
 NEW_VICTIM_RULES = ("lcf", "reclaim-score", "remaining-output", "bidkv-0.2")
 
 CONFIGS: dict[str, RunConfig] = {
@@ -160,14 +168,25 @@ CONFIGS: dict[str, RunConfig] = {
         RunConfig("largest-first", "largest-first"),
         RunConfig("bidkv-0.1", "bidkv-0.1"),
         RunConfig("bidkv", "bidkv"),
-        RunConfig("offload", "vllm-default", "lazy"),
+        RunConfig("offload", "vllm-default", "auto"),
         RunConfig("offload-eager", "vllm-default", "eager"),
-        RunConfig("bidkv+offload", "bidkv", "lazy"),
+        RunConfig("bidkv+offload", "bidkv", "auto"),
+        RunConfig("bidkv+offload-lazy", "bidkv", "lazy"),
+        *(
+            RunConfig(
+                f"bidkv+offload-{eviction}",
+                "bidkv",
+                "auto",
+                connector_options=(("cpu_eviction", eviction),),
+                label=f"bidkv+offload, tier eviction {eviction}",
+            )
+            for eviction in ("bid", "arc")
+        ),
         RunConfig("bidkv+offload-eager", "bidkv", "eager"),
         RunConfig(
             "bidkv+offload-sync",
             "bidkv",
-            "lazy",
+            "auto",
             # No hit reaches it: every load runs before the forward that reads it.
             connector_options=(("async_load_min_tokens", 2**31),),
             label="bidkv+offload, every load synchronous",
@@ -175,13 +194,13 @@ CONFIGS: dict[str, RunConfig] = {
         RunConfig(
             "bidkv+offload-late2",
             "bidkv",
-            "lazy",
+            "auto",
             env=(("VLLM_BIDKV_FAULTS", '{"complete_after_steps": 2}'), ("VLLM_BIDKV_TEST_HOOKS", "1")),
             label="bidkv+offload, every copy reported 2 steps late (test hook; real engine only)",
         ),
         *(RunConfig(rule, rule) for rule in NEW_VICTIM_RULES),
-        *(RunConfig(f"{rule}+offload", rule, "lazy") for rule in NEW_VICTIM_RULES),
-        RunConfig("bidkv-0.1+offload", "bidkv-0.1", "lazy"),
+        *(RunConfig(f"{rule}+offload", rule, "auto") for rule in NEW_VICTIM_RULES),
+        RunConfig("bidkv-0.1+offload", "bidkv-0.1", "auto"),
         RunConfig(
             "vllm-offloading",
             connector="offloading",
@@ -209,11 +228,19 @@ CONFIGS: dict[str, RunConfig] = {
         RunConfig(
             "ideal-tier",
             "bidkv",
-            "lazy",
+            "auto",
             ideal=True,
             # A free copy stalls nothing: loading it before the forward costs no step of waiting.
             connector_options=(("async_load_min_tokens", 2**31),),
-            label="bound: same GPU blocks, unlimited CPU tier, free copies (bidkv victim)",
+            label="reference: same GPU blocks, unlimited CPU tier, free copies (bidkv victim)",
+        ),
+        RunConfig(
+            "oracle",
+            "bidkv",
+            "auto",
+            oracle=True,
+            connector_options=(("async_load_min_tokens", 2**31),),
+            label="bound: same GPU blocks and CPU bytes, free copies, every block stored, Belady eviction",
         ),
     )
 }

@@ -12,12 +12,15 @@ its memory time:
 So decode is memory bound (a step costs ~weights/bandwidth whatever the batch, plus the
 batch's KV) and prefill is compute bound (linear in tokens, quadratic in context).
 
-Host↔device copies (the CPU tier): loads run before the forward, on the critical path;
-stores run on a side stream after the forward and overlap the next steps. One direction
-alone gets ``h2d/d2h_bytes_per_s``; both at once share ``duplex_bytes_per_s``.
+Host↔device copies (the CPU tier) are priced alike for every connector: each copy operation
+(one submission: a batched copy call, or one kernel) costs ``copy_overhead_s`` plus its bytes
+at the link's rate. One direction alone gets ``h2d/d2h_bytes_per_s``; both at once share
+``duplex_bytes_per_s``. When a copy runs, and whether a step waits for it, is the simulator's
+business (``sim.py``: each connector's worker as vLLM runs it).
 
 Every number of ``H100_LLAMA3_8B`` comes from ``/work/shared/COST_FACTS.md`` (row named in
-the comment), except the two efficiency factors (achieved / peak), which are *fitted*
+the comment), except ``copy_overhead_s`` (a published measurement, an assumption here: see its
+comment) and the two efficiency factors (achieved / peak), which are *fitted*
 (``vllm_bidkv_bench.calibrate``) so that stock vLLM in the simulator saturates where it did
 in bidkv's own calibration of stock vLLM on its testbed (3.81 req/s achieved at 5.7
 offered). That row cannot tell compute from memory efficiency apart, so the fit scales
@@ -52,6 +55,8 @@ class CostModel:
     """Device→host copy bandwidth, one direction alone."""
     duplex_bytes_per_s: float
     """Both directions at once, summed."""
+    copy_overhead_s: float
+    """Fixed cost of one copy operation (one submission), whatever its size."""
     compute_efficiency: float
     """Achieved / peak FLOP/s in a forward (fitted)."""
     memory_efficiency: float
@@ -79,11 +84,11 @@ class CostModel:
         return max(compute, memory)
 
     def copy_s(self, nbytes: float, *, to_device: bool, duplex: bool) -> float:
-        """Time of a host↔device copy; ``duplex`` when the other direction is busy too."""
+        """Time of one host↔device copy operation; ``duplex`` when the other direction is busy too."""
         if nbytes <= 0:
             return 0.0
         one_way = self.h2d_bytes_per_s if to_device else self.d2h_bytes_per_s
-        return nbytes / (self.duplex_bytes_per_s / 2 if duplex else one_way)
+        return self.copy_overhead_s + nbytes / (self.duplex_bytes_per_s / 2 if duplex else one_way)
 
     def with_efficiency(self, efficiency: float) -> CostModel:
         """The same hardware at another achieved fraction of peak, compute and memory alike (the fit)."""
@@ -103,6 +108,9 @@ H100_LLAMA3_8B = CostModel(
     h2d_bytes_per_s=50e9,  # COST_FACTS "host↔device DMA on H100": ~50 GB/s one way
     d2h_bytes_per_s=50e9,
     duplex_bytes_per_s=83.4e9,  # same row: 83.4 GB/s both ways at once
+    # Not in COST_FACTS: DualPath (Wu et al., arXiv 2602.21548, 2026, sec. 5.2) measured ~5-7 µs
+    # per cudaMemcpyAsync submission; an assumption for every connector's copy call alike.
+    copy_overhead_s=6e-6,
     # Fitted by `vllm-bidkv bench calibrate` (grid step 0.02, 3 seeds): 0.28 gives stock 3.92 req/s
     # at 5.7 offered vs bidkv's 3.81 (0.26: 3.65). Low for an H100 (decode ~20 ms/step at batch
     # ~20), i.e. bidkv's testbed was that slow (eager mode, unstated GPU): see calibrate.py.

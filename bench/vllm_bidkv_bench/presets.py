@@ -10,8 +10,19 @@ testbed does not say, and a dedicated 16 GiB is modest for a host serving an H10
 ``h100-llama3-8b-<workload>-cpu1x`` / ``-cpu10x`` are issue 14's tournament (every peer,
 victim rule and ours, ``TOURNAMENT_CONFIGS``) on the same H100 testbed with a CPU tier of
 about the GPU pool's size (1.17 GiB: an inclusive tier then holds little the GPU does not)
-or 10× it, for ``mixed``, ``long-context``, ``chat``, ``agentic`` and ``rag``; 500
-requests, one run per rate (the simulator is deterministic; seeds vary the trace only).
+or 10× it, for ``TOURNAMENT_WORKLOADS`` (``mixed``, ``long-context``, ``chat``, ``agentic``,
+``rag`` and the two field shapes ``multi-round-qa`` and ``long-doc-qa``); one run per load
+(the simulator is deterministic; seeds vary the trace only). They are *calibrated*
+(``loads`` 0.5 / 0.8 / 0.95, issue 26): the runner first measures the simulator's stock
+capacity on the preset's workload (every request at once, ``runner.measure_capacity``) and
+runs at those fractions of it, where hand-picked rates were past saturation for some.
+
+``h100-llama3-8b-prod-<workload>-cpu10x`` / ``-cpu30x`` are the tournament (plus
+``oracle``) in a production shape: an H100 80GB serving Llama-3.1-8B at
+``--gpu-memory-utilization 0.9`` (``PROD_GPU_BLOCKS``: 28,594 blocks, 457,504 tokens; the
+derivation is at the constants below), vLLM 0.32's ``vllm serve`` defaults for that card
+and model except ``max_num_seqs`` (256), a CPU tier of 10× and 30× the pool, on
+``PROD_WORKLOADS``, calibrated at the same loads, 3 runs (seeds 0-2).
 
 ``cpu-*`` are real-engine presets for this machine: the tiny model or ``llama-6x768``,
 blocks of 32 tokens (the CPU attention backend needs multiples of 32), and a pool of 36-48
@@ -52,6 +63,44 @@ TOURNAMENT_CONFIGS = (
 GPU_POOL_BYTES = 600 * 16 * 128 * 1024
 """The H100 presets' GPU KV pool: 600 blocks × 16 tokens × 128 KiB per token = 1.17 GiB."""
 
+# -- the production shape (issue 26): an H100 80GB, Llama-3.1-8B, --gpu-memory-utilization 0.9
+GIB = 2**30
+KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2
+"""131,072 B = 128 KiB: COST_FACTS "KV bytes per token (bf16)" (K and V × 32 layers × 8 KV
+heads × head_dim 128 × 2 B, the "Llama-3.1-8B shape" row); ``costmodel.H100_LLAMA3_8B`` agrees."""
+PROD_HBM_BYTES = 80 * GIB
+"""The H100 80GB's memory as the issue states it. CUDA reports ~79.2 GiB on that card; vLLM
+takes its fraction of CUDA's total, which would be ~0.7 GiB (~5,900 tokens) less KV."""
+PROD_GPU_MEMORY_UTILIZATION = 0.9
+PROD_WEIGHT_BYTES = 16 * 10**9
+"""COST_FACTS "weights in bf16": ~16 GB (8.0 B params × 2 B; vLLM logs ~15 GiB loaded)."""
+PROD_RESERVE_BYTES = 5 * GIB // 4
+"""1.25 GiB that vLLM's memory profile keeps out of the KV pool besides the weights: its
+profile forward's activation peak at ``max_num_batched_tokens`` 8192 (~0.8-1 GiB: the MLP's
+gate/up output alone is 8192 × 2 × 14,336 × 2 B = 448 MiB, then SiLU's 224 MiB beside it; the
+sampler's dummy logits for 256 sequences × 128,256 vocabulary × 4 B = 125 MiB come after),
+plus non-torch memory and CUDA graphs (~0.25-0.5 GiB). Not in COST_FACTS: an estimate from
+those shapes. 0.5 GiB gives 463,648 tokens, 3 GiB 443,168: ``PROD_POOL_TOKENS_RANGE``."""
+PROD_BLOCK_SIZE = 16
+PROD_GPU_BLOCKS = (
+    int(PROD_HBM_BYTES * PROD_GPU_MEMORY_UTILIZATION) - PROD_WEIGHT_BYTES - PROD_RESERVE_BYTES
+) // (PROD_BLOCK_SIZE * KV_BYTES_PER_TOKEN)
+"""(72 GiB − 16 GB − 1.25 GiB) / 2 MiB per block = 28,594 blocks = 457,504 tokens (~460k, the
+issue's estimate), 55.85 GiB of KV."""
+PROD_POOL_TOKENS_RANGE = (440_000, 470_000)
+"""The pool this derivation allows for a reserve of 0.5-3 GiB (tests check the presets' pool)."""
+PROD_MAX_NUM_SEQS = 256
+"""The issue's choice (vLLM's historical default). vLLM 0.32's ``vllm serve`` on a card of 70 GiB
+or more other than an A100 defaults to 1024 (``EngineArgs.get_batch_defaults``)."""
+PROD_MAX_NUM_BATCHED_TOKENS = 8192
+"""vLLM 0.32's ``vllm serve`` default on an H100 (``EngineArgs.get_batch_defaults``: a card of
+70 GiB or more, not an A100: ``OPENAI_API_SERVER`` 8192)."""
+PROD_MAX_MODEL_LEN = 131072
+"""vLLM's default ``max_model_len`` is the model's ``max_position_embeddings``: 131,072 for
+Llama-3.1-8B (its config.json, rope scaling ``llama3``)."""
+PROD_CPU_TIERS = (10, 30)
+"""CPU tier sizes, × the GPU pool: 10× = 558.5 GiB, 30× = 1,675.5 GiB of host memory."""
+
 
 @dataclass(frozen=True)
 class BenchPreset:
@@ -72,10 +121,12 @@ class BenchPreset:
     """Closed-loop workloads: × every think time (a short engine run plays whole sessions).
     With ``loads``, the multiplier at a capacity of 1 req/s: it is divided by stock's capacity."""
     loads: tuple[float, ...] = ()
-    """Real engine: offered load as fractions of stock's capacity on the machine that runs it.
-    Non-empty: ``bench engine`` first measures that capacity (``runner.measure_capacity``) and
-    runs at ``load × capacity`` req/s, think times scaled by ``1 / capacity``, so the preset is
-    the same pressure on a faster or a slower box; ``rates`` are then ignored."""
+    """Offered load as fractions of stock's capacity. Non-empty: the runner first measures that
+    capacity (``runner.measure_capacity``: stock, every request at once) and runs at ``load ×
+    capacity`` req/s; ``rates`` are then ignored. Real engine: the capacity of the machine
+    that runs it, think times scaled by ``1 / capacity``, so the preset is the same pressure
+    on a faster or a slower box. Simulator: the capacity in req/s of virtual time on the
+    preset's shape and cost model (deterministic), think times as ``think_scale`` says."""
     with_unbounded: bool = True
     """Also run ``unbounded`` (more GPU memory) beside the configs."""
     cost_model: str = "h100-llama3-8b"
@@ -129,30 +180,71 @@ _CPU = BenchPreset(
 )
 
 
-def _tournament(workload: str, rates: tuple[float, ...], tier: int) -> BenchPreset:
+# Offered load of the calibrated simulator presets: fractions of stock's capacity (req/s of
+# virtual time) that the runner measures first; 0.95 is near saturation, not past it.
+SIM_LOADS = (0.5, 0.8, 0.95)
+
+
+def _tournament(workload: str, tier: int) -> BenchPreset:
     """``h100-llama3-8b-<workload>-cpu<tier>x``: the tournament with a CPU tier of ``tier`` × the GPU pool."""
     return replace(
         _H100,
         name=f"h100-llama3-8b-{workload}-cpu{tier}x",
         workload=workload,
-        num_requests=500,
-        rates=rates,
+        num_requests=TOURNAMENT_REQUESTS[workload],
+        rates=(),
+        loads=SIM_LOADS,
         configs=TOURNAMENT_CONFIGS,
         runs=1,
         cpu_bytes=tier * GPU_POOL_BYTES,
     )
 
 
-# Rates below stock's saturation of each workload (sim, H100 cost model): where a target applies.
-TOURNAMENT_RATES = {
-    "mixed": (2.0, 3.8),
-    "long-context": (0.35, 0.5),
-    "chat": (2.0, 3.5),
-    "agentic": (1.5, 3.0),
-    "rag": (1.5, 3.0),
+# Requests per run: one config's run stays under ~10 s of wall time on this box (2 cores; 60
+# requests of stock at load 0.8 took 0.4-0.8 s, long-context 0.9-1.4 s and vLLM's peers ~1.5×).
+TOURNAMENT_REQUESTS = {
+    "mixed": 500,
+    "long-context": 400,
+    "chat": 500,
+    "agentic": 500,
+    "rag": 500,
+    "multi-round-qa": 500,
+    "long-doc-qa": 500,
 }
-TOURNAMENTS = tuple(
-    _tournament(workload, rates, tier) for workload, rates in TOURNAMENT_RATES.items() for tier in (1, 10)
+TOURNAMENT_WORKLOADS = tuple(TOURNAMENT_REQUESTS)
+TOURNAMENTS = tuple(_tournament(workload, tier) for workload in TOURNAMENT_WORKLOADS for tier in (1, 10))
+
+# The production shape's workloads and their length scales: agentic × 7 makes sessions of
+# 27-56k tokens (median ~41k; × 1 they are 4.6-7.8k); the others keep their field lengths.
+PROD_WORKLOADS = {"multi-round-qa": 1.0, "long-doc-qa": 1.0, "agentic": 7.0, "chat": 1.0}
+PROD_REQUESTS = 2000
+
+
+def _production(workload: str, length_scale: float, tier: int) -> BenchPreset:
+    """``h100-llama3-8b-prod-<workload>-cpu<tier>x``: the tournament and ``oracle`` in production shape."""
+    return replace(
+        _H100,
+        name=f"h100-llama3-8b-prod-{workload}-cpu{tier}x",
+        workload=workload,
+        num_requests=PROD_REQUESTS,
+        rates=(),
+        loads=SIM_LOADS,
+        configs=(*TOURNAMENT_CONFIGS, "oracle"),
+        runs=3,
+        num_gpu_blocks=PROD_GPU_BLOCKS,
+        block_size=PROD_BLOCK_SIZE,
+        max_num_seqs=PROD_MAX_NUM_SEQS,
+        max_num_batched_tokens=PROD_MAX_NUM_BATCHED_TOKENS,
+        max_model_len=PROD_MAX_MODEL_LEN,
+        cpu_bytes=tier * PROD_GPU_BLOCKS * PROD_BLOCK_SIZE * KV_BYTES_PER_TOKEN,
+        length_scale=length_scale,
+    )
+
+
+PRODUCTION = tuple(
+    _production(workload, scale, tier)
+    for workload, scale in PROD_WORKLOADS.items()
+    for tier in PROD_CPU_TIERS
 )
 
 # The real-engine comparison on a model whose forward is most of a prefill step
@@ -198,6 +290,7 @@ PRESETS: dict[str, BenchPreset] = {
     p.name: p
     for p in (
         *TOURNAMENTS,
+        *PRODUCTION,
         _H100,
         replace(
             _H100,

@@ -136,7 +136,7 @@ def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
                 parse_configs(list(section.configs or preset.configs), with_unbounded=preset.with_unbounded),
                 list(preset.rates),
                 preset.runs,
-                loads=preset.loads if section.kind == "engine" else (),
+                loads=preset.loads,
             )
             if section.kind == "sim" and not section.tournament and "ideal-tier" not in preset.configs:
                 pass  # the runner adds ideal-tier to every simulator matrix
@@ -567,15 +567,16 @@ def render(
 
 
 def _calibration_line(records: list[dict[str, Any]]) -> list[str]:
-    """A calibrated engine section: the capacity it measured and the load it ran at."""
+    """A calibrated section: the capacity it measured and the load it ran at."""
     cal = next((r["calibration"] for r in records if "calibration" in r), None)
     if cal is None:
         return []
+    where = "in the simulator" if cal.get("kind") == "sim" else "on this machine"
     loads = ", ".join(
         f"{load:g} → {rate:g} req/s" for load, rate in zip(cal["loads"], cal["rates"], strict=True)
     )
     return [
-        f"Calibrated on this machine: stock's capacity {cal['capacity_rps']:.3g} req/s ({cal['probe']}); "
+        f"Calibrated {where}: stock's capacity {cal['capacity_rps']:.3g} req/s ({cal['probe']}); "
         f"load {loads}; think times × {cal['think_scale']:.3g}.",
         "",
     ]

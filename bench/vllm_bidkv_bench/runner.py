@@ -11,9 +11,10 @@ the same (rate, run) (*more GPU memory*, not a bound) and, in the simulator, its
 at the same (rate, run) — same GPU blocks, an unlimited CPU tier, free copies (see
 ``configs``). ``ttft_p99`` > 1 and ``throughput`` < 1 are the distance left to the bound.
 The simulator always runs ``ideal-tier``, like ``unbounded``; a real engine has no free
-copies, so its records carry ``distance_to_ideal: null``. An engine matrix with ``loads``
-first measures stock's capacity on this machine (``measure_capacity``) and runs at those
-fractions of it; every record then carries its ``calibration`` and ``load``.
+copies, so its records carry ``distance_to_ideal: null``. A matrix with ``loads`` first
+measures stock's capacity (``measure_capacity``: the engine's on this machine, the
+simulator's in virtual time) and runs at those fractions of it; every record then carries
+its ``calibration`` and ``load``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ class Matrix:
     """Engine only: drive OpenAI servers instead of in-process engines, config name -> URL
     (None: the runner starts that config's server)."""
     loads: tuple[float, ...] = ()
-    """Engine only: run at these fractions of stock's capacity (``measure_capacity``), not ``rates``."""
+    """Run at these fractions of stock's capacity (``measure_capacity``), not ``rates``."""
     calibration: dict[str, Any] | None = None
     """``measure_capacity``'s result once measured: the rates and think scale every run uses."""
+    async_scheduling: bool = False
+    """Simulator only: vLLM's async scheduling (``simulate``'s), for every config."""
 
     def workloads(self) -> list[tuple[float | str, int, Workload]]:
         out: list[tuple[float | str, int, Workload]] = []
@@ -82,7 +85,7 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
         from vllm_bidkv_bench.configs import CONFIGS
 
         matrix = replace(matrix, configs=[*matrix.configs, CONFIGS["ideal-tier"]])
-    if matrix.kind == "engine" and matrix.loads and matrix.trace is None and matrix.calibration is None:
+    if matrix.loads and matrix.trace is None and matrix.calibration is None:
         matrix = replace(matrix, calibration=measure_capacity(matrix))
     jobs = matrix.workloads()
     records: list[dict[str, Any]] = []
@@ -123,6 +126,7 @@ def run_matrix(matrix: Matrix, *, progress: bool = True) -> list[dict[str, Any]]
     bar.close()
     add_unbounded_distance(records)
     add_ideal_distance(records, matrix.kind)
+    add_oracle_distance(records)
     order = {c.name: i for i, c in enumerate(matrix.configs)}
     return sorted(records, key=lambda r: (str(r["rate"]), r["run"], order[r["config"]]))
 
@@ -139,19 +143,19 @@ def measure_capacity(matrix: Matrix) -> dict[str, Any]:
     its queue never empty: what this box can serve of this workload. Each load then runs at
     ``load × capacity`` req/s and, closed loop, with think times × ``think_scale / capacity``,
     so the number of sessions live at once (rate × think time) does not depend on the box.
-    Raises when stock cannot run (a calibrated preset without its capacity would be a guess)."""
+    Raises when stock cannot run (a calibrated preset without its capacity would be a guess).
+
+    In the simulator (``kind`` "sim") the same probe runs on the simulator's ``stock``
+    (workload seed ``seed``, the one run 0 uses; deterministic): capacity in req/s of virtual
+    time, on the preset's shape and cost model. Think times keep the preset's
+    ``think_scale``: the simulated GPU is the preset's own, and its think times are the
+    workload's (a user's, a tool's) in seconds of that GPU's time, not a stand-in sized to a box."""
     from vllm_bidkv_bench.configs import CONFIGS
 
     p = matrix.preset
-    probe = make_workload(
-        p.workload,
-        p.num_requests,
-        PROBE_RATE,
-        matrix.seed,
-        p.length_scale,
-        p.max_model_len,
-        PROBE_THINK_SCALE,
-    )
+    if matrix.kind == "sim":
+        return _sim_capacity(matrix)
+    probe = _probe_workload(matrix)
     stock = CONFIGS["stock"]
     # --server: the user's stock server where one is given, else one started here.
     servers = None if matrix.servers is None else {"stock": matrix.servers.get("stock")}
@@ -160,18 +164,57 @@ def measure_capacity(matrix: Matrix) -> dict[str, Any]:
     return calibration(record["throughput_rps"], matrix.loads, p.think_scale, record["load_avg_1m"])
 
 
+def _probe_workload(matrix: Matrix) -> Workload:
+    """The preset's own requests, all arriving at once (closed loop: no think time)."""
+    p = matrix.preset
+    return make_workload(
+        p.workload,
+        p.num_requests,
+        PROBE_RATE,
+        matrix.seed,
+        p.length_scale,
+        p.max_model_len,
+        PROBE_THINK_SCALE,
+    )
+
+
+def _sim_capacity(matrix: Matrix) -> dict[str, Any]:
+    """``measure_capacity`` in the simulator: stock on the probe workload, virtual time."""
+    from vllm_bidkv_bench.configs import CONFIGS
+
+    p, stock = matrix.preset, CONFIGS["stock"]
+    probe = _probe_workload(matrix)
+    alone = replace(matrix, configs=[stock], rates=[], runs=1, loads=(), calibration=None)
+    record = _sim_record(alone, probe, stock, "capacity", 0, False)
+    return calibration(record["throughput_rps"], matrix.loads, p.think_scale, None, seed=matrix.seed)
+
+
 def calibration(
-    capacity_rps: float, loads: tuple[float, ...], think_scale: float, load_avg: float
+    capacity_rps: float,
+    loads: tuple[float, ...],
+    think_scale: float,
+    load_avg: float | None,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """The rates and think scale of ``loads`` at a measured capacity (``measure_capacity``)."""
+    """The rates and think scale of ``loads`` at a measured capacity (``measure_capacity``).
+
+    ``load_avg`` None: a simulator capacity (virtual time, workload seed ``seed``), whose think
+    times keep ``think_scale`` as it is; else the engine's, think times × ``1 / capacity``."""
     if not capacity_rps > 0:
         raise RuntimeError(f"calibration: stock served nothing (capacity {capacity_rps} req/s)")
+    at_once = "every request at once (closed loop: no think time)"
+    if load_avg is None:
+        probe = f"simulator's stock, {at_once}, workload seed {seed}; req/s of virtual time"
+    else:
+        probe = f"stock, {at_once}, load average {load_avg:.2f}"
     return {
         "capacity_rps": capacity_rps,
         "loads": list(loads),
         "rates": [round(load * capacity_rps, 3) for load in loads],
-        "think_scale": think_scale / capacity_rps,
-        "probe": f"stock, every request at once (closed loop: no think time), load average {load_avg:.2f}",
+        "think_scale": think_scale if load_avg is None else think_scale / capacity_rps,
+        "probe": probe,
+        "kind": "sim" if load_avg is None else "engine",
     }
 
 
@@ -198,6 +241,7 @@ def _sim_record(
             matrix.preset,
             cost,
             admission=matrix.admission,
+            async_scheduling=matrix.async_scheduling,
             busy_threshold=matrix.preset.max_num_seqs,
             progress=lambda n: bar.update(n - bar.n),
         )
@@ -217,6 +261,8 @@ def _sim_record(
             result.busy_connector_s / result.busy_scheduler_s if result.busy_scheduler_s else None
         ),
         "cpu_bytes": result.cpu_bytes,
+        "prefill_tokens_computed": result.prefill_tokens_computed,
+        "async_scheduling": matrix.async_scheduling,
         "gpu_blocks_held_at_end": result.num_gpu_blocks - result.free_blocks_at_end,
         "label": config.label,
     }
@@ -320,3 +366,27 @@ def add_ideal_distance(records: list[dict[str, Any]], kind: str = "sim") -> None
         tput = r["throughput_rps"] / ref["throughput_rps"] if ref["throughput_rps"] else None
         r["distance_to_ideal"] = {"ttft_p99": ttft, "throughput": tput}
         r["ttft_p99_ms_vs_ideal"], r["throughput_rps_vs_ideal"] = ttft, tput
+
+
+ORACLE_METRICS = {
+    "ttft_p50": "ttft_p50_ms",
+    "ttft_p99": "ttft_p99_ms",
+    "throughput": "throughput_rps",
+    "prefill_tokens": "prefill_tokens_computed",
+}
+
+
+def add_oracle_distance(records: list[dict[str, Any]]) -> None:
+    """``distance_to_oracle``: per ``ORACLE_METRICS`` key, this config's value / ``oracle``'s, same
+    (rate, run); absent without an ``oracle`` record. Flat as ``ttft_p99_ms_vs_oracle`` and
+    ``throughput_rps_vs_oracle`` too (CSV, tables)."""
+    bound = {(r["rate"], r["run"]): r for r in records if r["config"] == "oracle" and "error" not in r}
+    for r in records:
+        ref = bound.get((r["rate"], r["run"]))
+        if "error" in r or ref is None:
+            continue
+        r["distance_to_oracle"] = {
+            key: r[field] / ref[field] if ref.get(field) else None for key, field in ORACLE_METRICS.items()
+        }
+        r["ttft_p99_ms_vs_oracle"] = r["distance_to_oracle"]["ttft_p99"]
+        r["throughput_rps_vs_oracle"] = r["distance_to_oracle"]["throughput"]

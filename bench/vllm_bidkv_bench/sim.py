@@ -1,40 +1,61 @@
 """The scheduler simulator: vLLM's real Scheduler, a cost model in place of the GPU.
 
-Each step follows the engine core's order (``EngineCore.step``): arrivals due by the
-virtual clock are added, ``schedule()`` runs (real Scheduler, KVCacheManager, BlockPool
-and — when configured — a KV connector's scheduler side: BidKVConnector with its
-patches, or one of vLLM's own offloading connectors), the step is "executed" by the
-cost model, and ``update_from_output()`` gets one sampled token for every request whose
-prefill completes. The step takes
+The engine core's loop is played on a virtual clock: arrivals due are added, ``schedule()``
+runs (real Scheduler, KVCacheManager, BlockPool and — when configured — a KV connector's
+scheduler side: BidKVConnector with its patches, or one of vLLM's own offloading
+connectors), the step is launched on a virtual GPU priced by the cost model, and
+``update_from_output()`` gets one sampled token for every request whose prefill completes,
+once the step's forward is done. Without async scheduling (``EngineCore.step``) the host
+waits for each step's output before it schedules the next. With it (``async_scheduling``:
+vLLM's ``AsyncScheduler`` and ``EngineCore.step_with_batch_queue``, 0.32's default on GPUs)
+step N+1 is scheduled and launched before step N's output is processed, and the forwards
+run back to back.
 
-    pre-forward copy wait (on the critical path) + forward time
+A step is timed as vLLM 0.32's model runner runs it (``gpu_model_runner.execute_model``,
+``kv_connector_model_runner_mixin._get_kv_connector_output``):
 
-and the simulator plays the connector's **worker**: a worker model per connector
-(``_BidKVWorker``, ``_OffloadingWorker``, ``_SimpleOffloadWorker``) reads the step's
-connector metadata exactly as that connector's real worker does, runs its copies on a
-load and a store stream at the cost model's host↔device rates (a copy that overlaps the
-other direction gets the duplex share of the link), and reports each completion back
-through ``KVConnectorOutput`` in the form that connector's scheduler side expects:
+1. ``handle_preemptions`` runs on the host before the forward; a wait there (a peer's
+   flush) blocks the host, and so the forward's launch;
+2. copies on the compute stream (BidKV's rescues and synchronous loads) run after the
+   previous step's forward and before this one: its critical path;
+3. the forward;
+4. copies issued after the forward launch (``start_load_kv`` when the step has no
+   synchronous load, ``wait_for_save``) that wait for the compute stream start when the
+   forward ends;
+5. ``get_finished`` runs right after the forward's *launch*, so a step reports only copies
+   that completed before it was launched: a copy is seen at the earliest by the first step
+   launched after it finished, and the scheduler hears of it with that step's output.
 
-* BidKV (``connectors/worker.py``): jobs in ``kv_connector_worker_meta``
-  (``BidKVWorkerMetadata``), reported in issue order; rescues and synchronous loads run
-  before the forward (critical path), stores after it on the store stream. Asynchronous
-  loads (a hit of ``async_load_min_tokens`` or more: the request waits in
-  ``WAITING_FOR_REMOTE_KVS``) run on the load stream, from the end of the forward (vLLM
-  calls ``start_load_kv`` after launching it when the step has no synchronous load) or,
-  in a step with synchronous loads, from its start; they never delay it, and their
-  requests are reported in ``finished_recving``.
-* OffloadingConnector (``offloading/worker.py``): loads are asynchronous (the request
-  waits in ``WAITING_FOR_REMOTE_KVS``) and reported as ``finished_recving`` plus
-  ``OffloadingWorkerMetadata.completed_jobs``; a step's stores are deferred to the start of
-  the next step (``prepare_store_kv``); ``jobs_to_flush`` (preempted requests' and
-  reallocated blocks' stores) are submitted and waited for before the forward
-  (``handle_preemptions``).
-* SimpleCPUOffloadConnector (``simple_kv_offload/worker.py``): one load and one store event
-  per step; loads start before the forward and are reported as ``finished_recving``;
-  stores start after the forward and are reported as
-  ``SimpleCPUOffloadWorkerMetadata.completed_store_events``; ``need_flush`` (a preemption)
-  waits for every copy in flight before the forward.
+Every copy, of every connector, goes through one link (``_Streams``): a load (host→device)
+and a store (device→host) direction, each serving its copies in order; a copy that overlaps
+the other direction gets the duplex share of the link; each copy operation (one submission)
+also pays the cost model's ``copy_overhead_s``. The worker models
+(``_BidKVWorker``, ``_OffloadingWorker``, ``_SimpleOffloadWorker``) read the step's
+connector metadata as that connector's real worker does, and report completions through
+``KVConnectorOutput`` in the form its scheduler side expects:
+
+* BidKV (``connectors/worker.py``): rescues (``bind_connector_metadata``) and synchronous
+  loads (``start_load_kv``, before the forward in a step that has one) on the compute
+  stream; asynchronous loads (a hit of ``async_load_min_tokens`` or more, every hit under
+  async scheduling: the request waits in ``WAITING_FOR_REMOTE_KVS``) on the load stream,
+  from the forward's end or, in a step with synchronous loads, from theirs; stores
+  (``wait_for_save``) from the forward's end. One copy operation for the step's rescues,
+  one per load job, one for the step's stores; reported in issue order as jobs in
+  ``kv_connector_worker_meta`` (``BidKVWorkerMetadata``), asynchronous loads also in
+  ``finished_recving``.
+* OffloadingConnector (``offloading/worker.py``, ``kv_offload/cpu/gpu_worker.py``): every
+  transfer's stream first waits for the compute stream. Loads are submitted in
+  ``start_load_kv`` after the forward launch, so they start when it ends (the request waits
+  in ``WAITING_FOR_REMOTE_KVS``); a step's stores are deferred to the next step's
+  ``handle_preemptions`` (``prepare_store_kv``), which submits them with ``jobs_to_flush``
+  (preempted requests' and reallocated blocks' stores) and waits for the latter. One copy
+  operation per job; reported in order per direction as ``finished_recving`` plus
+  ``OffloadingWorkerMetadata.completed_jobs``.
+* SimpleCPUOffloadConnector (``simple_kv_offload/worker.py``, ``copy_backend.py``): one load
+  and one store per step; ``need_flush`` (a preemption) waits on the host for every copy in
+  flight (``handle_preemptions``); the load is launched after the forward launch on a stream
+  that does not wait for the compute stream, the store after a compute-done event. Reported
+  as ``finished_recving`` and ``SimpleCPUOffloadWorkerMetadata.completed_store_events``.
 
 Output tokens are deterministic per request (``sim_token``), so closed-loop workloads
 (``chat``, ``agentic``) can feed a turn's actual output into the next turn's prompt.
@@ -53,6 +74,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 from vllm_bidkv_bench.configs import RunConfig
@@ -75,12 +97,13 @@ class SimResult:
     connector_s: float
     """Wall time inside connector methods and the victim hook (part of scheduler_s)."""
     load_s: float
-    """Virtual time steps waited for copies before their forward (critical path)."""
+    """Virtual time forwards waited for copies (critical path): rescues and synchronous loads
+    on the compute stream, a peer's flush on the host."""
     store_s: float
-    """Virtual time the store stream was busy (overlapped)."""
+    """Virtual time the link spent on stores other than rescues (overlapped)."""
     async_load_s: float
-    """Virtual time the load stream was busy (overlapped): asynchronous loads, which are
-    every load of a peer and BidKV's loads of ``async_load_min_tokens`` or more."""
+    """Virtual time the link spent on asynchronous loads (overlapped), which are every load
+    of a peer and BidKV's loads of ``async_load_min_tokens`` or more."""
     max_running: int
     mean_running: float
     """Running requests averaged over the time steps took (idle gaps excluded)."""
@@ -90,6 +113,9 @@ class SimResult:
     free_blocks_at_end: int
     """Free GPU blocks after the run: all of them unless something still holds a block."""
     num_gpu_blocks: int
+    prefill_tokens_computed: int
+    """Prefill tokens the forwards computed: prompt tokens no cache supplied, and every token
+    computed again (``counters.recomputed_prefill_tokens`` is that part)."""
     cpu_bytes: int = 0
     """The CPU tier the connector was given (0: none)."""
     played: Workload | None = None
@@ -106,7 +132,7 @@ def sim_model_dir(max_model_len: int) -> str:
 
     if max_model_len <= 4096:
         return str(tiny_model_dir())
-    return str(tiny_model_dir(max_position_embeddings=16384))
+    return str(tiny_model_dir(max_position_embeddings=max(16384, max_model_len)))
 
 
 def sim_token(request_id: str, index: int, vocab_size: int) -> int:
@@ -125,7 +151,13 @@ def ideal_cpu_bytes(workload: Workload, preset: BenchPreset, block_bytes: int) -
 
 def free_copies(cost: CostModel) -> CostModel:
     """The same model with host↔device copies that take no time (``ideal-tier``)."""
-    return replace(cost, h2d_bytes_per_s=math.inf, d2h_bytes_per_s=math.inf, duplex_bytes_per_s=math.inf)
+    return replace(
+        cost,
+        h2d_bytes_per_s=math.inf,
+        d2h_bytes_per_s=math.inf,
+        duplex_bytes_per_s=math.inf,
+        copy_overhead_s=0.0,
+    )
 
 
 def simulate(
@@ -135,9 +167,12 @@ def simulate(
     cost: CostModel,
     *,
     admission: str = "fcfs",
+    async_scheduling: bool = False,
     busy_threshold: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> SimResult:
+    """``async_scheduling``: vLLM's async scheduling (``AsyncScheduler``, step N+1 scheduled
+    before step N's output is processed), for any config."""
     if config.env:
         raise ValueError(
             f"config {config.name!r} sets the engine's environment (a test hook): real engine only"
@@ -147,6 +182,7 @@ def simulate(
     cpu_bytes = preset.cpu_bytes
     if config.ideal:
         cpu_bytes = ideal_cpu_bytes(workload, preset, block_bytes)
+    if config.ideal or config.oracle:
         cost = free_copies(cost)
     kv_transfer = config.kv_transfer_config(admission, cpu_bytes)
     if kv_transfer is not None and not config.is_peer:
@@ -165,6 +201,7 @@ def simulate(
         max_model_len=preset.max_model_len,
         kv_transfer_config=kv_transfer,
         log_stats=True,
+        async_scheduling=async_scheduling,
     )
     worker: _Worker
     if config.connector == "offloading":
@@ -173,7 +210,16 @@ def simulate(
         worker = _SimpleOffloadWorker(cost, block_bytes)
     else:
         worker = _BidKVWorker(cost, block_bytes)
-    sim = _Simulator(scheduler, workload, cost, worker, preset.block_size, busy_threshold, progress)
+    sim = _Simulator(
+        scheduler, workload, cost, worker, preset.block_size, busy_threshold, progress, async_scheduling
+    )
+    if config.oracle:
+        from vllm_bidkv_bench.oracle import install_oracle
+
+        vocab = sim.vocab
+        sim.oracle = install_oracle(
+            scheduler, workload, vocab, preset.block_size, lambda rid, i: sim_token(rid, i, vocab)
+        )
     result = sim.run()
     result.played = workload
     result.cpu_bytes = (
@@ -186,57 +232,53 @@ def simulate(
 
 # -- worker models ------------------------------------------------------------------
 class _Streams:
-    """A load (host→device) and a store (device→host) copy stream on one link."""
+    """The host↔device link every connector's copies share: a load (host→device) and a store
+    (device→host) direction, each serving its copies in submission order."""
 
     def __init__(self, cost: CostModel, block_bytes: int) -> None:
         self.cost = cost
         self.block_bytes = block_bytes
         self.load_free_at = 0.0
         self.store_free_at = 0.0
-        self.load_s = 0.0  # seconds each stream was busy
-        self.store_s = 0.0
 
-    def load(self, blocks: int, at: float) -> float:
-        """Submit a load of ``blocks`` at ``at``; its finish time."""
-        start = max(at, self.load_free_at)
-        secs = self.cost.copy_s(blocks * self.block_bytes, to_device=True, duplex=self.store_free_at > start)
-        self.load_s += secs
-        self.load_free_at = start + secs
-        return self.load_free_at
-
-    def store(self, blocks: int, at: float) -> float:
-        start = max(at, self.store_free_at)
-        secs = self.cost.copy_s(blocks * self.block_bytes, to_device=False, duplex=self.load_free_at > start)
-        self.store_s += secs
-        self.store_free_at = start + secs
-        return self.store_free_at
+    def copy(self, blocks: int, ready: float, *, to_device: bool) -> tuple[float, float]:
+        """One copy operation of ``blocks``, runnable from ``ready``: its (start, finish)."""
+        start = max(ready, self.load_free_at if to_device else self.store_free_at)
+        other_busy = (self.store_free_at if to_device else self.load_free_at) > start
+        finish = start + self.cost.copy_s(blocks * self.block_bytes, to_device=to_device, duplex=other_busy)
+        if to_device:
+            self.load_free_at = finish
+        else:
+            self.store_free_at = finish
+        return start, finish
 
 
 class _Worker:
-    """What a connector's worker does with a step's metadata, on the virtual clock."""
+    """What a connector's worker does with a step's metadata, on the virtual clock. A step calls
+    ``launch``, ``before_forward``, ``after_forward`` and ``report``, in that order."""
 
     def __init__(self, cost: CostModel, block_bytes: int) -> None:
         self.streams = _Streams(cost, block_bytes)
         self.block_bytes = block_bytes
-        self.load_s = 0.0  # critical-path wait before forwards
+        self.load_s = 0.0  # how long forwards waited for this worker (critical path)
+        self.store_s = 0.0  # link time of stores (rescues are in load_s)
+        self.async_load_s = 0.0  # link time of asynchronous loads
 
-    @property
-    def store_s(self) -> float:
-        return self.streams.store_s
-
-    @property
-    def async_load_s(self) -> float:
-        return self.streams.load_s
+    def launch(self, out: Any, now: float, gpu_free: float) -> float:
+        """The host launches the step at ``now``, the compute stream busy until ``gpu_free``:
+        waits before the forward's launch (``handle_preemptions``) and copies that start with it
+        without waiting for the compute stream. Returns when the forward is launched."""
+        return now
 
     def before_forward(self, out: Any, now: float) -> float:
-        """Copies and waits before the forward; returns the seconds the forward waits."""
-        raise NotImplementedError
+        """Copies on the compute stream from ``now``; returns the seconds the forward waits."""
+        return 0.0
 
     def after_forward(self, out: Any, step_end: float) -> None:
-        raise NotImplementedError
+        """Copies issued after the forward's launch that wait for it to end at ``step_end``."""
 
     def report(self, now: float) -> Any:
-        """The step's ``KVConnectorOutput`` (completions by ``now``), or None."""
+        """``get_finished`` at ``now``: the step's ``KVConnectorOutput`` (copies done by then), or None."""
         raise NotImplementedError
 
     def next_event(self) -> float | None:
@@ -273,26 +315,30 @@ class _BidKVWorker(_Worker):
 
     def before_forward(self, out: Any, now: float) -> float:
         plan = out.kv_connector_metadata.plan
-        cost, bb = self.streams.cost, self.block_bytes
-        duplex = self.streams.store_free_at > now
-        # Rescues and synchronous loads run on the compute stream before the forward: its
-        # critical path.
-        wait = cost.copy_s(_num_blocks(plan.rescues) * bb, to_device=False, duplex=duplex)
-        sync_loads = [job for job in plan.loads if not job.asynchronous]
-        wait += cost.copy_s(_num_blocks(sync_loads) * bb, to_device=True, duplex=duplex)
-        self.load_s += wait
+        # Rescues (bind_connector_metadata), then synchronous loads (start_load_kv), on the
+        # compute stream: the forward starts after them.
+        ready = now
         if plan.rescues:
-            self.issued.append((now + wait, [job.job_id for job in plan.rescues], None))
+            _, ready = self.streams.copy(_num_blocks(plan.rescues), ready, to_device=False)
+            self.issued.append((ready, [job.job_id for job in plan.rescues], None))
+        for job in plan.loads:
+            if not job.asynchronous:
+                _, ready = self.streams.copy(len(job.gpu_block_ids), ready, to_device=True)
+        self.load_s += ready - now
         if not self._loads_after_forward(out):
-            self._start_loads(plan, now + wait)
-        return wait
+            self._start_loads(plan, ready)
+        return ready - now
 
     def _start_loads(self, plan: Any, at: float) -> None:
-        """``start_load_kv`` at ``at``: a synchronous load is done by then (``before_forward``
-        waited for it); an asynchronous one starts on the load stream."""
+        """``start_load_kv`` with the compute stream at ``at``: a synchronous load is done by then
+        (``before_forward`` ran it); an asynchronous one starts on the load stream. (CopyWorker
+        orders each after the synchronous loads issued before it; the model, after all of them.)"""
         for job in plan.loads:
             self.load_errors.update(job.unavailable_gpu_block_ids)
-            finish = self.streams.load(len(job.gpu_block_ids), at) if job.asynchronous else at
+            finish = at
+            if job.asynchronous:
+                start, finish = self.streams.copy(len(job.gpu_block_ids), at, to_device=True)
+                self.async_load_s += finish - start
             self.issued.append((finish, [job.job_id], job.request_id if job.asynchronous else None))
 
     def after_forward(self, out: Any, step_end: float) -> None:
@@ -300,8 +346,9 @@ class _BidKVWorker(_Worker):
         if self._loads_after_forward(out):
             # The load stream waits for the forward enqueued before it on the compute stream.
             self._start_loads(plan, step_end)
-        if plan.stores:
-            finish = self.streams.store(_num_blocks(plan.stores), step_end)
+        if plan.stores:  # wait_for_save: the store stream waits for the forward
+            start, finish = self.streams.copy(_num_blocks(plan.stores), step_end, to_device=False)
+            self.store_s += finish - start
             self.issued.append((finish, [job.job_id for job in plan.stores], None))
 
     def report(self, now: float) -> Any:
@@ -341,7 +388,7 @@ class _Copy:
 
 
 class _PeerWorker(_Worker):
-    """Shared by the two vLLM peers: copies in flight on two streams, counted per job."""
+    """Shared by the two vLLM peers: copies in flight, one copy operation each, counted per job."""
 
     def __init__(self, cost: CostModel, block_bytes: int) -> None:
         super().__init__(cost, block_bytes)
@@ -354,20 +401,23 @@ class _PeerWorker(_Worker):
         }
 
     def _submit(
-        self, key: int, blocks: int, at: float, *, is_load: bool, req_ids: tuple[str, ...] = ()
+        self, key: int, blocks: int, ready: float, *, is_load: bool, req_ids: tuple[str, ...] = ()
     ) -> None:
-        start = max(at, self.streams.load_free_at if is_load else self.streams.store_free_at)
-        finish = self.streams.load(blocks, at) if is_load else self.streams.store(blocks, at)
+        start, finish = self.streams.copy(blocks, ready, to_device=is_load)
+        if is_load:
+            self.async_load_s += finish - start
+        else:
+            self.store_s += finish - start
         self.inflight[key] = _Copy(finish, blocks, finish - start, is_load, req_ids)
         kind = "load" if is_load else "store"
         self.jobs[f"peer_{kind}_jobs"] += 1
         self.jobs[f"peer_{'loaded' if is_load else 'stored'}_blocks"] += blocks
 
-    def _wait(self, keys: Any, now: float) -> float:
-        finish = max((self.inflight[k].finish for k in keys if k in self.inflight), default=now)
-        wait = max(0.0, finish - now)
-        self.load_s += wait
-        return wait
+    def _wait(self, keys: Any, now: float, gpu_free: float) -> float:
+        """The host waits at ``now`` for the copies ``keys``; returns when it goes on."""
+        host = max([now, *(self.inflight[k].finish for k in keys if k in self.inflight)])
+        self.load_s += max(host, gpu_free) - max(now, gpu_free)  # what the forward waited
+        return host
 
     def _completed(self, now: float) -> list[tuple[int, _Copy]]:
         done = [(k, c) for k, c in self.inflight.items() if c.finish <= now]
@@ -390,25 +440,26 @@ class _OffloadingWorker(_PeerWorker):
         self.unsubmitted: list[tuple[int, int]] = []  # deferred stores: (job id, blocks)
         self._flushed: set[int] = set()
 
-    def before_forward(self, out: Any, now: float) -> float:
+    def launch(self, out: Any, now: float, gpu_free: float) -> float:
         meta = out.kv_connector_metadata
         flush = set(meta.jobs_to_flush or ())
-        # handle_preemptions: flushed stores of this step are submitted now, with the deferred ones.
+        # handle_preemptions: this step's flushed stores join the deferred ones; each transfer's
+        # stream waits for the compute stream (the forwards that wrote the blocks), then the
+        # host waits for the flushed jobs.
         for job_id in sorted(flush & meta.store_jobs.keys()):
             self.unsubmitted.append((job_id, len(meta.store_jobs[job_id].src_spec.block_ids)))
         for job_id, blocks in self.unsubmitted:
-            self._submit(job_id, blocks, now, is_load=False)
+            self._submit(job_id, blocks, max(now, gpu_free), is_load=False)
         self.unsubmitted = []
-        wait = self._wait(flush, now) if flush else 0.0
-        # start_kv_transfers: loads go to their stream; the request waits for finished_recving.
-        for job_id, job in meta.load_jobs.items():
-            self._submit(job_id, len(job.dst_spec.block_ids), now + wait, is_load=True, req_ids=(job.req_id,))
         self._flushed = flush
-        return wait
+        return self._wait(flush, now, gpu_free)
 
     def after_forward(self, out: Any, step_end: float) -> None:
-        # prepare_store_kv: deferred to the start of the next step.
         meta = out.kv_connector_metadata
+        # start_load_kv after the forward's launch: each load's stream waits for the forward.
+        for job_id, job in meta.load_jobs.items():
+            self._submit(job_id, len(job.dst_spec.block_ids), step_end, is_load=True, req_ids=(job.req_id,))
+        # wait_for_save (prepare_store_kv): deferred to the next step's handle_preemptions.
         for job_id, job in meta.store_jobs.items():
             if job_id not in self._flushed:
                 self.unsubmitted.append((job_id, len(job.src_spec.block_ids)))
@@ -431,7 +482,7 @@ class _OffloadingWorker(_PeerWorker):
 
     def next_event(self) -> float | None:
         if self.unsubmitted:
-            return -math.inf  # submitted at the next step's start, whenever that is
+            return -math.inf  # submitted at the next step's launch, whenever that is
         return super().next_event()
 
 
@@ -440,23 +491,21 @@ class _SimpleOffloadWorker(_PeerWorker):
 
     _LOAD, _STORE = 1 << 40, 0  # key offsets: load and store events have separate counters
 
-    def before_forward(self, out: Any, now: float) -> float:
+    def launch(self, out: Any, now: float, gpu_free: float) -> float:
         meta = out.kv_connector_metadata
-        wait = self._wait(list(self.inflight), now) if meta.need_flush else 0.0
+        host = self._wait(list(self.inflight), now, gpu_free) if meta.need_flush else now
         if meta.load_event >= 0:
+            # start_load_kv, just after the forward's launch; the load stream does not wait for
+            # the compute stream.
             reqs = tuple(meta.load_event_to_reqs.get(meta.load_event, ()))
             self._submit(
-                self._LOAD + meta.load_event,
-                len(meta.load_gpu_blocks),
-                now + wait,
-                is_load=True,
-                req_ids=reqs,
+                self._LOAD + meta.load_event, len(meta.load_gpu_blocks), host, is_load=True, req_ids=reqs
             )
-        return wait
+        return host
 
     def after_forward(self, out: Any, step_end: float) -> None:
         meta = out.kv_connector_metadata
-        if meta.store_event >= 0:  # wait_for_save: after the forward
+        if meta.store_event >= 0:  # wait_for_save: after a compute-done event
             self._submit(self._STORE + meta.store_event, len(meta.store_gpu_blocks), step_end, is_load=False)
 
     def report(self, now: float) -> Any:
@@ -477,6 +526,33 @@ class _SimpleOffloadWorker(_PeerWorker):
 
 
 # -- the loop ---------------------------------------------------------------------
+@dataclass
+class _Launched:
+    """A step launched and not processed yet."""
+
+    out: Any
+    scheduled: dict[str, Any]
+    """Per scheduled request: its progress as this schedule() left it (model_output reads it;
+    under async scheduling the next schedule() advances the request first)."""
+    kv_out: Any
+    """get_finished's report, taken at the forward's launch."""
+    start: float
+    """When the step could start: its launch, or the previous forward's end if later."""
+    end: float
+    """When its output is ready."""
+    running: int
+    wall_s: float
+    connector_s: float
+    """Wall time in schedule() and, of that, in the connector."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing ran and nothing changed: no token, no preemption, no copy reported."""
+        return (
+            not self.out.total_num_scheduled_tokens and not self.out.preempted_req_ids and self.kv_out is None
+        )
+
+
 class _Simulator:
     def __init__(
         self,
@@ -487,6 +563,7 @@ class _Simulator:
         block_size: int,
         busy_threshold: int,
         progress: Callable[[int], None] | None,
+        async_scheduling: bool,
     ) -> None:
         self.scheduler = scheduler
         self.workload = workload
@@ -500,13 +577,25 @@ class _Simulator:
         self.connector = scheduler.connector
         self.timer = ConnectorTimer(self.connector) if self.connector is not None else None
         self.vocab = scheduler.vllm_config.model_config.get_vocab_size()
+        self.oracle: Any = None  # the ``oracle`` config's tier: told of every arrival
         self.requests: dict[str, Any] = {}
         self.index_of: dict[str, int] = {}
         self.timings: dict[str, RequestTiming] = {}
-        self.clock = 0.0
+        self.clock = 0.0  # the host's
+        self.gpu_free = 0.0  # when the compute stream finishes what was launched
+        # The engine core's batch queue: steps launched, not processed yet; async scheduling
+        # keeps two (vLLM's max_concurrent_batches), else each step is processed at once.
+        self.depth = 2 if async_scheduling else 1
+        self.queue: deque[_Launched] = deque()
         self.draining = False
         self.pending: list[tuple[float, int]] = [(r.arrival_s, i) for i, r in enumerate(workload.requests)]
         heapq.heapify(self.pending)
+        self.high_water: dict[str, int] = {}  # per request: the highest position computed, + 1
+        self.prefill_tokens = 0
+        self.finished = 0
+        self.sched_s = self.busy_sched_s = self.busy_conn_s = 0.0
+        self.max_running = 0
+        self.running_s = self.busy_s = 0.0  # sum of running × step time, sum of step time
 
     def run(self) -> SimResult:
         from vllm_bidkv.patches import hooks
@@ -522,6 +611,9 @@ class _Simulator:
     def _next_token(self, request: Any) -> int:
         return sim_token(request.request_id, request.num_output_tokens, self.vocab)
 
+    def _connector_total(self) -> float:
+        return self.timer.total if self.timer else 0.0
+
     def _add_arrivals(self) -> None:
         while self.pending and self.pending[0][0] <= self.clock:
             _, index = heapq.heappop(self.pending)
@@ -536,59 +628,32 @@ class _Simulator:
             )
             self.requests[req_id] = request
             self.index_of[req_id] = index
+            if self.oracle is not None:
+                self.oracle.arrived(req_id, request.block_hashes)
             self.timings[req_id] = RequestTiming(spec.arrival_s, expected_output_tokens=spec.output_len)
             self.scheduler.add_request(request)
 
-    def _step(self) -> tuple[Any, Any, float, float, int]:
-        """One engine step: (scheduler output, update result, wall s of the two calls, step end, running)."""
-        t0 = time.perf_counter()
-        out = self.scheduler.schedule()
-        t_schedule = time.perf_counter() - t0
-        running = len(self.scheduler.running)
-        step_end = self._execute(out)
-        kv_out = self.worker.report(step_end)
-        kwargs = {"kv_connector_output": kv_out} if kv_out is not None else {}
-        model_out = model_output(out, self.requests, next_token=self._next_token, **kwargs)
-        t1 = time.perf_counter()
-        result = self.scheduler.update_from_output(out, model_out)
-        return out, result, t_schedule + time.perf_counter() - t1, step_end, running
-
     def _loop(self) -> SimResult:
         total = self.workload.total_requests
-        finished = 0
-        sched_s = busy_sched_s = busy_conn_s = 0.0
-        max_running = 0
-        running_s = busy_s = 0.0  # sum of running × step time, sum of step time
         wall_start = time.perf_counter()
-        while finished < total:
+        while self.finished < total:
             self._add_arrivals()
-            if not self.scheduler.has_requests():
+            if not self.scheduler.has_requests() and not self.queue:
                 if not self.pending:
-                    raise RuntimeError(f"simulator: {total - finished} requests vanished without finishing")
+                    raise RuntimeError(
+                        f"simulator: {total - self.finished} requests vanished without finishing"
+                    )
                 self.clock = max(self.clock, self.pending[0][0])
                 continue
-            conn_before = self.timer.total if self.timer else 0.0
-            start = self.clock
-            out, result, t_step, step_end, running = self._step()
-            max_running = max(max_running, running)
-            if out.total_num_scheduled_tokens:
-                running_s += running * (step_end - start)
-                busy_s += step_end - start
-            self.clock = step_end
-            sched_s += t_step
-            if running >= self.busy_threshold:
-                busy_sched_s += t_step
-                busy_conn_s += (self.timer.total if self.timer else 0.0) - conn_before
-            finished += self._record(result)
-            if self.progress is not None:
-                self.progress(finished)
+            self._iterate(launch=self.scheduler.has_requests())
         # Drain the copies in flight so every job is reported (connectors release their pins).
         # The engine keeps stepping while the connector has push work (has_requests() says so).
         self.draining = True
         for _ in range(10_000):
-            if not self.worker.busy() and not self.scheduler.has_requests():
+            work = self.worker.busy() or self.scheduler.has_requests()
+            if not work and not self.queue:
                 break
-            self.clock = self._step()[3]
+            self._iterate(launch=work)
         pool = self.scheduler.kv_cache_manager.block_pool
         reqs = self.workload.requests
         return SimResult(
@@ -597,49 +662,127 @@ class _Simulator:
             block_bytes=self.block_bytes,
             virtual_s=self.clock,
             wall_s=time.perf_counter() - wall_start,
-            scheduler_s=sched_s,
-            connector_s=self.timer.total if self.timer else 0.0,
+            scheduler_s=self.sched_s,
+            connector_s=self._connector_total(),
             load_s=self.worker.load_s,
             store_s=self.worker.store_s,
             async_load_s=self.worker.async_load_s,
-            max_running=max_running,
-            mean_running=running_s / busy_s if busy_s else 0.0,
-            busy_scheduler_s=busy_sched_s,
-            busy_connector_s=busy_conn_s,
+            max_running=self.max_running,
+            mean_running=self.running_s / self.busy_s if self.busy_s else 0.0,
+            busy_scheduler_s=self.busy_sched_s,
+            busy_connector_s=self.busy_conn_s,
             free_blocks_at_end=pool.get_num_free_blocks(),
             num_gpu_blocks=pool.num_gpu_blocks - 1,  # minus vLLM's null block
+            prefill_tokens_computed=self.prefill_tokens,
         )
 
-    def _execute(self, out: Any) -> float:
-        """The step's end on the virtual clock."""
-        chunks = []
-        for new in out.scheduled_new_reqs:
-            chunks.append((new.num_computed_tokens, out.num_scheduled_tokens[new.req_id]))
-        cached = out.scheduled_cached_reqs
-        for req_id, start in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
-            chunks.append((start, out.num_scheduled_tokens[req_id]))
+    def _iterate(self, *, launch: bool) -> None:
+        """One pass of the engine core's loop (``step_with_batch_queue``; one deep, ``step``):
+        launch a step if ``launch``, then process the oldest unless the queue has room."""
+        if launch:
+            step = self._launch()
+            self.queue.append(step)
+            if len(self.queue) < self.depth and (
+                step.out.total_num_scheduled_tokens or self.scheduler.has_requests()
+            ):
+                return
+        done = self.queue.popleft()
+        self._finish(done)
+        if done.idle and all(step.idle for step in self.queue):
+            self._skip_to_next_event()
+
+    def _launch(self) -> _Launched:
+        """schedule() and the step's launch, at the host's clock."""
+        conn_before = self._connector_total()
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        wall = time.perf_counter() - t0
+        scheduled = {
+            req_id: SimpleNamespace(
+                request=request,
+                num_computed_tokens=request.num_computed_tokens,
+                num_tokens=request.num_tokens,
+            )
+            for req_id in out.num_scheduled_tokens
+            for request in (self.requests[req_id],)
+        }
+        launched = self.clock
         has_meta = out.kv_connector_metadata is not None
-        wait = self.worker.before_forward(out, self.clock) if has_meta else 0.0
-        forward = self.cost.forward_s(chunks)
-        step_end = self.clock + wait + forward
-        if has_meta:  # before the jump below: copies issued after an empty forward start now
-            self.worker.after_forward(out, step_end)
-        if wait + forward == 0 and not out.preempted_req_ids:
-            # Nothing ran and nothing changed (e.g. blocks pinned by copies in flight, a request
-            # waiting for its load): next event. A step that only preempted takes no time.
-            events = [t for t in (self.worker.next_event(),) if t is not None]
-            if self.pending:
-                events.append(self.pending[0][0])
-            if not events and self.draining:
-                events.append(self.clock)
-            if not events:
-                raise RuntimeError(
-                    f"simulator stalled at t={self.clock:.3f}s: nothing schedulable, no arrival, "
-                    f"no copy in flight ({len(self.scheduler.running)} running, "
-                    f"{len(self.scheduler.waiting)} waiting)"
-                )
-            step_end = max(self.clock, min(events))
-        return step_end
+        host = self.worker.launch(out, launched, self.gpu_free) if has_meta else launched
+        begin = max(host, self.gpu_free)
+        wait = self.worker.before_forward(out, begin) if has_meta else 0.0
+        end = begin + wait + self.cost.forward_s(self._chunks(out))
+        if has_meta:
+            self.worker.after_forward(out, end)
+        kv_out = self.worker.report(host)  # get_finished, right after the forward's launch
+        step = _Launched(
+            out,
+            scheduled,
+            kv_out,
+            start=max(launched, self.gpu_free),
+            end=end,
+            running=len(self.scheduler.running),
+            wall_s=wall,
+            connector_s=self._connector_total() - conn_before,
+        )
+        self.clock, self.gpu_free = host, end
+        return step
+
+    def _chunks(self, out: Any) -> list[tuple[int, int]]:
+        """``(context start, tokens)`` per scheduled request; counts the prefill tokens among them."""
+        spans = [(new.req_id, new.num_computed_tokens) for new in out.scheduled_new_reqs]
+        cached = out.scheduled_cached_reqs
+        spans += zip(cached.req_ids, cached.num_computed_tokens, strict=True)
+        chunks = []
+        for req_id, start in spans:
+            n = out.num_scheduled_tokens[req_id]
+            # Prefill: a position of the prompt, or one this request computed before (it was
+            # preempted); above both, a decode.
+            mark = self.high_water.get(req_id, 0)
+            prefill_end = max(self.requests[req_id].num_prompt_tokens, mark)
+            self.prefill_tokens += max(0, min(start + n, prefill_end) - start)
+            self.high_water[req_id] = max(mark, start + n)
+            chunks.append((start, n))
+        return chunks
+
+    def _finish(self, step: _Launched) -> None:
+        """``update_from_output`` of a launched step, once its output is ready."""
+        self.clock = max(self.clock, step.end)
+        kwargs = {"kv_connector_output": step.kv_out} if step.kv_out is not None else {}
+        model_out = model_output(
+            step.out, step.scheduled, next_token=lambda s: self._next_token(s.request), **kwargs
+        )
+        conn_before = self._connector_total()
+        t0 = time.perf_counter()
+        result = self.scheduler.update_from_output(step.out, model_out)
+        wall = step.wall_s + time.perf_counter() - t0
+        self.sched_s += wall
+        self.max_running = max(self.max_running, step.running)
+        if step.out.total_num_scheduled_tokens:
+            self.running_s += step.running * (step.end - step.start)
+            self.busy_s += step.end - step.start
+        if step.running >= self.busy_threshold:
+            self.busy_sched_s += wall
+            self.busy_conn_s += step.connector_s + self._connector_total() - conn_before
+        self.finished += self._record(result)
+        if self.progress is not None:
+            self.progress(self.finished)
+
+    def _skip_to_next_event(self) -> None:
+        """Nothing ran and nothing changed (blocks pinned by copies in flight, a request waiting
+        for its load): the engine spins until a copy finishes or a request arrives."""
+        events = [t for t in (self.worker.next_event(),) if t is not None]
+        if self.pending:
+            events.append(self.pending[0][0])
+        if not events and self.draining:
+            events.append(self.clock)
+        if not events:
+            raise RuntimeError(
+                f"simulator stalled at t={self.clock:.3f}s: nothing schedulable, no arrival, "
+                f"no copy in flight ({len(self.scheduler.running)} running, "
+                f"{len(self.scheduler.waiting)} waiting)"
+            )
+        self.clock = max(self.clock, min(events))
 
     def _record(self, result: Any) -> int:
         finished = 0
@@ -652,7 +795,10 @@ class _Simulator:
                     timing.num_output_tokens += len(o.new_token_ids)
                 if o.finish_reason is not None:
                     timing.finish_s = self.clock
+                    if self.oracle is not None:
+                        self.oracle.finished(o.request_id)
                     request = self.requests.pop(o.request_id, None)
+                    self.high_water.pop(o.request_id, None)
                     finished += 1
                     if request is not None and self.workload.sessions is not None:
                         index = self.workload.on_finish(

@@ -100,7 +100,14 @@ class DelayedCopyWorker:
 # window: every layer a 64-token sliding window (vLLM gives slid-out blocks the null block).
 @pytest.mark.parametrize(
     ("mode", "delay", "fail_rate", "window"),
-    [("lazy", 3, 0.0, None), ("eager", 2, 0.0, None), ("lazy", 2, 0.2, None), ("lazy", 3, 0.0, 64)],
+    [
+        ("lazy", 3, 0.0, None),
+        ("eager", 2, 0.0, None),
+        ("lazy", 2, 0.2, None),
+        ("lazy", 3, 0.0, 64),
+        ("auto", 3, 0.1, None),
+        ("auto", 2, 0.0, 64),
+    ],
 )
 def test_no_block_reused_or_read_while_a_copy_is_in_flight(
     make_scheduler: Any, patched: None, mode: str, delay: int, fail_rate: float, window: int | None

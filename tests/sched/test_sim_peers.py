@@ -128,7 +128,7 @@ def test_new_victim_rules_have_configs() -> None:
     from vllm_bidkv.policy import STRATEGIES
 
     for rule in ("lcf", "reclaim-score", "remaining-output", "bidkv-0.2"):
-        assert CONFIGS[rule].offload_mode == "off" and CONFIGS[f"{rule}+offload"].offload_mode == "lazy"
+        assert CONFIGS[rule].offload_mode == "off" and CONFIGS[f"{rule}+offload"].offload_mode == "auto"
         if rule not in STRATEGIES:
             continue  # the strategy has not landed in this tree yet: the config will error, not vanish
         result = simulate(_trace(), CONFIGS[rule], SMALL, H100_LLAMA3_8B)

@@ -112,6 +112,9 @@ class MachineContext:
     def get_request(self, request_id: str) -> RequestView | None:
         return self._machine.requests.get(request_id)
 
+    def running(self) -> Sequence[RequestView]:
+        return self._machine.running
+
 
 class PlannerMachine(RuleBasedStateMachine):
     """A small vLLM around the planner: requests arrive, prefill (with GPU and CPU prefix
@@ -131,7 +134,7 @@ class PlannerMachine(RuleBasedStateMachine):
     exact_free_order = True
 
     @initialize(
-        mode=st.sampled_from(["lazy", "eager"]),
+        mode=st.sampled_from(["auto", "lazy", "eager"]),
         eviction=st.sampled_from(["lru", "bid"]),
         world_size=st.sampled_from([1, 2]),
         slots=st.integers(2, 12),

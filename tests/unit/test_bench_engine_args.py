@@ -218,11 +218,20 @@ def test_calibrated_presets_take_loads_and_rates_turn_calibration_off() -> None:
     assert matrix_from_args(parse("--preset", "cpu-llama-bursty")).loads == ()  # a burst: not calibrated
 
 
-def test_calibrated_preset_in_the_simulator_asks_for_rates(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(
-        SystemExit, match="--rates: preset cpu-llama-chat sets its load from stock's capacity"
-    ):
-        matrix_from_args(parse("--preset", "cpu-llama-chat", kind="sim"))
+def test_bench_sim_takes_loads_and_rates_turn_calibration_off(tmp_path: Path) -> None:
+    """The simulator calibrates like the engine: the preset's loads or --loads; --rates is absolute."""
+    tournament = ("--preset", "h100-llama3-8b-chat-cpu1x")
+    assert matrix_from_args(parse(*tournament, kind="sim")).loads == (0.5, 0.8, 0.95)
+    matrix = matrix_from_args(parse("--preset", "h100-llama3-8b", "--loads", "0.5,0.9", kind="sim"))
+    assert matrix.loads == (0.5, 0.9)
+    absolute = matrix_from_args(parse(*tournament, "--rates", "3", kind="sim"))
+    assert absolute.loads == () and absolute.rates == [3.0]
+    assert matrix_from_args(parse("--preset", "h100-llama3-8b", kind="sim")).loads == ()  # bidkv's rates
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 0, "prompt_len": 8, "output_len": 4}\n')
+    with pytest.raises(SystemExit, match="--loads: a trace file has its own arrival times"):
+        matrix_from_args(parse("--workload", str(trace), "--loads", "0.5", kind="sim"))
+    assert matrix_from_args(parse(*tournament, "--workload", str(trace), kind="sim")).loads == ()
 
 
 def test_calibration_scales_rates_and_think_times_by_the_capacity() -> None:

@@ -44,7 +44,7 @@ def test_kill_switch_is_stock_behaviour() -> None:
     [
         ("victim_policy", "lifo", "one of bidkv"),
         ("admission", "priority", "one of fcfs, sjf"),
-        ("offload_mode", "always", "one of lazy, eager, off"),
+        ("offload_mode", "always", "one of auto, lazy, eager, off"),
         ("cpu_eviction", "mru", "one of lru, bid"),
         ("copy_backend", "cuda", "one of auto, triton, torch"),
         ("cpu_bytes", "lots", "a whole number of bytes, or a number with a unit: B, KB, MB, GB, TB, KiB"),

@@ -16,6 +16,7 @@ from vllm_bidkv.context import BlockHash, SchedulerContext
 from vllm_bidkv.counters import Counters
 from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, OffloadSpec, StepPlan
 from vllm_bidkv.offload.lookup import restorable_tokens
+from vllm_bidkv.offload.picks import AUTO_MIN_IDLE_POOLS
 
 pytestmark = pytest.mark.unit
 
@@ -352,6 +353,102 @@ def test_eager_skips_blocks_not_computed_yet() -> None:
     assert job.gpu_block_ids == ids[:1]
 
 
+# -- auto: stores at compute time while the tier has room -----------------------------------
+def fill_tier(rig: Rig, tag: int, blocks: int) -> list[BlockHash]:
+    """Commit ``blocks`` entries of a request nobody runs any more (used at the tier's clock now)."""
+    hashes = chain_hashes(tokens(tag, blocks * BS))
+    for block_hash in hashes:
+        slot = rig.tier.reserve(block_hash)
+        assert slot is not None
+        rig.tier.commit(slot)
+    return hashes
+
+
+def test_auto_stores_each_block_in_the_step_vllm_caches_it_while_the_tier_has_room() -> None:
+    rig = Rig(mode="auto")
+    request = SimRequest("a", tokens(1, 10))  # 2 full blocks + a partial one
+    ids = rig.ctx.allocate("a", 3)
+    assert ids is not None
+    rig.ctx.cache(ids[0], request.block_hashes[0])  # the first chunk: vLLM cached block 0 only
+    assert rig.planner.store_computed(request, 0) == 1, "block 1 is not cached yet: retried"
+    (job,) = rig.planner.plan_step(3).stores
+    assert job.gpu_block_ids == ids[:1] and job.request_id == "a"
+    assert rig.ctx.get_block(ids[0]).ref_cnt == 2, "touched: vLLM cannot reuse it under the copy"
+    rig.ctx.cache(ids[1], request.block_hashes[1])
+    assert rig.planner.store_computed(request, 1) == 2, "the partial block has no hash"
+    assert rig.planner.store_computed(request, 2) == 2, "nothing new: O(1)"
+    (second,) = rig.planner.plan_step(0).stores
+    assert second.gpu_block_ids == ids[1:2]
+    assert not rig.planner.holds_free_blocks(), "a running request's blocks: nothing for vLLM to wait for"
+    rig.ctx.release("a")
+    assert rig.planner.holds_free_blocks(), "now the stores hold blocks vLLM would have free"
+    rig.finish_all(StepPlan(stores=[job, second]))
+    assert all(rig.tier.lookup(h) is not None for h in request.block_hashes)
+    assert rig.planner.plan_step(0).stores == [], "the walk finds them stored"
+    rig.idle()
+
+
+def test_auto_without_room_leaves_blocks_to_the_lazy_walk() -> None:
+    """A full tier whose entries were used within ``AUTO_MIN_IDLE_POOLS`` turnovers of the GPU pool is not
+    evicted at compute time: the block is parked by the walk when vLLM is about to reuse it."""
+    rig = Rig(mode="auto", slots=2)
+    old = fill_tier(rig, 9, 2)
+    request = SimRequest("a", tokens(1, 4))
+    ids = rig.run(request)
+    assert rig.planner.store_computed(request, 0) == 1, "passed over, not retried"
+    assert rig.planner.plan_step(0).stores == [] and rig.tier.contains(old[0])
+    rig.ctx.release("a")
+    (park,) = rig.planner.plan_step(1).stores  # the walk: the block is next to be reused
+    assert park.gpu_block_ids == ids[:1] and park.request_id is None
+    assert not rig.tier.contains(old[0]), "parking evicts in LRU order, as lazy does"
+    rig.finish_all(StepPlan(stores=[park]))
+    rig.idle()
+
+
+def test_auto_evicts_an_entry_idle_for_auto_min_idle_pools_turnovers() -> None:
+    rig = Rig(mode="auto", slots=2)  # the pool: 16 blocks
+    old = fill_tier(rig, 9, 2)
+    rig.planner.plan_step(AUTO_MIN_IDLE_POOLS * 16 - 1)
+    rig.tier.mark_used(rig.tier.lookup(old[1]) or 0)  # a hit: used now
+    request = SimRequest("a", tokens(1, 8))
+    ids = rig.run(request)
+    rig.planner.plan_step(1)  # old[0] idle for AUTO_MIN_IDLE_POOLS turnovers, old[1] for 1 block
+    assert rig.planner.store_computed(request, 0) == 2
+    (job,) = rig.planner.plan_step(0).stores
+    assert job.gpu_block_ids == ids[:1], "one idle entry to evict: the second block waits for the walk"
+    assert not rig.tier.contains(old[0]) and rig.tier.contains(old[1])
+    rig.finish_all(StepPlan(stores=[job]))
+    rig.ctx.release("a")
+    rig.finish_all(rig.planner.plan_step(0))
+    rig.idle()
+
+
+def test_auto_never_evicts_a_protected_entry_to_store_one_evicted_before_it() -> None:
+    rig = Rig(mode="auto", slots=2, eviction="bid")
+    kept = fill_tier(rig, 9, 2)
+    rig.tier.protect(kept)  # a preempted request's blocks, waiting for it to resume
+    rig.planner.plan_step(10 * AUTO_MIN_IDLE_POOLS * 16)
+    request = SimRequest("a", tokens(1, 4))
+    rig.run(request)
+    rig.planner.store_computed(request, 0)
+    assert rig.planner.plan_step(0).stores == [] and all(rig.tier.contains(h) for h in kept)
+
+
+def test_auto_stores_no_block_a_load_wrote_until_the_load_finished() -> None:
+    prompt = tokens(1, 8)
+    rig, _ = stored_rig(prompt, mode="auto")
+    request = SimRequest("b", prompt + tokens(2, 8))
+    ids = rig.run(request)
+    rig.planner.plan_load("b", request.block_hashes, ids, 0, 8)
+    (load,) = rig.planner.plan_step(0).loads
+    assert rig.planner.store_computed(request, 0) == 0, "blocks 0-1 unverified, and 2-3 attend to them"
+    assert rig.planner.plan_step(0).stores == []
+    rig.finish_all(StepPlan(loads=[load]))
+    assert rig.planner.store_computed(request, 0) == 4
+    (job,) = rig.planner.plan_step(0).stores
+    assert job.gpu_block_ids == ids[2:4]
+
+
 @pytest.mark.parametrize("mode", ["lazy", "eager"])
 def test_preemption_rescues_a_victims_blocks_reused_or_not(mode: str) -> None:
     rig = Rig(mode=mode, eviction="bid")
@@ -527,7 +624,7 @@ def test_stats_and_constructor_errors() -> None:
     rig.finish_all(plan)
     stats = rig.planner.stats()
     assert stats["blocks_stored"] == 2 and stats["bytes_stored"] == 200 and stats["gpu_blocks_held"] == 0
-    with pytest.raises(ValueError, match="offload_mode='swap' is invalid; expected lazy or eager"):
+    with pytest.raises(ValueError, match="offload_mode='swap' is invalid; expected auto, lazy or eager"):
         OffloadSpec(mode="swap", num_slots=1)
     with pytest.raises(ValueError, match="offload_mode='off'"):
         OffloadSpec(mode="off", num_slots=1)  # with offload off no planner is built

@@ -30,6 +30,7 @@ from vllm_bidkv.connectors.scheduler_role import SchedulerRole
 from vllm_bidkv.connectors.stats import BidKVPromMetrics, BidKVStats
 from vllm_bidkv.connectors.worker_role import WorkerRole
 from vllm_bidkv.context import SchedulerContext
+from vllm_bidkv.patches.admission import refuse_unsupported_admission
 from vllm_bidkv.patches.capabilities import require_supported
 
 logger = logging.getLogger("vllm_bidkv")
@@ -48,6 +49,8 @@ class BidKVConnector(KVConnectorBase_V1):
         self.scheduler_role: SchedulerRole | None = None
         self.worker_role: WorkerRole | None = None
         if role == KVConnectorRole.SCHEDULER:
+            if self.config.active:
+                refuse_unsupported_admission(self.config.admission)  # at start, not at the first request
             self.scheduler_role = SchedulerRole(self.config, vllm_config, offload)
         else:
             self.worker_role = WorkerRole(self.config, caps, vllm_config, kv_cache_config, offload)

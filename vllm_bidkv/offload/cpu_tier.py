@@ -14,18 +14,16 @@ in exactly one state:
 Invariants (``check`` asserts them): the hash index is a bijection onto the
 PENDING and READY slots; the free heap holds exactly the FREE slots; pin counts
 are >= 0 and non-zero only on READY and ORPHAN slots (an ORPHAN always has one);
-the eviction queues hold exactly the READY slots with no pin, each in the queue
+the eviction order holds exactly the READY slots with no pin, each in the queue
 its protection selects. Protection counts are kept per hash and may name hashes
 the tier does not hold (yet): a preempted request's blocks are protected before
 a lazy store parks them.
 
 With ``announce``, each change of the READY set is kept in order (``take_announcements``).
 
-Eviction is LRU over two O(1) queues (``OrderedDict``, oldest first): with ``eviction="bid"``
-protected entries sit in their own queue, evicted only once the other is empty. A slot
-enters its queue at the MRU end when it becomes evictable (commit, last unpin,
-change of protection), so each of those counts as a use. All but ``check`` and ``reset``
-is O(1) per hash or slot; taking and returning a free slot is O(log slots).
+Eviction order, LRU or ``bid``, and each entry's idle time are ``EvictionOrder``'s
+(eviction.py). All but ``check`` and ``reset`` is O(1) per hash or slot; taking and
+returning a free slot is O(log slots).
 
 Free slots are handed out lowest first (a min-heap): the workers copy a job's blocks in
 one pass when its slots are consecutive (``kernels.torch_copy``), two otherwise, and a
@@ -41,12 +39,12 @@ The disk tier's index (``offload.disk``) is one too, over the disk's slots.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 from collections.abc import Container, Iterable
 
 from vllm_bidkv.config import CPU_EVICTIONS
 from vllm_bidkv.context import BlockHash
 from vllm_bidkv.counters import Counters
+from vllm_bidkv.offload.eviction import ArcOrder, EvictionOrder
 
 _FREE, _PENDING, _READY, _ORPHAN = range(4)
 _STATE_NAMES = ("FREE", "PENDING", "READY", "ORPHAN")
@@ -71,7 +69,6 @@ class CpuBlockTier:
             )
         self.num_slots = num_slots
         self.eviction = eviction
-        self._bid = eviction == "bid"
         # Per-slot bookkeeping exists for the slots handed out so far (below ``_grown``; the
         # others are FREE): a huge or unlimited tier (the simulator's bound) costs nothing here.
         self._grown = 0
@@ -80,8 +77,7 @@ class CpuBlockTier:
         self._pins: list[int] = []
         self._slot_of: dict[BlockHash, int] = {}
         self._free: list[int] = []  # a min-heap of released slots, all below ``_grown``
-        self._lru: OrderedDict[int, None] = OrderedDict()  # evictable, unprotected
-        self._kept: OrderedDict[int, None] = OrderedDict()  # evictable, protected (bid only)
+        self.order = ArcOrder(num_slots) if eviction == "arc" else EvictionOrder(bid=eviction == "bid")
         self._protect: dict[BlockHash, int] = {}
         self.counters = counters if counters is not None else Counters()
         self._evictions_counter = evictions_counter  # the disk tier's index counts its own
@@ -112,16 +108,22 @@ class CpuBlockTier:
         return self._hash[slot] if slot < self._grown else None
 
     # -- stores --------------------------------------------------------------
-    def reserve(self, block_hash: BlockHash, keep: Container[BlockHash] = ()) -> int | None:
+    def reserve(
+        self, block_hash: BlockHash, keep: Container[BlockHash] = (), min_idle: int | None = None
+    ) -> int | None:
         """A PENDING slot for a store of ``block_hash``.
 
-        Takes the lowest free slot, else evicts the least recently used evictable
-        entry (unprotected ones first under ``eviction="bid"``).
+        Takes the lowest free slot, else evicts the ``order``'s victim.
+
+        Args:
+            keep: hashes never evicted for this store (a rescue must not evict its own
+                victim's earlier blocks: a resume loads a prefix, so later blocks without
+                them are worthless).
+            min_idle: evict only an entry idle this long (``EvictionOrder.victim``).
 
         Returns:
-            The slot; None if every slot is pinned or pending, or if the entry to evict
-            is one of ``keep`` (a rescue must not evict its own victim's earlier blocks:
-            a resume loads a prefix, so later blocks without them are worthless).
+            The slot; None if every slot is pinned or pending, or the entry to evict is
+            one of ``keep`` or breaks ``min_idle``.
         """
         if block_hash in self._slot_of:
             raise ValueError(f"vllm-bidkv: hash {block_hash.hex()[:16]} is already in the CPU tier")
@@ -134,14 +136,12 @@ class CpuBlockTier:
             self._hash.append(None)
             self._pins.append(0)
         else:
-            queue = self._lru or self._kept
-            if not queue:
+            victim = self.order.victim(min_idle)
+            if victim is None or self._hash[victim] in keep:
                 return None
-            oldest = next(iter(queue))
-            if self._hash[oldest] in keep:
-                return None
-            slot, _ = queue.popitem(last=False)
+            slot = victim
             old = self._hash[slot]
+            self.order.remove(slot, evicted=old)
             assert old is not None
             del self._slot_of[old]
             self.counters.add(self._evictions_counter)
@@ -189,13 +189,12 @@ class CpuBlockTier:
                 self._release(slot)
             else:
                 self._enqueue(slot)
+                self.order.touch(slot)  # a load read it: a reuse (ARC moves it to T2)
 
     def mark_used(self, slot: int) -> None:
         """A hit on ``slot``: move it to the MRU end (a pinned slot gets there on its last unpin)."""
         self._expect(slot, _READY, "mark_used")
-        queue = self._kept if slot in self._kept else self._lru
-        if slot in queue:
-            queue.move_to_end(slot)
+        self.order.touch(slot)
 
     # -- removal ---------------------------------------------------------------
     def drop(self, block_hash: BlockHash) -> bool:
@@ -255,6 +254,7 @@ class CpuBlockTier:
         assert len(set(self._free)) == len(self._free), "free heap has duplicates"
         assert all(self._free[(i - 1) // 2] <= self._free[i] for i in range(1, len(self._free))), "heap order"
         free = set(self._free)
+        protected: set[int] = set()
         pins = 0
         assert len(self._state) == len(self._hash) == len(self._pins) == self._grown <= self.num_slots
         for slot in range(self._grown):
@@ -272,12 +272,10 @@ class CpuBlockTier:
             assert pin == 0 or state in (_READY, _ORPHAN), f"slot {slot} is {name} with {pin} pins"
             assert state != _ORPHAN or pin > 0, f"slot {slot} is ORPHAN without pins"
             evictable = state == _READY and pin == 0
-            assert (slot in self._lru or slot in self._kept) == evictable, f"slot {slot}: eviction queue"
-            if evictable:
-                assert block_hash is not None
-                assert (slot in self._kept) == (self._bid and block_hash in self._protect), (
-                    f"slot {slot}: queue"
-                )
+            assert (slot in self.order) == evictable, f"slot {slot}: eviction order"
+            if evictable and block_hash in self._protect:
+                protected.add(slot)
+        self.order.check(protected)
         assert len(self._slot_of) == sum(s in (_PENDING, _READY) for s in self._state), "index size"
         assert pins == self.num_pins, f"pin total {self.num_pins} != {pins}"
         assert all(count > 0 for count in self._protect.values()), "protection count <= 0"
@@ -299,19 +297,14 @@ class CpuBlockTier:
     def _enqueue(self, slot: int) -> None:
         block_hash = self._hash[slot]
         assert block_hash is not None
-        queue = self._kept if self._bid and block_hash in self._protect else self._lru
-        queue[slot] = None
+        self.order.add(slot, block_hash, protected=block_hash in self._protect)
 
     def _dequeue(self, slot: int) -> None:
-        # An evictable slot is in exactly one of the two queues; a pinned one in neither.
-        if slot in self._lru:
-            del self._lru[slot]
-        else:
-            self._kept.pop(slot, None)
+        self.order.remove(slot)
 
     def _requeue(self, block_hash: BlockHash) -> None:
         slot = self._slot_of.get(block_hash)
-        if self._bid and slot is not None and self._state[slot] == _READY and self._pins[slot] == 0:
+        if self.order.bid and slot is not None and self._state[slot] == _READY and self._pins[slot] == 0:
             self._dequeue(slot)
             self._enqueue(slot)
 

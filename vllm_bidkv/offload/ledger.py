@@ -15,6 +15,7 @@ block or slot.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vllm_bidkv.offload.jobs import JobKind, JobResults, StepPlan, TransferJob
@@ -100,6 +101,13 @@ class JobLedger:
         )
         queue.append(job)
         return entry
+
+    def store_blocks(self) -> Iterator[int]:
+        """The GPU blocks stores in flight touch (none when ``held_store_blocks`` is 0: O(1))."""
+        if self.held_store_blocks:
+            for entry in self._entries.values():
+                if entry.touched and entry.job.kind == "store":
+                    yield from entry.job.gpu_block_ids
 
     def take_step_plan(self) -> StepPlan:
         """Every job issued since the last call, now sent."""

@@ -18,7 +18,9 @@ them would cause more preemptions). So a resumed victim loads every full block i
 
 Stores: ``lazy`` parks hashed free blocks the tier lacks just before vLLM reuses them
 (the walk), so the tier holds what HBM lost rather than a copy of HBM; ``eager`` also
-stores a request's computed full blocks when it finishes. Loads: ``match`` finds the
+stores a request's computed full blocks when it finishes; ``auto`` stores each block in
+the step vLLM caches it while the tier has room, and leaves the rest to the walk (the
+rule: ``offload.picks``). Loads: ``match`` finds the
 hit, ``plan_load`` pins its slots and touches the destination blocks; a load is
 synchronous (before the forward that reads it) or asynchronous (the request waits in
 ``WAITING_FOR_REMOTE_KVS`` while the batch runs on). No planner exists with offload off.
@@ -31,13 +33,14 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from vllm_bidkv.context import BlockHash, KVCacheBlockView, RequestView, SchedulerContext
+from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.counters import Counters
 from vllm_bidkv.offload.cpu_tier import CpuBlockTier
 from vllm_bidkv.offload.disk import DiskTier, hold_for_load, is_ready, release_load
 from vllm_bidkv.offload.jobs import JobKind, JobResults, StepPlan
 from vllm_bidkv.offload.ledger import JobLedger, LedgerEntry
 from vllm_bidkv.offload.lookup import match_tokens
+from vllm_bidkv.offload.picks import AUTO_MIN_IDLE_POOLS, park_visitor, pick_computed_blocks
 from vllm_bidkv.offload.spec import OffloadSpec
 from vllm_bidkv.offload.trust import LoadTrust
 from vllm_bidkv.offload.walk import LazyWalk
@@ -141,28 +144,34 @@ class OffloadPlanner:
         return unavailable
 
     # -- stores ----------------------------------------------------------------
+    def store_computed(self, request: RequestView, first: int) -> int:
+        """``auto``: store the request's blocks from index ``first`` on that vLLM cached and the
+        tier lacks, where it has room (``offload.picks``). Returns the index to start from next step
+        (``picks.pick_computed_blocks``); blocks without room are left to the walk."""
+        if first >= len(request.block_hashes):
+            return first
+        groups = self._ctx.request_block_ids(request.request_id)
+        min_idle = AUTO_MIN_IDLE_POOLS * self._ctx.num_gpu_blocks
+        picks, index = pick_computed_blocks(
+            self._ctx,
+            self.tier,
+            self.trust,
+            groups[0] if groups else [],
+            request.block_hashes,
+            first,
+            min_idle,
+        )
+        self._queue_store(picks, request.request_id)
+        return index
+
     def plan_step(self, blocks_allocated: int) -> StepPlan:
         """This step's jobs: every job planned since the previous call (once per step, from
         ``build_connector_meta``). ``blocks_allocated``: GPU blocks vLLM allocated since then
-        (new blocks of scheduled requests); it drives the lazy walk."""
-        if self._spec.mode == "lazy":
+        (new blocks of scheduled requests); it drives the lazy walk and the tier's clock."""
+        self.tier.order.clock += blocks_allocated
+        if self._spec.mode in ("lazy", "auto"):
             picks: list[tuple[int, int]] = []
-
-            def visit(view: KVCacheBlockView) -> bool | None:
-                block_hash = view.block_hash
-                if (
-                    block_hash is None
-                    or self.tier.contains(block_hash)
-                    or not self.trust.trusted(view.block_id, block_hash)
-                ):
-                    return False
-                slot = self.tier.reserve(block_hash)
-                if slot is None:  # every slot pinned or pending
-                    return None
-                picks.append((view.block_id, slot))  # touched below: it leaves the queue
-                return True
-
-            self.walk.step(blocks_allocated, visit)
+            self.walk.step(blocks_allocated, park_visitor(self.tier, self.trust, picks))
             self._queue_store(picks, None)
         if self.disk is not None:
             self.disk.sync()  # before any spill the plan sends may overwrite a journaled slot
@@ -170,24 +179,9 @@ class OffloadPlanner:
 
     def store_finished(self, request: RequestView, block_ids: Sequence[int]) -> None:
         """vLLM finished or aborted the request (it still holds ``block_ids``): eager mode stores it."""
-        if self._spec.mode != "eager":
-            return
-        picks: list[tuple[int, int]] = []
-        # zip stops at the last full block: only full blocks have a hash.
-        for block_id, block_hash in zip(block_ids, request.block_hashes, strict=False):
-            if not self.trust.trusted(block_id, block_hash):
-                break
-            if self.tier.contains(block_hash):
-                continue
-            view = self._ctx.get_block(block_id)
-            # The GPU block must still carry this hash: it is computed and not reused.
-            if view.is_null or view.block_hash != block_hash:
-                continue
-            slot = self.tier.reserve(block_hash)
-            if slot is None:
-                break
-            picks.append((block_id, slot))
-        self._queue_store(picks, request.request_id)
+        if self._spec.mode == "eager":
+            picks, _ = pick_computed_blocks(self._ctx, self.tier, self.trust, block_ids, request.block_hashes)
+            self._queue_store(picks, request.request_id)
 
     def rescue(self, request_id: str, blocks: Sequence[tuple[int, BlockHash | None]]) -> None:
         """vLLM preempted the request in this ``schedule()``: rescue its blocks (module doc).
@@ -325,6 +319,11 @@ class OffloadPlanner:
                 self._finish(entry, ok=False)
             elif entry.touched:
                 self._untouch(entry)
+
+    def holds_free_blocks(self) -> bool:
+        """Whether a store in flight holds a GPU block nothing else holds (vLLM gets it back
+        when the store finishes; a running request's block it does not). O(blocks held)."""
+        return any(self._ctx.get_block(b).ref_cnt == 1 for b in self.ledger.store_blocks())
 
     # -- for the gauges and tests ---------------------------------------------------
     def stats(self) -> dict[str, int]:

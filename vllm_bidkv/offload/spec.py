@@ -54,7 +54,12 @@ class OffloadSpec:
 
     def __post_init__(self) -> None:
         checks = (
-            ("offload_mode", self.mode, self.mode in OFFLOAD_MODES and self.mode != "off", "lazy or eager"),
+            (
+                "offload_mode",
+                self.mode,
+                self.mode in OFFLOAD_MODES and self.mode != "off",
+                "auto, lazy or eager",
+            ),
             ("cpu_eviction", self.eviction, self.eviction in CPU_EVICTIONS, f"one of {CPU_EVICTIONS}"),
             ("CPU-tier slots", self.num_slots, self.num_slots >= 1, ">= 1"),
             ("world_size", self.world_size, self.world_size >= 1, ">= 1"),

@@ -3,7 +3,8 @@
 Only one class attribute is ever patched, ``Scheduler.__init__`` (the bind hook);
 the rest is installed per Scheduler instance, only on one whose connector is ours
 (the victim hook and the admission queue, ``patches.admission``, only when it asks
-for them), so a scheduler without BidKVConnector is untouched. Every patch is
+for them; ``cache-aware`` admission also wraps the instance's ``schedule`` to look its
+order up again each step), so a scheduler without BidKVConnector is untouched. Every patch is
 idempotent and reversible (``revert``).
 
 The victim hook. vLLM (FCFS policy) preempts ``running[-1]`` when
@@ -93,7 +94,10 @@ class BoundConnector(Protocol):
 
     def give_up_copies(self) -> None: ...
 
-    def admission_key(self) -> Callable[[Any], Any] | None: ...
+    def admission_key(self) -> Callable[[Any], Any] | None:
+        """A sort key (``sjf``), a ``CacheAwareAdmission`` (``cache-aware``, refused where it
+        cannot run) or None (vLLM's order); ``patches.admission.install_admission`` applies it."""
+        ...
 
 
 def bound_connector(scheduler: Any) -> BoundConnector | None:
