@@ -10,11 +10,12 @@ listed in arrival order up front. A closed loop's arrival times depend on how fa
 serves it; its turns are ordered by session start plus think times, the order a faster
 engine would approach.
 
-``BeladyOrder`` keeps each evictable slot's next use in a max-heap with lazy deletion; a
-request's arrival and finish move the next use of each of its blocks the tier holds
-(``OracleTier.arrived``, ``finished``), so the heap's top is exact whenever a store asks for
-a victim. The blocks of a request that arrived and has not finished are used "now": it may
-be waiting, or preempted and about to resume, which only the run decides.
+``BeladyOrder`` keeps each evictable slot's next use in a max-heap with lazy deletion;
+every event that moves a block's next use refreshes its entry (``OracleTier``), so the
+heap's top is exact whenever a store asks for a victim. The blocks of a request that waits
+(arrived and not scheduled yet, or preempted: the scheduler side protects its blocks until
+it resumes) are used "now": its admission will look them up. A running request's blocks are
+on the GPU; their next use from the tier is the trace's next request holding them.
 ``OracleTier`` does not store a block whose next use is farther than the victim's (it would
 be evicted before anything it displaces is used again): "every computed block" is offered,
 and Belady with bypass decides.
@@ -26,7 +27,7 @@ import bisect
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 
 from vllm_bidkv.context import BlockHash
@@ -45,7 +46,6 @@ class FutureUses:
         self._order = order  # request id -> its position in arrival order
         self._uses = uses
         self.now = -1  # the position of the latest request that arrived
-        self.live: dict[BlockHash, int] = {}  # hash -> requests arrived, not finished, holding it
 
     @classmethod
     def of(
@@ -83,11 +83,7 @@ class FutureUses:
         return cls(order, uses)
 
     def next_use(self, block_hash: BlockHash) -> float:
-        """``now`` for a block of a request that arrived and has not finished (it may wait, or
-        be preempted and resume, at any time); else the position of the next request after
-        ``now`` that holds it; ``NEVER``."""
-        if block_hash in self.live:
-            return self.now
+        """The position of the next request after ``now`` that holds ``block_hash``; ``NEVER``."""
         positions = self.uses(block_hash)
         i = bisect.bisect_right(positions, self.now)
         return positions[i] if i < len(positions) else NEVER
@@ -110,9 +106,9 @@ class BeladyOrder(EvictionOrder):
     """Evicts the entry used farthest in the future (see module doc); ignores ``min_idle``
     and protection: the oracle stores every block and knows what each is worth."""
 
-    def __init__(self, future: FutureUses) -> None:
+    def __init__(self, next_use: Callable[[BlockHash], float]) -> None:
         super().__init__(bid=False)
-        self._future = future
+        self._next_use = next_use
         self._heap: list[tuple[float, int, int]] = []  # (-next use, seq, slot)
         self._live: dict[int, int] = {}  # evictable slot -> seq of its current heap entry
         self._seq = itertools.count()
@@ -126,7 +122,7 @@ class BeladyOrder(EvictionOrder):
     def refresh(self, slot: int, block_hash: BlockHash) -> None:
         seq = next(self._seq)
         self._live[slot] = seq
-        heapq.heappush(self._heap, (-self._future.next_use(block_hash), seq, slot))
+        heapq.heappush(self._heap, (-self._next_use(block_hash), seq, slot))
 
     def remove(self, slot: int, evicted: BlockHash | None = None) -> None:
         self._live.pop(slot, None)
@@ -158,8 +154,15 @@ class OracleTier(CpuBlockTier):
     def __init__(self, num_slots: int, future: FutureUses, counters: Counters) -> None:
         super().__init__(num_slots, counters=counters)
         self.future = future
-        self.order = self._belady = BeladyOrder(future)
-        self._requests: dict[str, list[BlockHash]] = {}  # arrived, not finished: its prompt's hashes
+        self.order = self._belady = BeladyOrder(self.next_use)
+        self._waiting: dict[str, list[BlockHash]] = {}  # arrived, not scheduled yet: its prompt's hashes
+        self._waiting_hashes: dict[BlockHash, int] = {}  # hash -> waiting requests holding it
+
+    def next_use(self, block_hash: BlockHash) -> float:
+        """``now`` for a block a waiting request holds, else the trace's next use."""
+        if block_hash in self._waiting_hashes or self.is_protected(block_hash):
+            return self.future.now
+        return self.future.next_use(block_hash)
 
     def reserve(
         self, block_hash: BlockHash, keep: Container[BlockHash] = (), min_idle: int | None = None
@@ -167,27 +170,35 @@ class OracleTier(CpuBlockTier):
         if not self.num_free:
             victim = self._belady.victim()
             victim_hash = self.hash_of(victim) if victim is not None else None
-            if victim_hash is None or self.future.next_use(block_hash) > self.future.next_use(victim_hash):
+            if victim_hash is None or self.next_use(block_hash) > self.next_use(victim_hash):
                 return None  # used after everything held: it would be evicted first (ties: store)
         return super().reserve(block_hash, keep)
 
     def arrived(self, request_id: str, block_hashes: Sequence[BlockHash]) -> None:
-        """A request arrived: time moves on, and its blocks are live until it finishes."""
+        """A request arrived: time moves on, and its blocks wait with it until it is scheduled."""
         self.future.arrive(request_id)
-        hashes = self._requests[request_id] = list(dict.fromkeys(block_hashes))
-        live = self.future.live
+        hashes = self._waiting[request_id] = list(dict.fromkeys(block_hashes))
         for block_hash in hashes:
-            live[block_hash] = live.get(block_hash, 0) + 1
+            self._waiting_hashes[block_hash] = self._waiting_hashes.get(block_hash, 0) + 1
         self._refresh(hashes)
 
-    def finished(self, request_id: str) -> None:
-        """A request finished: its blocks' next uses are the trace's again."""
-        hashes = self._requests.pop(request_id, [])
-        live = self.future.live
+    def admitted(self, request_id: str) -> None:
+        """Scheduled for the first time (or finished before that): its blocks no longer wait."""
+        hashes = self._waiting.pop(request_id, [])
         for block_hash in hashes:
-            live[block_hash] -= 1
-            if not live[block_hash]:
-                del live[block_hash]
+            self._waiting_hashes[block_hash] -= 1
+            if not self._waiting_hashes[block_hash]:
+                del self._waiting_hashes[block_hash]
+        self._refresh(hashes)
+
+    def protect(self, hashes: Iterable[BlockHash]) -> None:
+        hashes = list(hashes)
+        super().protect(hashes)
+        self._refresh(hashes)
+
+    def unprotect(self, hashes: Iterable[BlockHash]) -> None:
+        hashes = list(hashes)
+        super().unprotect(hashes)
         self._refresh(hashes)
 
     def _refresh(self, hashes: Sequence[BlockHash]) -> None:

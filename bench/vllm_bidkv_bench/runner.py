@@ -159,7 +159,7 @@ def measure_capacity(matrix: Matrix) -> dict[str, Any]:
     stock = CONFIGS["stock"]
     # --server: the user's stock server where one is given, else one started here.
     servers = None if matrix.servers is None else {"stock": matrix.servers.get("stock")}
-    alone = Matrix("engine", p, [stock], [], 1, matrix.admission, matrix.seed, servers=servers)
+    alone = Matrix("engine", p, [stock], [], 1, "fcfs", matrix.seed, servers=servers)
     record, _ = _engine_record(alone, probe, stock, "capacity", 0)
     return calibration(record["throughput_rps"], matrix.loads, p.think_scale, record["load_avg_1m"])
 
@@ -184,7 +184,8 @@ def _sim_capacity(matrix: Matrix) -> dict[str, Any]:
 
     p, stock = matrix.preset, CONFIGS["stock"]
     probe = _probe_workload(matrix)
-    alone = replace(matrix, configs=[stock], rates=[], runs=1, loads=(), calibration=None)
+    # Stock is vLLM's own order (FCFS), whatever admission the matrix compares.
+    alone = replace(matrix, configs=[stock], rates=[], runs=1, loads=(), calibration=None, admission="fcfs")
     record = _sim_record(alone, probe, stock, "capacity", 0, False)
     return calibration(record["throughput_rps"], matrix.loads, p.think_scale, None, seed=matrix.seed)
 

@@ -697,6 +697,9 @@ class _Simulator:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         wall = time.perf_counter() - t0
+        if self.oracle is not None:
+            for new in out.scheduled_new_reqs:
+                self.oracle.admitted(new.req_id)
         scheduled = {
             req_id: SimpleNamespace(
                 request=request,
@@ -796,7 +799,7 @@ class _Simulator:
                 if o.finish_reason is not None:
                     timing.finish_s = self.clock
                     if self.oracle is not None:
-                        self.oracle.finished(o.request_id)
+                        self.oracle.admitted(o.request_id)  # aborted or finished while waiting
                     request = self.requests.pop(o.request_id, None)
                     self.high_water.pop(o.request_id, None)
                     finished += 1

@@ -2,9 +2,9 @@
 offered; the bound no config may beat by more than the 2% tie.
 
 What it bounds is the tier's work: prefill tokens the run still computed, throughput, and the
-TTFT tail, on workloads whose future the trace decides (chat, multi-round QA). Under a burst
-where every request has arrived, every block is "live" and Belady has no future to use; there
-the oracle is not a bound (RESULTS.md says so), and these tests do not claim it.
+TTFT tail, on workloads whose future the trace decides (chat, multi-round QA). It keeps
+``bidkv``'s victim rule and cannot know who will be preempted, so it is no bound on what a
+victim rule changes (RESULTS.md says so), and these tests do not claim it.
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ def test_belady_evicts_the_entry_used_farthest_ahead_and_bypasses_what_is_used_l
     slot = tier.reserve(h(3))  # used at 2: before h(2)'s use at 3
     assert slot is not None and not tier.contains(h(2)) and tier.contains(h(1))
     tier.commit(slot)
-    tier.arrived("r1", [h(1)])  # h(1) is used now, and live until r1 finishes
-    assert future.next_use(h(1)) == future.now == 1
-    tier.finished("r1")
-    assert future.next_use(h(1)) == NEVER, "no later request holds it"
+    tier.arrived("r1", [h(1)])  # h(1) is looked up when r1 is admitted: used now
+    assert tier.next_use(h(1)) == future.now == 1
+    tier.admitted("r1")
+    assert tier.next_use(h(1)) == NEVER, "no later request holds it"
     assert tier.order.victim() == tier.lookup(h(1))
+    tier.protect([h(1)])  # its request was preempted: it resumes from the tier
+    assert tier.next_use(h(1)) == 1 and tier.order.victim() == tier.lookup(h(3))
     tier.check()
 
 
