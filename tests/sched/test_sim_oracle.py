@@ -22,6 +22,7 @@ from vllm_bidkv_bench.sim import sim_token, simulate
 from vllm_bidkv_bench.standalone import make_request
 from vllm_bidkv_bench.workloads import make_workload
 
+from tests.sched.test_sim_peers import PEER_RELEASES
 from vllm_bidkv.counters import Counters
 
 pytestmark = pytest.mark.sched
@@ -81,7 +82,7 @@ def test_the_future_it_knows_is_the_closed_loop_the_run_plays() -> None:
     [("chat", 60, 0.3, 160), ("multi-round-qa", 40, 0.4, 320)],
 )
 def test_no_config_beats_the_oracle(
-    workload: str, requests: int, length_scale: float, tier_blocks: int
+    workload: str, requests: int, length_scale: float, tier_blocks: int, offload_supported: None
 ) -> None:
     preset = replace(
         get_preset("h100-llama3-8b"),
@@ -91,8 +92,12 @@ def test_no_config_beats_the_oracle(
         cpu_bytes=tier_blocks * 16 * H100_LLAMA3_8B.kv_bytes_per_token,
     )
     trace = make_workload(workload, requests, 4.0, 0, length_scale=length_scale)
+    from vllm_bidkv.patches.capabilities import probe
+
+    # vLLM's own connector only where the simulator models its worker (test_sim_peers.py).
+    peers = ("vllm-offloading",) if probe().vllm_version in PEER_RELEASES else ()
     records = []
-    for name in ("oracle", "bidkv+offload", "bidkv+offload-lazy", "vllm-offloading", "stock"):
+    for name in ("oracle", "bidkv+offload", "bidkv+offload-lazy", *peers, "stock"):
         result = simulate(trace, CONFIGS[name], preset, H100_LLAMA3_8B)
         summary = summarize(
             name, 4.0, 0, 0, result.timings, result.counters, block_size=16, block_bytes=result.block_bytes

@@ -46,13 +46,22 @@ PEER_MODULES = {
 }
 
 
+# The model runner's order this file pins (when start_load_kv runs, whether a step has
+# synchronous loads) is vLLM 0.32's, which 0.33 keeps; older runners order copies otherwise.
+TIMED_RELEASES = ("0.32.0", "0.33.0")
+
+
 def _needs(config: str, request: pytest.FixtureRequest) -> None:
     """The peers' worker protocol is modelled on vLLM 0.32.0 (as in test_sim_peers.py); ours
-    needs offload (vLLM 0.19+)."""
+    needs offload (vLLM 0.19+) and a runner that orders copies as 0.32's does."""
     from vllm_bidkv.patches.capabilities import probe
 
     if config not in PEER_MODULES:
         request.getfixturevalue("offload_supported")
+        if probe().vllm_version not in TIMED_RELEASES:
+            pytest.skip(
+                f"copy timing modelled on vLLM {', '.join(TIMED_RELEASES)}, not {probe().vllm_version}"
+            )
         return
     if probe().vllm_version != "0.32.0":
         pytest.skip(f"peer worker protocol modelled on vLLM 0.32.0, not {probe().vllm_version}")

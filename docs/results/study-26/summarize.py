@@ -48,7 +48,8 @@ for w in ["agentic", "chat", "multi-round-qa"]:
         ca = load(f"docs/results/study-26/{p}-ca.json")
         if not recs:
             continue
-        recs = [r for r in recs if r["config"] != "oracle"] + orc
+        if orc:  # the oracle rerun after its fix replaces the first run's
+            recs = [r for r in recs if r["config"] != "oracle"] + orc
         by = collections.defaultdict(list)
         for r in recs:
             by[r["config"]].append(r)
