@@ -47,8 +47,8 @@ PEER_MODULES = {
 
 
 # The model runner's order this file pins (when start_load_kv runs, whether a step has
-# synchronous loads) is vLLM 0.32's, which 0.33 keeps; older runners order copies otherwise.
-TIMED_RELEASES = ("0.32.0", "0.33.0")
+# synchronous loads) is vLLM 0.32's; CI finds 0.29-0.33 keep it, 0.28 and older do not.
+TIMED_RELEASES = ("0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0")
 
 
 def _needs(config: str, request: pytest.FixtureRequest) -> None:
