@@ -241,12 +241,10 @@ def run_top(
     console = console or Console()
     prev: list[Snapshot | None] = [None] * len(urls)
     count = 0
-    # No refresh thread: the view changes only with a sample, and a Ctrl-C then has no thread
-    # to wait for on its way out (CI saw one exit hang with rich's auto-refresh on).
-    with Live(render([fetcher(u) for u in urls]), console=console, auto_refresh=False) as live:
+    with Live(render([fetcher(u) for u in urls]), console=console, refresh_per_second=4) as live:
         while iterations is None or count < iterations:
             cur = [fetcher(u) for u in urls]
-            live.update(render(cur, prev), refresh=True)
+            live.update(render(cur, prev))
             prev = list(cur)
             count += 1
             time.sleep(interval)

@@ -167,6 +167,8 @@ def test_ctrl_c_in_top_exits_130_quietly(metrics_server: tuple[str, list[float]]
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # A Ctrl-C as a terminal sends it: a shell's background job inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 60
