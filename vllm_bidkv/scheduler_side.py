@@ -125,7 +125,7 @@ class BidKVSchedulerSide:
         return admission_key(config.admission, config.admission_max_bypass, tier_hit) if self.active else None
 
     def has_pending_block_frees(self) -> bool:
-        """Stores in flight hold free blocks; vLLM (0.30+) waits for them instead of preempting."""
+        """A store in flight holds a block nothing else holds; vLLM (0.30+) waits for it instead of preempting."""
         return self.planner is not None and self.planner.holds_free_blocks()
 
     def _state(self, request_id: str) -> RequestState:

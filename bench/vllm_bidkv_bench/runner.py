@@ -355,18 +355,10 @@ def add_ideal_distance(records: list[dict[str, Any]], kind: str = "sim") -> None
     """``distance_to_ideal`` = {ttft_p99, throughput}: this config's / ``ideal-tier``'s, same (rate, run).
 
     Also flat as ``ttft_p99_ms_vs_ideal`` and ``throughput_rps_vs_ideal`` (CSV, tables)."""
-    bound = {(r["rate"], r["run"]): r for r in records if r["config"] == "ideal-tier" and "error" not in r}
+    _add_distance(records, "ideal-tier", "ideal", {"ttft_p99": "ttft_p99_ms", "throughput": "throughput_rps"})
     for r in records:
-        if "error" in r:
-            continue
-        ref = bound.get((r["rate"], r["run"]))
-        if ref is None:
-            r["distance_to_ideal"] = None
-            continue
-        ttft = r["ttft_p99_ms"] / ref["ttft_p99_ms"] if ref["ttft_p99_ms"] else None
-        tput = r["throughput_rps"] / ref["throughput_rps"] if ref["throughput_rps"] else None
-        r["distance_to_ideal"] = {"ttft_p99": ttft, "throughput": tput}
-        r["ttft_p99_ms_vs_ideal"], r["throughput_rps_vs_ideal"] = ttft, tput
+        if "error" not in r:
+            r.setdefault("distance_to_ideal", None)
 
 
 ORACLE_METRICS = {
@@ -381,13 +373,21 @@ def add_oracle_distance(records: list[dict[str, Any]]) -> None:
     """``distance_to_oracle``: per ``ORACLE_METRICS`` key, this config's value / ``oracle``'s, same
     (rate, run); absent without an ``oracle`` record. Flat as ``ttft_p99_ms_vs_oracle`` and
     ``throughput_rps_vs_oracle`` too (CSV, tables)."""
-    bound = {(r["rate"], r["run"]): r for r in records if r["config"] == "oracle" and "error" not in r}
+    _add_distance(records, "oracle", "oracle", ORACLE_METRICS)
+
+
+def _add_distance(records: list[dict[str, Any]], bound: str, name: str, metrics: dict[str, str]) -> None:
+    """``distance_to_<name>``: per ``metrics`` key, a record's field / config ``bound``'s, same
+    (rate, run), on records that have that bound; flat as ``ttft_p99_ms_vs_<name>`` and
+    ``throughput_rps_vs_<name>``."""
+    refs = {(r["rate"], r["run"]): r for r in records if r["config"] == bound and "error" not in r}
     for r in records:
-        ref = bound.get((r["rate"], r["run"]))
+        ref = refs.get((r["rate"], r["run"]))
         if "error" in r or ref is None:
             continue
-        r["distance_to_oracle"] = {
-            key: r[field] / ref[field] if ref.get(field) else None for key, field in ORACLE_METRICS.items()
-        }
-        r["ttft_p99_ms_vs_oracle"] = r["distance_to_oracle"]["ttft_p99"]
-        r["throughput_rps_vs_oracle"] = r["distance_to_oracle"]["throughput"]
+        distance = {key: r[field] / ref[field] if ref.get(field) else None for key, field in metrics.items()}
+        r[f"distance_to_{name}"] = distance
+        r[f"ttft_p99_ms_vs_{name}"], r[f"throughput_rps_vs_{name}"] = (
+            distance["ttft_p99"],
+            distance["throughput"],
+        )

@@ -238,7 +238,7 @@ def test_where_cache_aware_cannot_run_it_is_refused_in_one_line(
         scheduler = make_scheduler(
             kv_transfer_config=connector_config(offload_mode="off", admission="cache-aware")
         )
-        # Where the refusal is not wired into the connector's start, the first request meets it.
+        # The connector refuses it at its start; the first request would meet the refusal otherwise.
         scheduler.add_request(make_request("r", [1] * 20, 2, block_size=BLOCK_SIZE))
     monkeypatch.setattr(
         patch_admission, "probe", lambda: dataclasses.replace(probe(), vllm_binds_context=False)

@@ -72,7 +72,11 @@ class EvictionOrder:
         """Assert the queues' invariants; ``protected``: the evictable slots protection selects."""
         assert not self._kept.keys() & self._lru.keys(), "a slot in both queues"
         assert set(self._kept) == (protected if self.bid else set()), "protected slots in the wrong queue"
-        for queue in (self._lru, self._kept):
+        self._check_use_order(self._lru, self._kept)
+
+    def _check_use_order(self, *queues: OrderedDict[int, int]) -> None:
+        # ``victim`` reads a queue's idle time at its head: each must be in stamp order.
+        for queue in queues:
             stamps = list(queue.values())
             assert stamps == sorted(stamps) and (not stamps or stamps[-1] <= self.clock), "out of use order"
 
@@ -129,6 +133,4 @@ class ArcOrder(EvictionOrder):
     def check(self, protected: set[int]) -> None:
         assert not self._t2.keys() & self._lru.keys(), "a slot in both T1 and T2"
         assert all(len(g) <= self._capacity for g in self._ghosts) and 0 <= self.target_t1 <= self._capacity
-        for queue in (self._lru, self._t2):
-            stamps = list(queue.values())
-            assert stamps == sorted(stamps) and (not stamps or stamps[-1] <= self.clock), "out of use order"
+        self._check_use_order(self._lru, self._t2)

@@ -1,8 +1,8 @@
 """Which GPU blocks a store takes: the lazy walk's free ones, and a request's computed ones
 (``eager``'s at finish, ``auto``'s each step).
 
-The walk's visitor takes each hashed free block the tier lacks (``park_visitor``). The
-request's walk the request's blocks in order from a given index and stop at the first block a
+The walk's visitor takes each hashed free block the tier lacks (``park_visitor``). A
+request's picks walk its blocks in order from a given index and stop at the first block a
 store may not read yet: vLLM has not cached it (not computed by the end of this step's
 forward, which runs before the store) or a load into it or an earlier block is unfinished
 or failed (``LoadTrust``; later blocks attend to it). Blocks the tier holds or is storing

@@ -185,12 +185,10 @@ def refuse_unsupported_admission(admission: str) -> None:
 
 def install_admission(scheduler: Any, key: Callable[[Any], Any]) -> bool:
     """Order ``scheduler``'s waiting queue by ``key`` (see module doc); False if it keeps
-    vLLM's (PRIORITY policy) or is ordered already. Raises the refusal where ``cache-aware``
-    cannot run: in the bind hook, i.e. while vLLM builds the Scheduler."""
+    vLLM's (PRIORITY policy) or is ordered already. Where ``cache-aware`` cannot run, the
+    connector refused it at its start (``refuse_unsupported_admission``)."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
 
-    if isinstance(key, CacheAwareAdmission):
-        refuse_unsupported_admission("cache-aware")
     if scheduler.policy != SchedulingPolicy.FCFS:
         logger.warning("vllm-bidkv: scheduling policy %s keeps vLLM's admission order", scheduler.policy)
         return False
