@@ -24,7 +24,7 @@ The path of one request through it:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from vllm_bidkv.config import BidKVConfig
@@ -49,6 +49,8 @@ class StepEvents:
     """Requests preempted in this step."""
     zeroed_blocks: frozenset[int] = frozenset()
     """Blocks the workers zero before this step's forward: their old bytes cannot be rescued."""
+    computed_tokens: Mapping[str, int] = field(default_factory=dict)
+    """Per scheduled request, its tokens computed once this step's forward ran (``auto``'s stores)."""
 
 
 @dataclass(eq=False)  # identity: one record per request
@@ -99,22 +101,13 @@ class BidKVSchedulerSide:
         self._async_load_min_tokens = 0 if async_scheduling else config.async_load_min_tokens
 
     def bind(self, ctx: SchedulerContext) -> None:
-        self.ctx = ctx
-        if self._offload is not None:
-            tier = CpuBlockTier(
-                self._offload.num_slots,
-                self._offload.eviction,
-                self.counters,
-                announce=self._offload.announce,
+        self.ctx, spec = ctx, self._offload
+        if spec is not None:
+            tier = CpuBlockTier(spec.num_slots, spec.eviction, self.counters, announce=spec.announce)
+            disk = (
+                DiskTier(spec.disk, self.counters, announce=spec.announce) if spec.disk is not None else None
             )
-            disk = self._offload.disk
-            self.planner = OffloadPlanner(
-                ctx,
-                tier,
-                self._offload,
-                self.counters,
-                DiskTier(disk, self.counters, announce=self._offload.announce) if disk is not None else None,
-            )
+            self.planner = OffloadPlanner(ctx, tier, spec, self.counters, disk)
 
     @property
     def active(self) -> bool:
@@ -269,10 +262,14 @@ class BidKVSchedulerSide:
         for state in self._victims:  # a rescue is valid only until this step's forward
             state.victim_blocks = []
         self._victims = []
-        for request in self.ctx.running() if self.config.offload_mode == "auto" and self.ctx else ():
-            state = self.requests.get(request.request_id)  # O(1) each but where a block was filled
-            if state is not None:
-                state.next_store_block = self.planner.store_computed(request, state.next_store_block)
+        if self.config.offload_mode == "auto" and self.ctx is not None:
+            block_size = self.ctx.block_size
+            for request_id, computed in events.computed_tokens.items():
+                state = self.requests.get(request_id)  # one that filled no block since is passed
+                if state is not None and computed // block_size > state.next_store_block:
+                    request = self.ctx.get_request(request_id)
+                    if request is not None:
+                        state.next_store_block = self.planner.store_computed(request, state.next_store_block)
         return self.planner.plan_step(events.blocks_allocated)
 
     def complete(self, results: JobResults) -> None:

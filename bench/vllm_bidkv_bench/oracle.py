@@ -19,6 +19,13 @@ on the GPU; their next use from the tier is the trace's next request holding the
 ``OracleTier`` does not store a block whose next use is farther than the victim's (it would
 be evicted before anything it displaces is used again): "every computed block" is offered,
 and Belady with bypass decides.
+
+The tier is one level of two: a block the GPU's prefix cache holds needs no tier copy while it
+is there, so its next use from the tier is ``NEVER`` (the tier's first victim), and every block
+vLLM evicts from the GPU is offered to the tier at that moment, copied for free, with its real
+next use (``install_oracle`` hooks the scheduler's ``BlockPool``). An inclusive tier of the GPU
+pool's size would otherwise hold mostly what the GPU holds, and a policy that stores only what
+the GPU drops (our lazy walk) would beat the bound with a tier of 1×.
 """
 
 from __future__ import annotations
@@ -151,15 +158,26 @@ class BeladyOrder(EvictionOrder):
 class OracleTier(CpuBlockTier):
     """A ``CpuBlockTier`` with Belady's order and bypass (see module doc)."""
 
-    def __init__(self, num_slots: int, future: FutureUses, counters: Counters) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        future: FutureUses,
+        counters: Counters,
+        on_gpu: Callable[[BlockHash], bool] = lambda block_hash: False,
+    ) -> None:
         super().__init__(num_slots, counters=counters)
         self.future = future
+        self._on_gpu = on_gpu  # the GPU's prefix cache holds this hash
+        self.gpu_evictions_stored = 0  # blocks stored as vLLM dropped them (not by the planner)
         self.order = self._belady = BeladyOrder(self.next_use)
         self._waiting: dict[str, list[BlockHash]] = {}  # arrived, not scheduled yet: its prompt's hashes
         self._waiting_hashes: dict[BlockHash, int] = {}  # hash -> waiting requests holding it
 
     def next_use(self, block_hash: BlockHash) -> float:
-        """``now`` for a block a waiting request holds, else the trace's next use."""
+        """``NEVER`` while the GPU holds it, ``now`` for a block a waiting request holds,
+        else the trace's next use."""
+        if self._on_gpu(block_hash):
+            return NEVER
         if block_hash in self._waiting_hashes or self.is_protected(block_hash):
             return self.future.now
         return self.future.next_use(block_hash)
@@ -201,6 +219,20 @@ class OracleTier(CpuBlockTier):
         super().unprotect(hashes)
         self._refresh(hashes)
 
+    def gpu_cached(self, block_hash: BlockHash) -> None:
+        """The GPU's prefix cache took ``block_hash``: a tier copy is worth nothing while it is there."""
+        self._refresh((block_hash,))
+
+    def gpu_evicted(self, block_hash: BlockHash) -> None:
+        """vLLM dropped ``block_hash`` from the GPU: stored now if Belady keeps it (a free copy)."""
+        if self.contains(block_hash):
+            self._refresh((block_hash,))
+            return
+        slot = self.reserve(block_hash)
+        if slot is not None:
+            self.commit(slot)
+            self.gpu_evictions_stored += 1
+
     def _refresh(self, hashes: Sequence[BlockHash]) -> None:
         for block_hash in hashes:
             slot = self.lookup(block_hash)
@@ -212,7 +244,10 @@ def install_oracle(
     scheduler: Any, workload: Workload, vocab_size: int, block_size: int, token: Callable[[str, int], int]
 ) -> OracleTier:
     """Give the ``oracle`` config's planner (BidKVConnector, bound to ``scheduler``) an
-    ``OracleTier`` of the same size, knowing ``workload``'s future; call before the first step."""
+    ``OracleTier`` of the same size, knowing ``workload``'s future, told of every block the GPU's
+    prefix cache takes or drops; call before the first step."""
+    from vllm.v1.core.kv_cache_utils import get_block_hash
+
     from vllm_bidkv_bench.standalone import make_request
 
     planner = scheduler.connector.scheduler_role.side.planner
@@ -222,5 +257,29 @@ def install_oracle(
         return make_request(request_id, prompt, 1, block_size=block_size).block_hashes  # type: ignore[no-any-return]
 
     future = FutureUses.of(workload, vocab_size, hashes_of, token)
-    planner.tier = OracleTier(planner.tier.num_slots, future, planner.tier.counters)
-    return planner.tier  # type: ignore[no-any-return]
+    pool = scheduler.kv_cache_manager.block_pool
+    group_ids = list(range(len(scheduler.kv_cache_config.kv_cache_groups)))
+    tier = OracleTier(
+        planner.tier.num_slots,
+        future,
+        planner.tier.counters,
+        on_gpu=lambda block_hash: pool.get_cached_block(block_hash, group_ids) is not None,
+    )
+    planner.tier = tier
+    insert, remove = pool._insert_block_hash, pool._remove_cached_block_hashes
+
+    def insert_block_hash(key: Any, *args: Any, **kwargs: Any) -> Any:
+        result = insert(key, *args, **kwargs)
+        tier.gpu_cached(get_block_hash(key))
+        return result
+
+    def remove_cached_block_hashes(block: Any) -> Any:
+        removed = remove(block)
+        for key in removed:
+            tier.gpu_evicted(get_block_hash(key))
+        return removed
+
+    # Instance attributes: only this config's scheduler is told (BlockPool's own methods call them).
+    pool._insert_block_hash = insert_block_hash
+    pool._remove_cached_block_hashes = remove_cached_block_hashes
+    return tier

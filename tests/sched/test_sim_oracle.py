@@ -56,6 +56,28 @@ def test_belady_evicts_the_entry_used_farthest_ahead_and_bypasses_what_is_used_l
     tier.check()
 
 
+def test_a_block_the_gpu_holds_is_worth_nothing_in_the_tier_until_the_gpu_drops_it() -> None:
+    """Two levels: a tier copy of what the GPU's prefix cache holds is evicted first, and what
+    vLLM drops from the GPU is stored then (a free copy) if Belady keeps it."""
+    on_gpu = {h(1)}
+    future = FutureUses({"r0": 0, "r1": 1, "r2": 2}, {h(1): [1], h(2): [2], h(3): [1]})
+    tier = OracleTier(2, future, Counters(), on_gpu=on_gpu.__contains__)
+    for block in (1, 2):
+        slot = tier.reserve(h(block))
+        assert slot is not None
+        tier.commit(slot)
+    assert tier.next_use(h(1)) == NEVER and tier.order.victim() == tier.lookup(h(1))
+    on_gpu.discard(h(1))
+    tier.gpu_evicted(h(1))  # already held: its real next use (1) counts again
+    assert tier.order.victim() == tier.lookup(h(2)) and tier.gpu_evictions_stored == 0
+    tier.gpu_evicted(h(3))  # used at 1, before h(2) at 2: stored in h(2)'s place
+    assert tier.lookup(h(3)) is not None and not tier.contains(h(2)) and tier.gpu_evictions_stored == 1
+    on_gpu.add(h(3))
+    tier.gpu_cached(h(3))
+    assert tier.order.victim() == tier.lookup(h(3))
+    tier.check()
+
+
 def test_the_future_it_knows_is_the_closed_loop_the_run_plays() -> None:
     """Every turn a closed-loop run plays (prompts made of earlier turns' outputs) is a request
     the oracle listed up front, with the same block hashes."""
@@ -79,7 +101,9 @@ def test_the_future_it_knows_is_the_closed_loop_the_run_plays() -> None:
 
 @pytest.mark.parametrize(
     ("workload", "requests", "length_scale", "tier_blocks"),
-    [("chat", 60, 0.3, 160), ("multi-round-qa", 40, 0.4, 320)],
+    # Agentic sessions with a tier of the GPU pool's size: an inclusive tier holding what the
+    # GPU holds lost to our lazy (exclusive) store there; the oracle is two levels since.
+    [("chat", 60, 0.3, 160), ("multi-round-qa", 40, 0.4, 320), ("agentic", 24, 0.3, 160)],
 )
 def test_no_config_beats_the_oracle(
     workload: str, requests: int, length_scale: float, tier_blocks: int, offload_supported: None

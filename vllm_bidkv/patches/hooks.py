@@ -196,14 +196,12 @@ def install_victim_hook(scheduler: Any) -> bool:
 
     def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
         blocks = original(request, *args, **kwargs)
+        if blocks is not None or request.status != RequestStatus.RUNNING:
+            return blocks  # allocated, or a waiting request: no victim (the common case: cheap)
         connector = bound_connector(scheduler)
         assert connector is not None, "the hook is installed only for a scheduler with our connector"
         # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
-        if (
-            blocks is None
-            and request.status == RequestStatus.RUNNING
-            and not (caps.connector_pending_block_frees and connector.has_pending_block_frees())
-        ):
+        if not (caps.connector_pending_block_frees and connector.has_pending_block_frees()):
             for observer in _victim_choice_observers:
                 observer.victim_choice_started()
             try:

@@ -20,11 +20,20 @@ def step_events(scheduler_output: Any) -> StepEvents:
     preempted = list(scheduler_output.preempted_req_ids or ())
     # 0.19+ (some attention backends): blocks the worker zeroes before the forward.
     zeroed = getattr(scheduler_output, "new_block_ids_to_zero", None) if preempted else None
+    # Computed by the end of this step's forward: before it (what the output records, read
+    # before vLLM advances the request) plus what it scheduled.
+    scheduled = scheduler_output.num_scheduled_tokens
+    computed = {
+        r.req_id: r.num_computed_tokens + scheduled[r.req_id] for r in scheduler_output.scheduled_new_reqs
+    }
+    for req_id, before in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
+        computed[req_id] = before + scheduled[req_id]
     return StepEvents(
         blocks_allocated=allocated,
         resumed=_resumed_req_ids(cached),
         preempted=preempted,
         zeroed_blocks=frozenset(zeroed or ()),
+        computed_tokens=computed,
     )
 
 
