@@ -8,7 +8,8 @@ The CPU tier gets 16 GiB of host memory (8192 blocks of 2 MiB, ~14× the GPU poo
 testbed does not say, and a dedicated 16 GiB is modest for a host serving an H100.
 
 ``h100-llama3-8b-<workload>-cpu1x`` / ``-cpu10x`` are issue 14's tournament (every peer,
-victim rule and ours, ``TOURNAMENT_CONFIGS``, and the bound ``oracle``) on the same H100 testbed with a CPU tier of
+victim rule and ours, ``TOURNAMENT_CONFIGS``; ours with the lazy store and the other tier
+evictions, ``TOURNAMENT_VARIANTS``; and the bound ``oracle``) on the same H100 testbed with a CPU tier of
 about the GPU pool's size (1.17 GiB: an inclusive tier then holds little the GPU does not)
 or 10× it, for ``TOURNAMENT_WORKLOADS`` (``mixed``, ``long-context``, ``chat``, ``agentic``,
 ``rag`` and the two field shapes ``multi-round-qa`` and ``long-doc-qa``); one run per load
@@ -60,6 +61,8 @@ TOURNAMENT_CONFIGS = (
     "offload",
     "bidkv+offload",
 )
+# Ours with the other store rule and tier evictions (issue 26's store-rule and eviction tables).
+TOURNAMENT_VARIANTS = ("bidkv+offload-lazy", "bidkv+offload-bid", "bidkv+offload-arc")
 GPU_POOL_BYTES = 600 * 16 * 128 * 1024
 """The H100 presets' GPU KV pool: 600 blocks × 16 tokens × 128 KiB per token = 1.17 GiB."""
 
@@ -194,7 +197,7 @@ def _tournament(workload: str, tier: int) -> BenchPreset:
         num_requests=TOURNAMENT_REQUESTS[workload],
         rates=(),
         loads=SIM_LOADS,
-        configs=(*TOURNAMENT_CONFIGS, "oracle"),
+        configs=(*TOURNAMENT_CONFIGS, *TOURNAMENT_VARIANTS, "oracle"),
         runs=1,
         cpu_bytes=tier * GPU_POOL_BYTES,
     )

@@ -103,7 +103,7 @@ SECTIONS = (
     ),
 )
 TIE = 1.02  # within 2% is a tie
-BOUNDS = ("ideal-tier", "unbounded")
+BOUNDS = ("ideal-tier", "unbounded", "oracle")  # references, not peers
 MAIN = "sim-h100-llama3-8b"
 UNTUNED = ("sim-h100-llama3-8b-multiturn", "sim-h100-llama3-8b-long")  # "a trace nobody tuned for"
 CONNECTOR_COST = "sim-h100-llama3-8b-256"
@@ -381,6 +381,14 @@ def tournament_targets(
             others = [r for (rt, c), r in rows.items() if rt == rate and c != ours and c not in BOUNDS]
             best = min(others, key=lambda r: r["ttft_p99_ms"], default=None)
             if best is not None:
+                fastest = min(others, key=lambda r: r["ttft_p50_ms"])
+                check(
+                    f"{tag}: p50 TTFT {ours} / best other ({fastest['config']})",
+                    rate,
+                    _ratio(mine["ttft_p50_ms"], fastest["ttft_p50_ms"]),
+                    "≤",
+                    TIE,
+                )
                 check(
                     f"{tag}: p99 TTFT {ours} / best other ({best['config']})",
                     rate,
@@ -405,6 +413,22 @@ def tournament_targets(
                     "≥",
                     1.3,
                 )
+            oracle = rows.get((rate, "oracle"))
+            if oracle is not None:
+                check(
+                    f"{tag}: p99 TTFT {ours} / oracle",
+                    rate,
+                    _ratio(mine["ttft_p99_ms"], oracle["ttft_p99_ms"]),
+                    "≤",
+                    1.10,
+                )
+                # The bound itself: no config may beat it by more than the tie (else the oracle is wrong).
+                configs = [r for (rt, c), r in rows.items() if rt == rate and c not in BOUNDS]
+                for key, op, pick in (("ttft_p99_ms", "≥", min), ("prefill_tokens_computed", "≥", min),
+                                      ("throughput_rps", "≤", max)):  # fmt: skip
+                    top = pick(configs, key=lambda r: r.get(key) or 0.0)
+                    check(f"{tag}: oracle is a bound, {key} {top['config']} / oracle", rate,
+                          _ratio(top.get(key), oracle.get(key)), op, 1 / TIE if op == "≥" else TIE)  # fmt: skip
             ideal = rows.get((rate, "ideal-tier"), {}).get("ttft_p99_ms")
             check(f"{tag}: p99 TTFT {ours} / ideal-tier", rate, _ratio(mine["ttft_p99_ms"], ideal), "≤", 1.15)
             bid, lcf = rows.get((rate, "bidkv")), rows.get((rate, "lcf"))
