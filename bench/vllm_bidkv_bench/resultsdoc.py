@@ -498,6 +498,7 @@ def render(
             "|---|---|---|---|---|",
         ]
         lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in tournament]
+        lines += ["", *calibration_table(data), "", *variants_table(data)]
     compute = engine_targets(data)
     if any(name in data for name in COMPUTE_BOUND):
         lines += [
@@ -588,6 +589,60 @@ def render(
             for r in calibration["rows"]
         ]
     return "\n".join(lines) + "\n"
+
+
+def calibration_table(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> list[str]:
+    """Per tournament: stock's capacity the runner measured in the simulator and the rates run."""
+    lines = [
+        "### Calibration: stock's capacity per tournament (simulator, virtual time)",
+        "",
+        "| tournament | workload | stock capacity req/s | how measured | rates run (load → req/s) |",
+        "|---|---|---|---|---|",
+    ]
+    for section in SECTIONS:
+        records = data.get(section.name, ([], {}))[0] if section.tournament else []
+        cal = next((r["calibration"] for r in records if "calibration" in r), None)
+        if cal is not None:
+            rates = ", ".join(f"{lo:g} → {r:g}" for lo, r in zip(cal["loads"], cal["rates"], strict=True))
+            lines.append(
+                f"| {section.name} | `{get_preset(section.preset).workload}` | {cal['capacity_rps']:.3g} | "
+                f"{cal['probe']} | {rates} |"
+            )
+    return lines
+
+
+# (config, column title) of the store-rule and eviction table: ours, then vLLM's two evictions.
+VARIANTS = (
+    ("bidkv+offload", "ours: auto, lru"),
+    ("bidkv+offload-bid", "auto, bid"),
+    ("bidkv+offload-arc", "auto, arc"),
+    ("bidkv+offload-lazy", "lazy, lru"),
+    ("vllm-offloading", "vllm-offloading (lru)"),
+    ("vllm-offloading-arc", "vllm-offloading-arc"),
+    ("oracle", "oracle"),
+)
+
+
+def variants_table(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> list[str]:
+    """Store rule and tier eviction: TTFT p50 / p99 (ms) of ours with each, beside vLLM's LRU and ARC."""
+    lines = [
+        "### Store rule and CPU-tier eviction (TTFT p50 / p99 ms)",
+        "",
+        "| tournament | rate | " + " | ".join(title for _, title in VARIANTS) + " |",
+        "|---|---|" + "---|" * len(VARIANTS),
+    ]
+    for section in SECTIONS:
+        if not section.tournament or section.name not in data:
+            continue
+        rows = _by(report.medians(data[section.name][0]))
+        for rate in dict.fromkeys(r for r, _ in rows):
+            cells = []
+            for config, _ in VARIANTS:
+                row = rows.get((rate, config))
+                cells.append("–" if row is None else f"{row['ttft_p50_ms']:,.0f} / {row['ttft_p99_ms']:,.0f}")
+            if any(c != "–" for c in cells[1:4]):
+                lines.append(f"| {section.name.removeprefix('sim-')} | {rate} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _calibration_line(records: list[dict[str, Any]]) -> list[str]:

@@ -69,6 +69,7 @@ class OffloadPlanner:
         self.trust = LoadTrust(ctx)
         self.walk = LazyWalk(ctx, spec.lookahead_steps, spec.min_clean_blocks)
         self.aborted_store_blocks = 0  # stores that failed or went stale (a diagnostic)
+        self._step_picks: list[tuple[int, int]] = []  # this step's stores, one job at plan_step
 
     # -- loads -----------------------------------------------------------------
     def match(self, request: RequestView, num_computed_tokens: int) -> int:
@@ -146,8 +147,9 @@ class OffloadPlanner:
     # -- stores ----------------------------------------------------------------
     def store_computed(self, request: RequestView, first: int) -> int:
         """``auto``: store the request's blocks from index ``first`` on that vLLM cached and the
-        tier lacks, where it has room (``offload.picks``). Returns the index to start from next step
-        (``picks.pick_computed_blocks``); blocks without room are left to the walk."""
+        tier lacks, where it has room (``offload.picks``), in this step's store job. Returns the
+        index to start from next step (``picks.pick_computed_blocks``); blocks without room are
+        left to the walk."""
         if first >= len(request.block_hashes):
             return first
         groups = self._ctx.request_block_ids(request.request_id)
@@ -161,7 +163,7 @@ class OffloadPlanner:
             first,
             min_idle,
         )
-        self._queue_store(picks, request.request_id)
+        self._step_picks += picks
         return index
 
     def plan_step(self, blocks_allocated: int) -> StepPlan:
@@ -169,10 +171,11 @@ class OffloadPlanner:
         ``build_connector_meta``). ``blocks_allocated``: GPU blocks vLLM allocated since then
         (new blocks of scheduled requests); it drives the lazy walk and the tier's clock."""
         self.tier.order.clock += blocks_allocated
+        # One store job a step for every request's blocks and the walk's (fewer, larger copies).
+        picks, self._step_picks = self._step_picks, []
         if self._spec.mode in ("lazy", "auto"):
-            picks: list[tuple[int, int]] = []
             self.walk.step(blocks_allocated, park_visitor(self.tier, self.trust, picks))
-            self._queue_store(picks, None)
+        self._queue_store(picks, None)
         if self.disk is not None:
             self.disk.sync()  # before any spill the plan sends may overwrite a journaled slot
         return self.ledger.take_step_plan()
