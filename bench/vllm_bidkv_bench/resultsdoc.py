@@ -17,7 +17,7 @@ from typing import Any
 
 from vllm_bidkv_bench import report
 from vllm_bidkv_bench.configs import parse_configs
-from vllm_bidkv_bench.presets import TOURNAMENTS, BenchPreset, get_preset
+from vllm_bidkv_bench.presets import TOURNAMENT_VARIANTS, TOURNAMENTS, BenchPreset, get_preset
 from vllm_bidkv_bench.runner import Matrix, run_matrix
 
 
@@ -378,7 +378,11 @@ def tournament_targets(
             if mine is None:
                 check(f"{tag}: {ours} ran", rate, None, "≥", 1, "no record")
                 continue
-            others = [r for (rt, c), r in rows.items() if rt == rate and c != ours and c not in BOUNDS]
+            # Peers and every victim rule; not ours with another store rule or eviction (the variants table).
+            others = [
+                r for (rt, c), r in rows.items()
+                if rt == rate and c != ours and c not in BOUNDS and c not in TOURNAMENT_VARIANTS
+            ]  # fmt: skip
             best = min(others, key=lambda r: r["ttft_p99_ms"], default=None)
             if best is not None:
                 fastest = min(others, key=lambda r: r["ttft_p50_ms"])
