@@ -208,6 +208,7 @@ TOURNAMENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("throughput_rps", "req/s", "{:.3f}"),
     ("prefill_tokens_computed", "prefill tok computed", "{:.0f}"),
     ("loaded_tokens", "loaded tok", "{:.0f}"),
+    ("gpu_drops_unstored", "dropped unstored", "{:.0f}"),
     ("bytes_moved", "moved MiB", "mib"),
     ("preemptions", "preempt", "{:.0f}"),
     ("ttft_p99_ms_vs_oracle", "p99 TTFT ×oracle", "{:.2f}"),

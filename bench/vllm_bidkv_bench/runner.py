@@ -263,6 +263,7 @@ def _sim_record(
         ),
         "cpu_bytes": result.cpu_bytes,
         "prefill_tokens_computed": result.prefill_tokens_computed,
+        "gpu_drops_unstored": result.gpu_drops_unstored,
         "async_scheduling": matrix.async_scheduling,
         "gpu_blocks_held_at_end": result.num_gpu_blocks - result.free_blocks_at_end,
         "label": config.label,

@@ -118,12 +118,36 @@ class SimResult:
     computed again (``counters.recomputed_prefill_tokens`` is that part)."""
     cpu_bytes: int = 0
     """The CPU tier the connector was given (0: none)."""
+    gpu_drops_unstored: int | None = None
+    """BidKVConnector with a tier: full blocks vLLM dropped from its prefix cache (to reuse the
+    block) while the tier held no copy: work a later hit on them computes again. None: not ours."""
     played: Workload | None = None
     """The workload as played (closed loop: with every turn the run generated)."""
     peer_counters: dict[str, float] = field(default_factory=dict)
     """A peer connector's own counters (its stats, summed over the run) and its jobs as the
     worker model ran them: ``peer_store_jobs``, ``peer_stored_blocks``, ``peer_load_jobs``,
     ``peer_loaded_blocks``."""
+
+
+def _count_unstored_drops(scheduler: Any, block_size: int) -> Callable[[], int]:
+    """Count ``SimResult.gpu_drops_unstored`` from the scheduler's ``BlockPool`` instance."""
+    from vllm.v1.core.kv_cache_utils import get_block_hash
+
+    side = scheduler.connector.scheduler_role.side
+    pool = scheduler.kv_cache_manager.block_pool
+    remove = pool._remove_cached_block_hashes
+    count = 0
+
+    def counted(block: Any) -> Any:
+        nonlocal count
+        tokens = getattr(block, "block_hash_num_tokens", None)  # 0.25+: partial blocks are hashed too
+        removed = remove(block)
+        if tokens is None or tokens % block_size == 0:
+            count += sum(1 for key in removed if not side.planner.tier.contains(get_block_hash(key)))
+        return removed
+
+    pool._remove_cached_block_hashes = counted
+    return lambda: count
 
 
 def sim_model_dir(max_model_len: int) -> str:
@@ -213,6 +237,8 @@ def simulate(
     sim = _Simulator(
         scheduler, workload, cost, worker, preset.block_size, busy_threshold, progress, async_scheduling
     )
+    ours = kv_transfer is not None and not config.is_peer and config.offload_mode != "off"
+    drops = _count_unstored_drops(scheduler, preset.block_size) if ours else None
     if config.oracle:
         from vllm_bidkv_bench.oracle import install_oracle
 
@@ -221,6 +247,7 @@ def simulate(
             scheduler, workload, vocab, preset.block_size, lambda rid, i: sim_token(rid, i, vocab)
         )
     result = sim.run()
+    result.gpu_drops_unstored = drops() if drops is not None else None
     result.played = workload
     result.cpu_bytes = (
         cpu_bytes if kv_transfer is not None and (config.offload_mode != "off" or config.is_peer) else 0

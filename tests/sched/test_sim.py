@@ -72,6 +72,23 @@ def test_offload_loads_instead_of_recomputing() -> None:
     assert runs["offload"].load_s > 0 and runs["offload"].store_s > 0
 
 
+@pytest.mark.usefixtures("offload_supported")
+def test_blocks_dropped_unstored_are_what_the_tier_lacked_when_vllm_reused_them() -> None:
+    """``gpu_drops_unstored``: a tier of the pool's size misses some blocks vLLM drops; one
+    that holds the whole trace misses none; stock has no tier to count."""
+    shape = replace(get_preset("h100-llama3-8b"), num_gpu_blocks=160, max_num_seqs=8, max_model_len=8192)
+    trace = make_workload("chat", 60, 4.0, 0, length_scale=0.3)
+    drops = {
+        tier: simulate(
+            trace, CONFIGS["bidkv+offload"], replace(shape, cpu_bytes=tier * 16 * 128 * 1024), H100_LLAMA3_8B
+        )
+        for tier in (160, 1600)
+    }
+    assert drops[160].gpu_drops_unstored and drops[1600].gpu_drops_unstored == 0
+    assert drops[1600].prefill_tokens_computed < drops[160].prefill_tokens_computed
+    assert simulate(trace, CONFIGS["stock"], shape, H100_LLAMA3_8B).gpu_drops_unstored is None
+
+
 def _plan_step(*jobs: TransferJob) -> SimpleNamespace:
     """A scheduler output with only what ``_BidKVWorker`` reads: the plan, and vLLM's flag
     that decides whether ``start_load_kv`` runs before the forward."""
