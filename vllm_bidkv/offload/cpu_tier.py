@@ -39,7 +39,7 @@ The disk tier's index (``offload.disk``) is one too, over the disk's slots.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Sequence
 
 from vllm_bidkv.config import CPU_EVICTIONS
 from vllm_bidkv.context import BlockHash
@@ -102,6 +102,16 @@ class CpuBlockTier:
         """The slot holding this hash's data, or None (absent or still PENDING)."""
         slot = self._slot_of.get(block_hash)
         return slot if slot is not None and self._state[slot] == _READY else None
+
+    def ready_until(self, hashes: Sequence[BlockHash], start: int, stop: int) -> int:
+        """The first index in ``[start, stop)`` whose hash is not READY; ``stop`` if all are.
+        ``lookup`` in a loop, without a call per block: a prompt's match walks its whole hit."""
+        slot_of, state = self._slot_of, self._state
+        for i in range(start, stop):
+            slot = slot_of.get(hashes[i])
+            if slot is None or state[slot] != _READY:
+                return i
+        return stop
 
     def hash_of(self, slot: int) -> BlockHash | None:
         self._check_slot(slot)

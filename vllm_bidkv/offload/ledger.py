@@ -60,6 +60,7 @@ class JobLedger:
         self._async_loads: dict[str, int] = {}  # request id -> its asynchronous load's job id
         self.held_gpu_blocks = 0  # GPU blocks touched by entries: vLLM gets them back at the end
         self.held_store_blocks = 0  # of which by stores
+        self.in_flight: dict[JobKind, int] = {}  # entries by job kind (gauges each step: O(1))
 
     def issue(
         self,
@@ -89,6 +90,7 @@ class JobLedger:
         self._next_job_id += 1
         entry = LedgerEntry(job, touched=touched, rescue=rescue)
         self._entries[job.job_id] = entry
+        self.in_flight[kind] = self.in_flight.get(kind, 0) + 1
         if touched:
             self.held_gpu_blocks += len(gpu_ids)
             if kind == "store":
@@ -144,6 +146,7 @@ class JobLedger:
     def _remove(self, entry: LedgerEntry) -> None:
         job = entry.job
         del self._entries[job.job_id]
+        self.in_flight[job.kind] -= 1
         if job.request_id is not None and self._async_loads.get(job.request_id) == job.job_id:
             del self._async_loads[job.request_id]
 
@@ -188,6 +191,8 @@ class JobLedger:
         assert self.held_store_blocks == sum(
             len(e.job.gpu_block_ids) for e in touched if e.job.kind == "store"
         )
+        kinds = [e.job.kind for e in self._entries.values()]
+        assert all(kinds.count(kind) == n for kind, n in self.in_flight.items()), "in_flight miscounts"
         queues = (self._rescues, self._loads, self._stores, self._spills)
         queued = [job.job_id for queue in queues for job in queue]
         assert len(queued) == len(set(queued)), "a job queued twice"

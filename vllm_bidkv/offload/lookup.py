@@ -11,7 +11,7 @@ from vllm_bidkv.offload.cpu_tier import CpuBlockTier
 
 
 def match_tokens(
-    ready: Callable[[BlockHash], bool],
+    ready_until: Callable[[Sequence[BlockHash], int, int], int],
     request: RequestView,
     num_computed_tokens: int,
     block_size: int,
@@ -19,13 +19,15 @@ def match_tokens(
 ) -> int:
     """Tokens after the GPU prefix hit the tiers can supply (vLLM's external hit).
 
-    The longest hit from block ``num_computed_tokens // block_size`` whose blocks are
-    ``ready`` (READY in the CPU tier, or in the disk tier behind it), capped so one token
-    is left to compute. With a sliding ``window`` (tokens; None: full attention), only the
-    blocks of the window before the hit's end are needed (vLLM gives the others the null
-    block), so a hit may start past blocks the tiers lack. 0 if ``num_computed_tokens`` is
-    not block aligned (copies are whole
-    blocks). O(hit length); changes nothing.
+    The longest hit from block ``num_computed_tokens // block_size`` whose blocks are ready
+    (READY in the CPU tier, or in the disk tier behind it), capped so one token is left to
+    compute. ``ready_until(hashes, start, stop)``: the first index in ``[start, stop)`` whose
+    block is not ready (``stop`` if all are). With a sliding ``window`` (tokens; None: full
+    attention), only the blocks of the window before the hit's end are needed (vLLM gives the
+    others the null block), so a hit may start past blocks the tiers lack. 0 if
+    ``num_computed_tokens`` is not block aligned (copies are whole blocks). O(hit length), in
+    runs of ready blocks (a prompt's whole prefix is one run in the common case); changes
+    nothing.
     """
     bs = block_size
     room = request.num_tokens - 1 - num_computed_tokens
@@ -34,20 +36,22 @@ def match_tokens(
     hashes = request.block_hashes
     first = num_computed_tokens // bs
     last = min(len(hashes), first + math.ceil(room / bs))
-    run = hit = 0  # READY blocks in a row ending at block i; the best hit so far
-    for i in range(first, last):
-        if not ready(hashes[i]):
-            if window is None:
-                break
-            run = 0
-            continue
-        run += 1
-        end = min((i + 1) * bs - num_computed_tokens, room)  # tokens the hit would supply
-        needed_from = first  # the first block vLLM will not null (see get_num_skipped_tokens)
-        if window is not None:
-            needed_from = max(first, (num_computed_tokens + end - window + 1) // bs)
-        if i + 1 - needed_from <= run:
-            hit = end
+    hit, start = 0, first
+    while start < last:
+        stop = ready_until(hashes, start, last)  # blocks [start, stop) are ready
+        if stop > start:
+            end = min(stop * bs - num_computed_tokens, room)  # tokens a hit to its end supplies
+            # The first block vLLM will not null (see get_num_skipped_tokens): the run must
+            # reach back to it. It only moves later as the hit grows, so if any block of the
+            # run ends a valid hit, its last block does.
+            needed_from = first
+            if window is not None:
+                needed_from = max(first, (num_computed_tokens + end - window + 1) // bs)
+            if needed_from >= start:
+                hit = end
+        if window is None:
+            break  # full attention: the hit is the first run
+        start = stop + 1
     return hit
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
@@ -74,10 +73,15 @@ class OffloadPlanner:
     # -- loads -----------------------------------------------------------------
     def match(self, request: RequestView, num_computed_tokens: int) -> int:
         """Tokens after the GPU prefix hit the tiers can supply (``lookup.match_tokens``)."""
-        ready = partial(is_ready, self.tier, self.disk)
         return match_tokens(
-            ready, request, num_computed_tokens, self._ctx.block_size, self._spec.sliding_window
+            self._ready_until, request, num_computed_tokens, self._ctx.block_size, self._spec.sliding_window
         )
+
+    def _ready_until(self, hashes: Sequence[BlockHash], start: int, stop: int) -> int:
+        i = self.tier.ready_until(hashes, start, stop)
+        while self.disk is not None and i < stop and is_ready(self.tier, self.disk, hashes[i]):
+            i += 1
+        return i
 
     def plan_load(
         self,
@@ -128,15 +132,9 @@ class OffloadPlanner:
         except BaseException:
             release_load(self.tier, self.disk, slots, disk_slots, ok=True, keep=False)
             raise
-        entry = self._issue(
-            "load",
-            gpu_ids,
-            slots,
-            request_id,
-            unavailable=unavailable,
-            asynchronous=asynchronous,
-            disk_slots=disk_slots if promoted else None,  # a load has disk slots iff it promotes
-        )
+        # A load has disk slots iff it promotes.
+        entry = self._issue("load", gpu_ids, slots, request_id, unavailable=unavailable,
+                            asynchronous=asynchronous, disk_slots=disk_slots if promoted else None)  # fmt: skip
         entry.tokens = min(num_external_tokens, len(slots) * bs)
         self.trust.load_issued(entry.job)
         self._counters.add("cpu_hit_blocks", len(slots))
