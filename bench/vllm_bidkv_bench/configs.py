@@ -35,7 +35,8 @@ Kinds of config:
   ``CPUOffloadingSpec`` with a CPU copy handler of ours in its worker (``CPU_COPY_PEERS``).
 * ``oracle``: the bound for any policy with this memory (simulator only) — the preset's GPU
   blocks and CPU bytes, copies that take no time, every computed block offered to the tier at
-  compute time, and Belady eviction with bypass: it knows every request of the trace ahead
+  compute time and again when the GPU drops it, and Belady eviction with bypass of a tier
+  that counts nothing the GPU holds (two levels): it knows every request of the trace ahead
   (``vllm_bidkv_bench.oracle``). Records carry ``distance_to_oracle``.
 * ``ideal-tier``: a reference, "unlimited CPU memory" — BidKV's ``bidkv`` victim
   rule and tier (``auto``), but a tier without a size limit (``cpu_bytes`` large enough to hold
@@ -240,7 +241,7 @@ CONFIGS: dict[str, RunConfig] = {
             "auto",
             oracle=True,
             connector_options=(("async_load_min_tokens", 2**31),),
-            label="bound: same GPU blocks and CPU bytes, free copies, every block stored, Belady eviction",
+            label="bound: same GPU blocks and CPU bytes, free copies, every block offered, two-level Belady",
         ),
     )
 }
