@@ -23,7 +23,7 @@ and Belady with bypass decides.
 The tier is one level of two: a block the GPU's prefix cache holds needs no tier copy while it
 is there, so its next use from the tier is ``NEVER`` (the tier's first victim), and every block
 vLLM evicts from the GPU is offered to the tier at that moment, copied for free, with its real
-next use (``install_oracle`` hooks the scheduler's ``BlockPool``). An inclusive tier of the GPU
+next use (``install_oracle`` watches the scheduler's prefix cache, ``standalone.watch_prefix_cache``). An inclusive tier of the GPU
 pool's size would otherwise hold mostly what the GPU holds, and a policy that stores only what
 the GPU drops (our lazy walk) would beat the bound with a tier of 1×.
 """
@@ -246,9 +246,7 @@ def install_oracle(
     """Give the ``oracle`` config's planner (BidKVConnector, bound to ``scheduler``) an
     ``OracleTier`` of the same size, knowing ``workload``'s future, told of every block the GPU's
     prefix cache takes or drops; call before the first step."""
-    from vllm.v1.core.kv_cache_utils import get_block_hash
-
-    from vllm_bidkv_bench.standalone import make_request
+    from vllm_bidkv_bench.standalone import make_request, watch_prefix_cache
 
     planner = scheduler.connector.scheduler_role.side.planner
     assert planner is not None and planner.tier.num_used == 0, "the oracle config stores into an empty tier"
@@ -266,20 +264,5 @@ def install_oracle(
         on_gpu=lambda block_hash: pool.get_cached_block(block_hash, group_ids) is not None,
     )
     planner.tier = tier
-    insert, remove = pool._insert_block_hash, pool._remove_cached_block_hashes
-
-    def insert_block_hash(key: Any, *args: Any, **kwargs: Any) -> Any:
-        result = insert(key, *args, **kwargs)
-        tier.gpu_cached(get_block_hash(key))
-        return result
-
-    def remove_cached_block_hashes(block: Any) -> Any:
-        removed = remove(block)
-        for key in removed:
-            tier.gpu_evicted(get_block_hash(key))
-        return removed
-
-    # Instance attributes: only this config's scheduler is told (BlockPool's own methods call them).
-    pool._insert_block_hash = insert_block_hash
-    pool._remove_cached_block_hashes = remove_cached_block_hashes
+    watch_prefix_cache(scheduler, block_size, cached=tier.gpu_cached, dropped=tier.gpu_evicted)
     return tier

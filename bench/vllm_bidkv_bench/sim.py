@@ -81,7 +81,7 @@ from vllm_bidkv_bench.configs import RunConfig
 from vllm_bidkv_bench.costmodel import CostModel
 from vllm_bidkv_bench.metrics import ConnectorTimer, RequestTiming, SchedulerProbe, StepCounters
 from vllm_bidkv_bench.presets import BenchPreset
-from vllm_bidkv_bench.standalone import build_scheduler, make_request, model_output
+from vllm_bidkv_bench.standalone import build_scheduler, make_request, model_output, watch_prefix_cache
 from vllm_bidkv_bench.workloads import FIRST_TOKEN_ID, Workload
 
 
@@ -130,23 +130,15 @@ class SimResult:
 
 
 def _count_unstored_drops(scheduler: Any, block_size: int) -> Callable[[], int]:
-    """Count ``SimResult.gpu_drops_unstored`` from the scheduler's ``BlockPool`` instance."""
-    from vllm.v1.core.kv_cache_utils import get_block_hash
-
-    side = scheduler.connector.scheduler_role.side
-    pool = scheduler.kv_cache_manager.block_pool
-    remove = pool._remove_cached_block_hashes
+    """Count ``SimResult.gpu_drops_unstored`` (``standalone.watch_prefix_cache``)."""
+    tier_of = scheduler.connector.scheduler_role.side.planner  # its tier may be replaced (oracle)
     count = 0
 
-    def counted(block: Any) -> Any:
+    def dropped(block_hash: bytes) -> None:
         nonlocal count
-        tokens = getattr(block, "block_hash_num_tokens", None)  # 0.25+: partial blocks are hashed too
-        removed = remove(block)
-        if tokens is None or tokens % block_size == 0:
-            count += sum(1 for key in removed if not side.planner.tier.contains(get_block_hash(key)))
-        return removed
+        count += not tier_of.tier.contains(block_hash)
 
-    pool._remove_cached_block_hashes = counted
+    watch_prefix_cache(scheduler, block_size, dropped=dropped)
     return lambda: count
 
 

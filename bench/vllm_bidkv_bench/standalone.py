@@ -190,3 +190,44 @@ def model_output(
         sampled_token_ids=sampled,
         **kwargs,
     )
+
+
+def watch_prefix_cache(
+    scheduler: Any,
+    block_size: int,
+    cached: Callable[[bytes], None] | None = None,
+    dropped: Callable[[bytes], None] | None = None,
+) -> None:
+    """Tell ``cached(hash)`` / ``dropped(hash)`` each full block the scheduler's GPU prefix cache
+    takes or drops (``dropped``: no GPU block holds the hash any more).
+
+    Wraps that ``BlockPool``'s ``cached_block_hash_to_block`` instance, whose ``insert`` and
+    ``pop`` every release 0.13+ has. A key is a full block's when it is its block's primary
+    hash over a whole block (0.25+ also caches partial blocks, under other keys).
+    """
+    from vllm.v1.core.kv_cache_utils import get_block_hash
+
+    cache = scheduler.kv_cache_manager.block_pool.cached_block_hash_to_block
+    insert, pop = cache.insert, cache.pop
+
+    def full(block: Any, key: Any) -> bool:
+        tokens = getattr(block, "block_hash_num_tokens", None)
+        return bool(block.block_hash == key and (tokens is None or tokens % block_size == 0))
+
+    def watched_insert(key: Any, block: Any) -> None:
+        insert(key, block)
+        if cached is not None and full(block, key):
+            cached(get_block_hash(key))
+
+    def watched_pop(key: Any, block_id: int) -> Any:
+        block = pop(key, block_id)
+        if (
+            dropped is not None
+            and block is not None
+            and full(block, key)
+            and cache.get_one_block(key) is None
+        ):
+            dropped(get_block_hash(key))
+        return block
+
+    cache.insert, cache.pop = watched_insert, watched_pop
