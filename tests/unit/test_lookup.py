@@ -7,11 +7,14 @@ import math
 from collections.abc import Sequence
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vllm_bidkv.offload.cpu_tier import CpuBlockTier
 from vllm_bidkv.offload.lookup import match_tokens
+
+pytestmark = pytest.mark.unit
 
 
 def scan(ready: Sequence[bool], num_tokens: int, computed: int, bs: int, window: int | None) -> int:
