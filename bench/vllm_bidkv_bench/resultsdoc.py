@@ -383,31 +383,15 @@ def tournament_targets(
                 r for (rt, c), r in rows.items()
                 if rt == rate and c != ours and c not in BOUNDS and c not in TOURNAMENT_VARIANTS
             ]  # fmt: skip
-            best = min(others, key=lambda r: r["ttft_p99_ms"], default=None)
-            if best is not None:
-                fastest = min(others, key=lambda r: r["ttft_p50_ms"])
-                check(
-                    f"{tag}: p50 TTFT {ours} / best other ({fastest['config']})",
-                    rate,
-                    _ratio(mine["ttft_p50_ms"], fastest["ttft_p50_ms"]),
-                    "≤",
-                    TIE,
-                )
-                check(
-                    f"{tag}: p99 TTFT {ours} / best other ({best['config']})",
-                    rate,
-                    _ratio(mine["ttft_p99_ms"], best["ttft_p99_ms"]),
-                    "≤",
-                    TIE,
-                )
-                top = max(others, key=lambda r: r["throughput_rps"])
-                check(
-                    f"{tag}: throughput {ours} / best other ({top['config']})",
-                    rate,
-                    _ratio(mine["throughput_rps"], top["throughput_rps"]),
-                    "≥",
-                    1 / TIE,
-                )
+            for label, key, pick, op, limit in (
+                ("p50 TTFT", "ttft_p50_ms", min, "≤", TIE),
+                ("p99 TTFT", "ttft_p99_ms", min, "≤", TIE),
+                ("throughput", "throughput_rps", max, "≥", 1 / TIE),
+            ):
+                top = pick(others, key=lambda r, key=key: r[key], default=None)
+                if top is not None:
+                    check(f"{tag}: {label} {ours} / best other ({top['config']})", rate,
+                          _ratio(mine[key], top[key]), op, limit)  # fmt: skip
             if preset.workload in ("chat", "agentic") and preset.name.endswith("-cpu1x"):
                 peer = rows.get((rate, "vllm-offloading"), {}).get("ttft_p99_ms")
                 check(
