@@ -17,7 +17,7 @@ from typing import Any
 
 from vllm_bidkv_bench import report
 from vllm_bidkv_bench.configs import parse_configs
-from vllm_bidkv_bench.presets import TOURNAMENT_VARIANTS, TOURNAMENTS, BenchPreset, get_preset
+from vllm_bidkv_bench.presets import PRODUCTION, TOURNAMENT_VARIANTS, TOURNAMENTS, BenchPreset, get_preset
 from vllm_bidkv_bench.runner import Matrix, run_matrix
 
 
@@ -100,6 +100,17 @@ SECTIONS = (
             tournament=True,
         )
         for p in TOURNAMENTS
+    ),
+    *(
+        Section(
+            f"sim-{p.name.removeprefix('h100-llama3-8b-')}",
+            "sim",
+            p.name,
+            f"Tournament, production shape (simulator, H100 80GB at 0.9: {p.num_gpu_blocks * p.block_size:,} "
+            f"tokens of KV, 256 sequences): `{p.workload}`, CPU tier {p.name.rsplit('-cpu', 1)[1]} the GPU pool",
+            tournament=True,
+        )
+        for p in PRODUCTION
     ),
 )
 TIE = 1.02  # within 2% is a tie
@@ -419,6 +430,8 @@ def tournament_targets(
                           _ratio(top.get(key), oracle.get(key)), op, 1 / TIE if op == "≥" else TIE)  # fmt: skip
             ideal = rows.get((rate, "ideal-tier"), {}).get("ttft_p99_ms")
             check(f"{tag}: p99 TTFT {ours} / ideal-tier", rate, _ratio(mine["ttft_p99_ms"], ideal), "≤", 1.15)
+            if "lcf" not in preset.configs:  # the production shape runs no victim rule but ours
+                continue
             bid, lcf = rows.get((rate, "bidkv")), rows.get((rate, "lcf"))
             why = "lcf did not run" if lcf is None else ""
             check(

@@ -179,15 +179,78 @@ def _probe_workload(matrix: Matrix) -> Workload:
 
 
 def _sim_capacity(matrix: Matrix) -> dict[str, Any]:
-    """``measure_capacity`` in the simulator: stock on the probe workload, virtual time."""
+    """``measure_capacity`` in the simulator: stock on the probe workload, virtual time; for a
+    preset whose ``capacity_probe`` is "knee", the search that probe starts (``_sim_knee``)."""
+    p = matrix.preset
+    # Stock has no CPU tier: presets that differ only in its size share one measurement.
+    key = (replace(p, name="", configs=(), cpu_bytes=0), matrix.seed, matrix.loads)
+    if key not in _SIM_CAPACITIES:
+        at_once = _stock_record(matrix, _probe_workload(matrix), "capacity")["throughput_rps"]
+        cal = calibration(at_once, matrix.loads, p.think_scale, None, seed=matrix.seed)
+        if p.capacity_probe == "knee":
+            cal.update(_sim_knee(matrix, at_once))
+        _SIM_CAPACITIES[key] = cal
+    return dict(_SIM_CAPACITIES[key])
+
+
+_SIM_CAPACITIES: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def _stock_record(matrix: Matrix, workload: Workload, rate: float | str) -> dict[str, Any]:
+    """Stock in the simulator on ``workload``: vLLM's own order (FCFS), whatever admission the
+    matrix compares."""
     from vllm_bidkv_bench.configs import CONFIGS
 
-    p, stock = matrix.preset, CONFIGS["stock"]
-    probe = _probe_workload(matrix)
-    # Stock is vLLM's own order (FCFS), whatever admission the matrix compares.
+    stock = CONFIGS["stock"]
     alone = replace(matrix, configs=[stock], rates=[], runs=1, loads=(), calibration=None, admission="fcfs")
-    record = _sim_record(alone, probe, stock, "capacity", 0, False)
-    return calibration(record["throughput_rps"], matrix.loads, p.think_scale, None, seed=matrix.seed)
+    return _sim_record(alone, workload, stock, rate, 0, False)
+
+
+# The knee probe: stock is saturated at a rate where its TTFT p50 exceeds KNEE × its p50 at a
+# light load (a quarter of the all-at-once throughput); the search stops within KNEE_PRECISION.
+KNEE, KNEE_PRECISION, KNEE_MAX_STEPS = 4.0, 1.1, 12
+
+
+def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
+    """Stock's saturation rate with the workload's own arrivals and think times: the highest
+    rate (within ``KNEE_PRECISION``) whose TTFT p50 stays under ``KNEE`` × the light load's.
+
+    Where sessions hold more KV than HBM, every request at once makes stock thrash (chunked
+    prefills of many long prompts preempt each other) and its throughput is far below what
+    it serves when requests arrive as the workload sends them; past the knee its queue grows
+    and a TTFT measures the length of the run. Returns the calibration's changed keys."""
+    p = matrix.preset
+
+    def p50(rate: float) -> float:
+        workload = make_workload(
+            p.workload, p.num_requests, rate, matrix.seed, p.length_scale, p.max_model_len, p.think_scale
+        )
+        value = float(_stock_record(matrix, workload, rate)["ttft_p50_ms"])
+        tried.append([round(rate, 4), round(value, 1)])
+        return value
+
+    tried: list[list[float]] = []
+    light = at_once_rps / 4
+    limit = KNEE * p50(light)
+    lo, hi = light, at_once_rps
+    while p50(hi) <= limit:  # double until saturated
+        lo, hi = hi, 2 * hi
+        if len(tried) > KNEE_MAX_STEPS:
+            raise RuntimeError(f"calibration: stock never saturated up to {hi:.3g} req/s")
+    while hi / lo > KNEE_PRECISION:  # then bisect, geometrically
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if p50(mid) <= limit else (lo, mid)
+    return {
+        "capacity_rps": lo,
+        "rates": [round(load * lo, 3) for load in matrix.loads],
+        "probe": (
+            f"simulator's stock with the workload's arrivals and think times: the highest rate whose "
+            f"TTFT p50 ≤ {KNEE:g}× its p50 at {light:.3g} req/s (within {KNEE_PRECISION:g}×), workload "
+            f"seed {matrix.seed}; req/s of virtual time"
+        ),
+        "knee_probes": tried,
+        "at_once_rps": at_once_rps,
+    }
 
 
 def calibration(

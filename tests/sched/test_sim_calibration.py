@@ -10,7 +10,8 @@ from vllm_bidkv_bench import presets
 from vllm_bidkv_bench.cli import _matrix_args, matrix_from_args
 from vllm_bidkv_bench.configs import CONFIGS
 from vllm_bidkv_bench.costmodel import H100_LLAMA3_8B
-from vllm_bidkv_bench.presets import PRESETS, PRODUCTION, TOURNAMENT_CONFIGS, TOURNAMENTS, get_preset
+from vllm_bidkv_bench.metrics import percentile
+from vllm_bidkv_bench.presets import PRESETS, PRODUCTION, TOURNAMENTS, get_preset
 from vllm_bidkv_bench.runner import PROBE_RATE, PROBE_THINK_SCALE, measure_capacity, run_matrix
 from vllm_bidkv_bench.sim import simulate
 from vllm_bidkv_bench.workloads import make_workload
@@ -116,8 +117,11 @@ def test_production_presets_have_the_derived_shape() -> None:
         assert (p.max_num_seqs, p.max_num_batched_tokens, p.max_model_len) == (256, 8192, 131_072)
         tier = int(p.name.rsplit("-cpu", 1)[1].removesuffix("x"))
         assert p.cpu_bytes == tier * pool_bytes
-        assert p.loads == (0.5, 0.8, 0.95) and p.rates == () and p.runs == 3
-        assert p.configs == (*TOURNAMENT_CONFIGS, "oracle") and set(p.configs) <= set(CONFIGS)
+        assert p.loads == (0.5, 0.8, 0.95) and p.rates == () and p.capacity_probe == "knee"
+        assert p.configs == presets.PROD_CONFIGS and set(p.configs) <= set(CONFIGS)
+        assert {"stock", "vllm-offloading", "vllm-simple-offload", "bidkv+offload", "oracle"} <= set(
+            p.configs
+        )
         assert p.cost_model == "h100-llama3-8b"
 
 
@@ -140,7 +144,8 @@ def test_testbed_tournaments_are_calibrated_and_cover_the_field_shapes() -> None
         assert p.loads == (0.5, 0.8, 0.95) and p.rates == ()
         assert (p.num_gpu_blocks, p.max_num_seqs) == (600, 32)
     sections = {s.name: s for s in SECTIONS if s.tournament}
-    assert set(sections) == {f"sim-{w}-cpu{t}x" for w in workloads for t in (1, 10)}
+    prod = {f"sim-prod-{w}-cpu{t}x" for w in presets.PROD_WORKLOADS for t in presets.PROD_CPU_TIERS}
+    assert set(sections) == {f"sim-{w}-cpu{t}x" for w in workloads for t in (1, 10)} | prod
     for s in sections.values():
         assert get_preset(s.preset).loads == (0.5, 0.8, 0.95)
 
@@ -151,3 +156,35 @@ def test_production_shape_runs_in_the_simulator() -> None:
     result = simulate(workload, CONFIGS["stock"], preset, H100_LLAMA3_8B)
     assert all(t.finish_s is not None for t in result.timings) and len(result.timings) == 8
     assert result.num_gpu_blocks == presets.PROD_GPU_BLOCKS - 1  # minus vLLM's null block
+
+
+@pytest.mark.usefixtures("offload_supported")
+def test_knee_probe_finds_the_rate_where_stocks_ttft_leaves_its_light_load_value() -> None:
+    """``capacity_probe: knee``: the capacity is a rate whose TTFT p50 (measured here, not by
+    the runner) stays within KNEE × the light load's, and KNEE_PRECISION above it one did not;
+    loads run at fractions of it; a preset differing only in its CPU tier reuses the measure."""
+    import vllm_bidkv_bench.runner as runner
+
+    preset = replace(get_preset("h100-llama3-8b-mixed-cpu1x"), num_requests=120, capacity_probe="knee")
+    args = sim_args("--num-requests", "120", "--configs", "stock", "--runs", "1", "--loads", "0.5,0.8")
+    matrix = replace(matrix_from_args(args), preset=preset)
+
+    def p50(rate: float) -> float:
+        workload = make_workload("mixed", 120, rate, 0, preset.length_scale, preset.max_model_len)
+        timings = simulate(workload, CONFIGS["stock"], preset, H100_LLAMA3_8B).timings
+        return percentile([1e3 * (t.first_token_s - t.arrival_s) for t in timings], 50)  # type: ignore[operator]
+
+    runner._SIM_CAPACITIES.clear()
+    cal = measure_capacity(matrix)
+    capacity, tried = cal["capacity_rps"], dict((r, v) for r, v in cal["knee_probes"])
+    light = cal["at_once_rps"] / 4
+    limit = runner.KNEE * tried[round(light, 4)]
+    assert p50(capacity) <= limit
+    above = [r for r, v in tried.items() if v > limit]
+    assert above and min(above) <= capacity * runner.KNEE_PRECISION * 1.001
+    assert cal["rates"] == [round(0.5 * capacity, 3), round(0.8 * capacity, 3)]
+    assert "TTFT p50" in cal["probe"] and cal["capacity_rps"] != cal["at_once_rps"]
+    # The same shape with another CPU tier: no second measurement.
+    calls = len(runner._SIM_CAPACITIES)
+    bigger = replace(matrix, preset=replace(preset, name="other", cpu_bytes=10 * preset.cpu_bytes))
+    assert measure_capacity(bigger) == cal and len(runner._SIM_CAPACITIES) == calls
