@@ -124,7 +124,8 @@ class BenchPreset:
     length_scale: float = 1.0
     think_scale: float = 1.0
     """Closed-loop workloads: × every think time (a short engine run plays whole sessions).
-    With ``loads``, the multiplier at a capacity of 1 req/s: it is divided by stock's capacity."""
+    With ``loads`` on the engine, or the simulator's "knee" probe, the multiplier at a capacity of
+    1 req/s: it is divided by stock's capacity (as many sessions live at once on any box)."""
     loads: tuple[float, ...] = ()
     """Offered load as fractions of stock's capacity. Non-empty: the runner first measures that
     capacity (``runner.measure_capacity``: stock, every request at once) and runs at ``load ×
@@ -232,9 +233,15 @@ TOURNAMENTS = tuple(_tournament(workload, tier) for workload in TOURNAMENT_WORKL
 # tokens (median ~41k; × 1 they are 4.6-7.8k). Chat keeps its field lengths: the production
 # control, where HBM holds the working set and a tier must cost nothing.
 PROD_WORKLOADS = {"multi-round-qa": 8.0, "long-doc-qa": 12.0, "agentic": 7.0, "chat": 1.0}
-# 600 requests, one run per load: a config's run takes 15-60 s on this box at this shape (vs 2-5 min
-# at 2,000), so the eight presets fit in about an hour on two processes.
-PROD_REQUESTS = 600
+# Closed loops keep a number of users live, as the field's benchmarks do (LMCache's users, vLLM's
+# clients): think times × ``think_scale`` / rate (``capacity_probe`` "knee"), so about
+# mean think × scale sessions wait between turns at any rate. Sized, like the lengths, to hold
+# more than HBM: ~20 agentic sessions of ~41k tokens (1.75 s × 11) and ~40 multi-round QA
+# users of ~20k (2.5 s × 16), 1.7-1.8× the pool; chat keeps its 11 sessions of ~1-4k.
+PROD_THINK_SCALES = {"multi-round-qa": 16.0, "agentic": 11.0, "chat": 1.0}
+# 800 requests, one run per load: a config's run takes 20-90 s on this box at this shape (vs 2-5 min
+# at 2,000), so the eight presets fit in about an hour and a half on two processes.
+PROD_REQUESTS = 800
 # vLLM's peers, stock, our victim rule alone, ours with both store rules, and the bound. The other
 # victim rules are left out: at this shape vLLM preempts almost never below saturation (its prefix
 # cache gives back blocks first; stock preempted 0-1 times at 0.3-0.5 req/s of agentic sessions),
@@ -272,6 +279,7 @@ def _production(workload: str, length_scale: float, tier: int) -> BenchPreset:
         max_model_len=PROD_MAX_MODEL_LEN,
         cpu_bytes=tier * PROD_GPU_BLOCKS * PROD_BLOCK_SIZE * KV_BYTES_PER_TOKEN,
         length_scale=length_scale,
+        think_scale=PROD_THINK_SCALES.get(workload, 1.0),
     )
 
 

@@ -189,6 +189,7 @@ def _sim_capacity(matrix: Matrix) -> dict[str, Any]:
         cal = calibration(at_once, matrix.loads, p.think_scale, None, seed=matrix.seed)
         if p.capacity_probe == "knee":
             cal.update(_sim_knee(matrix, at_once))
+            cal["think_scale"] = p.think_scale / cal["capacity_rps"]
         _SIM_CAPACITIES[key] = cal
     return dict(_SIM_CAPACITIES[key])
 
@@ -212,18 +213,22 @@ KNEE, KNEE_PRECISION, KNEE_MAX_STEPS = 4.0, 1.1, 12
 
 
 def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
-    """Stock's saturation rate with the workload's own arrivals and think times: the highest
-    rate (within ``KNEE_PRECISION``) whose TTFT p50 stays under ``KNEE`` × the light load's.
+    """Stock's saturation rate with the workload's own arrivals: the highest rate (within
+    ``KNEE_PRECISION``) whose TTFT p50 stays under ``KNEE`` × the light load's.
 
     Where sessions hold more KV than HBM, every request at once makes stock thrash (chunked
     prefills of many long prompts preempt each other) and its throughput is far below what
     it serves when requests arrive as the workload sends them; past the knee its queue grows
-    and a TTFT measures the length of the run. Returns the calibration's changed keys."""
+    and a TTFT measures the length of the run. Closed loops keep as many sessions live at
+    every rate probed, as the field's benchmarks keep a number of users: think times ×
+    ``think_scale / rate``, and the runs after it × ``think_scale / capacity``. Returns the
+    calibration's changed keys."""
     p = matrix.preset
 
     def p50(rate: float) -> float:
+        think = p.think_scale / rate
         workload = make_workload(
-            p.workload, p.num_requests, rate, matrix.seed, p.length_scale, p.max_model_len, p.think_scale
+            p.workload, p.num_requests, rate, matrix.seed, p.length_scale, p.max_model_len, think
         )
         value = float(_stock_record(matrix, workload, rate)["ttft_p50_ms"])
         tried.append([round(rate, 4), round(value, 1)])
@@ -244,7 +249,7 @@ def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
         "capacity_rps": lo,
         "rates": [round(load * lo, 3) for load in matrix.loads],
         "probe": (
-            f"simulator's stock with the workload's arrivals and think times: the highest rate whose "
+            f"simulator's stock with the workload's arrivals (think times × {p.think_scale:g} / rate): the highest rate whose "
             f"TTFT p50 ≤ {KNEE:g}× its p50 at {light:.3g} req/s (within {KNEE_PRECISION:g}×), workload "
             f"seed {matrix.seed}; req/s of virtual time"
         ),

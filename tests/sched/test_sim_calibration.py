@@ -183,6 +183,7 @@ def test_knee_probe_finds_the_rate_where_stocks_ttft_leaves_its_light_load_value
     above = [r for r, v in tried.items() if v > limit]
     assert above and min(above) <= capacity * runner.KNEE_PRECISION * 1.001
     assert cal["rates"] == [round(0.5 * capacity, 3), round(0.8 * capacity, 3)]
+    assert cal["think_scale"] == pytest.approx(preset.think_scale / capacity)  # users live at any rate
     assert "TTFT p50" in cal["probe"] and cal["capacity_rps"] != cal["at_once_rps"]
     # The same shape with another CPU tier: no second measurement.
     calls = len(runner._SIM_CAPACITIES)
