@@ -239,9 +239,10 @@ PROD_WORKLOADS = {"multi-round-qa": 8.0, "long-doc-qa": 12.0, "agentic": 7.0, "c
 # more than HBM: ~20 agentic sessions of ~41k tokens (1.75 s × 11) and ~40 multi-round QA
 # users of ~20k (2.5 s × 16), 1.7-1.8× the pool; chat keeps its 11 sessions of ~1-4k.
 PROD_THINK_SCALES = {"multi-round-qa": 16.0, "agentic": 11.0, "chat": 1.0}
-# 800 requests, one run per load: a config's run takes 20-90 s on this box at this shape (vs 2-5 min
-# at 2,000), so the eight presets fit in about an hour and a half on two processes.
-PROD_REQUESTS = 800
+# Requests per run, one run per load: a config's run takes 40-120 s on this box at this shape (vs
+# 2-5 min at 2,000). 800 are 67 agentic sessions and 160 multi-round QA users, several times the
+# users live at once; long-document QA asks its 8 documents 25 times in 200.
+PROD_REQUESTS = {"multi-round-qa": 800, "long-doc-qa": 200, "agentic": 800, "chat": 800}
 # vLLM's peers, stock, our victim rule alone, ours with both store rules, and the bound. The other
 # victim rules are left out: at this shape vLLM preempts almost never below saturation (its prefix
 # cache gives back blocks first; stock preempted 0-1 times at 0.3-0.5 req/s of agentic sessions),
@@ -265,7 +266,7 @@ def _production(workload: str, length_scale: float, tier: int) -> BenchPreset:
         _H100,
         name=f"h100-llama3-8b-prod-{workload}-cpu{tier}x",
         workload=workload,
-        num_requests=PROD_REQUESTS,
+        num_requests=PROD_REQUESTS[workload],
         rates=(),
         loads=SIM_LOADS,
         configs=PROD_CONFIGS,

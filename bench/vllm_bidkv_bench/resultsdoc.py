@@ -149,8 +149,6 @@ def build_results(out: Path, *, rerun: set[str], progress: bool = True) -> Path:
                 preset.runs,
                 loads=preset.loads,
             )
-            if section.kind == "sim" and not section.tournament and "ideal-tier" not in preset.configs:
-                pass  # the runner adds ideal-tier to every simulator matrix
             started = time.monotonic()
             records = run_matrix(matrix, progress=progress)
             meta = {**report.machine_meta(), "preset": asdict(preset), "admission": "fcfs", "seed": 0}
