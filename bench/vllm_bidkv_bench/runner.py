@@ -25,7 +25,7 @@ from typing import Any
 from vllm_bidkv_bench.configs import RunConfig
 from vllm_bidkv_bench.metrics import RequestTiming, StepCounters, summarize
 from vllm_bidkv_bench.presets import BenchPreset
-from vllm_bidkv_bench.workloads import Workload, load_jsonl, make_workload
+from vllm_bidkv_bench.workloads import CLOSED_LOOP, Workload, load_jsonl, make_workload
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,10 @@ def _stock_record(matrix: Matrix, workload: Workload, rate: float | str) -> dict
 
 # The knee probe: stock is saturated at a rate where its TTFT p50 exceeds KNEE × its p50 at a
 # light load (a quarter of the all-at-once throughput); the search stops within KNEE_PRECISION.
-KNEE, KNEE_PRECISION, KNEE_MAX_STEPS = 4.0, 1.1, 12
+# Past KNEE_MAX_AT_ONCE × the all-at-once throughput, arrivals are all at once as far as the
+# engine can tell: a closed loop whose users all fit in one batch never queues, and its
+# capacity is that throughput.
+KNEE, KNEE_PRECISION, KNEE_MAX_AT_ONCE = 4.0, 1.1, 8.0
 
 
 def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
@@ -221,27 +224,42 @@ def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
     it serves when requests arrive as the workload sends them; past the knee its queue grows
     and a TTFT measures the length of the run. Closed loops keep as many sessions live at
     every rate probed, as the field's benchmarks keep a number of users: think times ×
-    ``think_scale / rate``, and the runs after it × ``think_scale / capacity``. Returns the
-    calibration's changed keys."""
+    ``think_scale / rate``, and the runs after it × ``think_scale / capacity``. No knee up to
+    ``KNEE_MAX_AT_ONCE`` × the all-at-once throughput: that throughput is the capacity. Returns
+    the calibration's changed keys."""
     p = matrix.preset
 
     def p50(rate: float) -> float:
-        think = p.think_scale / rate
         workload = make_workload(
-            p.workload, p.num_requests, rate, matrix.seed, p.length_scale, p.max_model_len, think
+            p.workload,
+            p.num_requests,
+            rate,
+            matrix.seed,
+            p.length_scale,
+            p.max_model_len,
+            p.think_scale / rate,
         )
         value = float(_stock_record(matrix, workload, rate)["ttft_p50_ms"])
         tried.append([round(rate, 4), round(value, 1)])
         return value
 
     tried: list[list[float]] = []
+    think = f" (think times × {p.think_scale:g} / rate)" if p.workload in CLOSED_LOOP else ""
     light = at_once_rps / 4
     limit = KNEE * p50(light)
     lo, hi = light, at_once_rps
     while p50(hi) <= limit:  # double until saturated
         lo, hi = hi, 2 * hi
-        if len(tried) > KNEE_MAX_STEPS:
-            raise RuntimeError(f"calibration: stock never saturated up to {hi:.3g} req/s")
+        if hi > KNEE_MAX_AT_ONCE * at_once_rps:
+            return {
+                "probe": (
+                    f"simulator's stock, every request at once: no knee up to {lo:.3g} req/s "
+                    f"({KNEE_MAX_AT_ONCE:g}× that throughput{think}; TTFT p50 ≤ {KNEE:g}× its p50 at "
+                    f"{light:.3g} req/s), workload seed {matrix.seed}; req/s of virtual time"
+                ),
+                "knee_probes": tried,
+                "at_once_rps": at_once_rps,
+            }
     while hi / lo > KNEE_PRECISION:  # then bisect, geometrically
         mid = (lo * hi) ** 0.5
         lo, hi = (mid, hi) if p50(mid) <= limit else (lo, mid)
@@ -249,7 +267,7 @@ def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
         "capacity_rps": lo,
         "rates": [round(load * lo, 3) for load in matrix.loads],
         "probe": (
-            f"simulator's stock with the workload's arrivals (think times × {p.think_scale:g} / rate): the highest rate whose "
+            f"simulator's stock with the workload's arrivals{think}: the highest rate whose "
             f"TTFT p50 ≤ {KNEE:g}× its p50 at {light:.3g} req/s (within {KNEE_PRECISION:g}×), workload "
             f"seed {matrix.seed}; req/s of virtual time"
         ),

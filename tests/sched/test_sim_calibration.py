@@ -189,3 +189,19 @@ def test_knee_probe_finds_the_rate_where_stocks_ttft_leaves_its_light_load_value
     calls = len(runner._SIM_CAPACITIES)
     bigger = replace(matrix, preset=replace(preset, name="other", cpu_bytes=10 * preset.cpu_bytes))
     assert measure_capacity(bigger) == cal and len(runner._SIM_CAPACITIES) == calls
+
+
+@pytest.mark.usefixtures("offload_supported")
+def test_knee_probe_without_a_knee_keeps_the_all_at_once_throughput() -> None:
+    """A closed loop whose users all fit in one batch never queues: past KNEE_MAX_AT_ONCE × the
+    all-at-once throughput the probe stops, and that throughput is the capacity."""
+    import vllm_bidkv_bench.runner as runner
+
+    preset = replace(get_preset("h100-llama3-8b-prod-chat-cpu10x"), num_requests=16)
+    args = sim_args("--num-requests", "16", "--configs", "stock", "--runs", "1", "--loads", "0.5")
+    matrix = replace(matrix_from_args(args), preset=preset)
+    runner._SIM_CAPACITIES.clear()
+    cal = measure_capacity(matrix)
+    assert cal["capacity_rps"] == cal["at_once_rps"] and "no knee" in cal["probe"]
+    assert max(rate for rate, _ in cal["knee_probes"]) <= runner.KNEE_MAX_AT_ONCE * cal["at_once_rps"]
+    assert cal["think_scale"] == pytest.approx(preset.think_scale / cal["capacity_rps"])
