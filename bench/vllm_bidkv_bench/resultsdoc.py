@@ -107,7 +107,7 @@ SECTIONS = (
             "sim",
             p.name,
             f"Tournament, production shape (simulator, H100 80GB at 0.9: {p.num_gpu_blocks * p.block_size:,} "
-            f"tokens of KV, 256 sequences): `{p.workload}`, CPU tier {p.name.rsplit('-cpu', 1)[1]} the GPU pool",
+            f"tokens of KV, {p.max_num_seqs} sequences): `{p.workload}`, CPU tier {p.name.rsplit('-cpu', 1)[1]} the GPU pool",
             tournament=True,
         )
         for p in PRODUCTION

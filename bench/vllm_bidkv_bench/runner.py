@@ -186,10 +186,12 @@ def _sim_capacity(matrix: Matrix) -> dict[str, Any]:
     key = (replace(p, name="", configs=(), cpu_bytes=0), matrix.seed, matrix.loads)
     if key not in _SIM_CAPACITIES:
         at_once = _stock_record(matrix, _probe_workload(matrix), "capacity")["throughput_rps"]
-        cal = calibration(at_once, matrix.loads, p.think_scale, None, seed=matrix.seed)
         if p.capacity_probe == "knee":
-            cal.update(_sim_knee(matrix, at_once))
-            cal["think_scale"] = p.think_scale / cal["capacity_rps"]
+            capacity, probe, tried = _sim_knee(matrix, at_once)
+            cal = calibration(capacity, matrix.loads, p.think_scale / capacity, None, seed=matrix.seed)
+            cal.update(probe=probe, knee_probes=tried, at_once_rps=at_once)
+        else:
+            cal = calibration(at_once, matrix.loads, p.think_scale, None, seed=matrix.seed)
         _SIM_CAPACITIES[key] = cal
     return dict(_SIM_CAPACITIES[key])
 
@@ -215,7 +217,7 @@ def _stock_record(matrix: Matrix, workload: Workload, rate: float | str) -> dict
 KNEE, KNEE_PRECISION, KNEE_MAX_AT_ONCE = 4.0, 1.1, 8.0
 
 
-def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
+def _sim_knee(matrix: Matrix, at_once_rps: float) -> tuple[float, str, list[list[float]]]:
     """Stock's saturation rate with the workload's own arrivals: the highest rate (within
     ``KNEE_PRECISION``) whose TTFT p50 stays under ``KNEE`` × the light load's.
 
@@ -225,8 +227,10 @@ def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
     and a TTFT measures the length of the run. Closed loops keep as many sessions live at
     every rate probed, as the field's benchmarks keep a number of users: think times ×
     ``think_scale / rate``, and the runs after it × ``think_scale / capacity``. No knee up to
-    ``KNEE_MAX_AT_ONCE`` × the all-at-once throughput: that throughput is the capacity. Returns
-    the calibration's changed keys."""
+    ``KNEE_MAX_AT_ONCE`` × the all-at-once throughput: that throughput is the capacity.
+
+    Returns:
+        (capacity req/s, how it was measured, every (rate, TTFT p50 ms) tried)."""
     p = matrix.preset
 
     def p50(rate: float) -> float:
@@ -251,29 +255,21 @@ def _sim_knee(matrix: Matrix, at_once_rps: float) -> dict[str, Any]:
     while p50(hi) <= limit:  # double until saturated
         lo, hi = hi, 2 * hi
         if hi > KNEE_MAX_AT_ONCE * at_once_rps:
-            return {
-                "probe": (
-                    f"simulator's stock, every request at once: no knee up to {lo:.3g} req/s "
-                    f"({KNEE_MAX_AT_ONCE:g}× that throughput{think}; TTFT p50 ≤ {KNEE:g}× its p50 at "
-                    f"{light:.3g} req/s), workload seed {matrix.seed}; req/s of virtual time"
-                ),
-                "knee_probes": tried,
-                "at_once_rps": at_once_rps,
-            }
+            probe = (
+                f"simulator's stock, every request at once: no knee up to {lo:.3g} req/s "
+                f"({KNEE_MAX_AT_ONCE:g}× that throughput{think}; TTFT p50 ≤ {KNEE:g}× its p50 at "
+                f"{light:.3g} req/s), workload seed {matrix.seed}; req/s of virtual time"
+            )
+            return at_once_rps, probe, tried
     while hi / lo > KNEE_PRECISION:  # then bisect, geometrically
         mid = (lo * hi) ** 0.5
         lo, hi = (mid, hi) if p50(mid) <= limit else (lo, mid)
-    return {
-        "capacity_rps": lo,
-        "rates": [round(load * lo, 3) for load in matrix.loads],
-        "probe": (
-            f"simulator's stock with the workload's arrivals{think}: the highest rate whose "
-            f"TTFT p50 ≤ {KNEE:g}× its p50 at {light:.3g} req/s (within {KNEE_PRECISION:g}×), workload "
-            f"seed {matrix.seed}; req/s of virtual time"
-        ),
-        "knee_probes": tried,
-        "at_once_rps": at_once_rps,
-    }
+    probe = (
+        f"simulator's stock with the workload's arrivals{think}: the highest rate whose "
+        f"TTFT p50 ≤ {KNEE:g}× its p50 at {light:.3g} req/s (within {KNEE_PRECISION:g}×), workload "
+        f"seed {matrix.seed}; req/s of virtual time"
+    )
+    return lo, probe, tried
 
 
 def calibration(
