@@ -326,45 +326,31 @@ class _BidKVWorker(_Worker):
         self.issued: deque[tuple[float, list[int], str | None]] = deque()
         self.load_errors: set[int] = set()  # GPU blocks of loads whose CPU data was gone
 
-    @staticmethod
-    def _loads_after_forward(out: Any) -> bool:
-        # vLLM 0.32+ calls start_load_kv after launching the forward when the step has no
-        # synchronous load (earlier releases: always before it).
-        return not getattr(out, "has_sync_kv_loads", True)
-
     def before_forward(self, out: Any, now: float) -> float:
         plan = out.kv_connector_metadata.plan
-        # Rescues (bind_connector_metadata), then synchronous loads (start_load_kv), on the
-        # compute stream: the forward starts after them.
+        # Rescues (bind_connector_metadata) on the compute stream; the bind's event after them
+        # is what asynchronous loads wait for, wherever start_load_kv runs (0.32+: after the
+        # forward's launch when no load is synchronous). Synchronous loads run on the compute
+        # stream too: the forward starts after them. In plan order, as CopyWorker issues them.
         ready = now
         if plan.rescues:
             _, ready = self.streams.copy(_num_blocks(plan.rescues), ready, to_device=False)
             self.issued.append((ready, [job.job_id for job in plan.rescues], None))
-        for job in plan.loads:
-            if not job.asynchronous:
-                _, ready = self.streams.copy(len(job.gpu_block_ids), ready, to_device=True)
-        self.load_s += ready - now
-        if not self._loads_after_forward(out):
-            self._start_loads(plan, ready)
-        return ready - now
-
-    def _start_loads(self, plan: Any, at: float) -> None:
-        """``start_load_kv`` with the compute stream at ``at``: a synchronous load is done by then
-        (``before_forward`` ran it); an asynchronous one starts on the load stream. (CopyWorker
-        orders each after the synchronous loads issued before it; the model, after all of them.)"""
+        bound = ready
         for job in plan.loads:
             self.load_errors.update(job.unavailable_gpu_block_ids)
-            finish = at
             if job.asynchronous:
-                start, finish = self.streams.copy(len(job.gpu_block_ids), at, to_device=True)
+                start, finish = self.streams.copy(len(job.gpu_block_ids), bound, to_device=True)
                 self.async_load_s += finish - start
+            else:
+                _, ready = self.streams.copy(len(job.gpu_block_ids), ready, to_device=True)
+                finish = ready
             self.issued.append((finish, [job.job_id], job.request_id if job.asynchronous else None))
+        self.load_s += ready - now
+        return ready - now
 
     def after_forward(self, out: Any, step_end: float) -> None:
         plan = out.kv_connector_metadata.plan
-        if self._loads_after_forward(out):
-            # The load stream waits for the forward enqueued before it on the compute stream.
-            self._start_loads(plan, step_end)
         if plan.stores:  # wait_for_save: the store stream waits for the forward
             start, finish = self.streams.copy(_num_blocks(plan.stores), step_end, to_device=False)
             self.store_s += finish - start

@@ -8,7 +8,10 @@ asynchronous loads come back as finished requests.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -102,6 +105,79 @@ def test_close_reports_nothing_more_and_releases_the_tier(worker: CopyWorker) ->
     assert worker.in_flight == 0
 
 
+class _FakeCuda:
+    """A FAKE of how CUDA orders streams (no GPU here; ``test_cuda_*`` below runs the real
+    ones on a GPU): the compute stream is a list of its work, an event recorded on it marks
+    its length then, and each side stream keeps the marks it waited for."""
+
+    def __init__(self) -> None:
+        self.compute: list[str] = []
+        self.waits: dict[str, list[int]] = {"load": [], "store": []}
+        self.current = "compute"
+
+    def event(self) -> Any:
+        cuda = self
+
+        class Event:
+            def record(self) -> None:
+                self.mark = len(cuda.compute)
+
+            def query(self) -> bool:
+                return True
+
+        return Event()
+
+    def stream_named(self, name: str) -> Any:
+        return SimpleNamespace(name=name, wait_event=lambda event: self.waits[name].append(event.mark))
+
+    @contextlib.contextmanager
+    def stream(self, stream: Any) -> Iterator[None]:
+        self.current = stream.name
+        yield
+        self.current = "compute"
+
+
+def test_async_loads_wait_for_the_bind_and_stores_for_the_forward(
+    worker: CopyWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order vLLM 0.32 runs a step in without a synchronous load: bind (rescues), the
+    forward's launch, then start_load_kv and wait_for_save. The asynchronous load waits for
+    the rescue that read its block and the forwards before, not for this step's forward (its
+    request is not in it); the store waits for this step's forward, which writes its block."""
+    cuda = _FakeCuda()
+    copy = worker._copy
+
+    def copy_on_a_stream(*args: Any) -> None:
+        if cuda.current == "compute":
+            cuda.compute.append("copy")
+        copy(*args)
+
+    monkeypatch.setattr(torch.cuda, "Event", cuda.event)
+    monkeypatch.setattr(torch.cuda, "stream", cuda.stream)
+    monkeypatch.setattr(worker, "_cuda", True)
+    monkeypatch.setattr(worker, "_load_stream", cuda.stream_named("load"))
+    monkeypatch.setattr(worker, "_store_stream", cuda.stream_named("store"))
+    monkeypatch.setattr(worker, "_copy", copy_on_a_stream)
+    gpu = worker._gpu[0]
+    gpu[3].fill_(7.0)  # a victim's block: rescued, then written by the load
+    plans = [
+        StepPlan(stores=[store(0, [1], [0])]),
+        StepPlan(rescues=[store(1, [3], [1])], loads=[load(2, [3], [0], "r")], stores=[store(3, [2], [2])]),
+    ]
+    for n, plan in enumerate(plans):
+        worker.run_rescues(plan)
+        cuda.compute.append(f"forward {n}")
+        worker.run_loads(plan)
+        worker.run_stores(plan)
+    forward = cuda.compute.index("forward 1")
+    assert cuda.compute[forward - 1] == "copy", "the rescue ran on the compute stream before the forward"
+    assert cuda.waits["load"] == [forward], "the load must wait for the rescue and no more"
+    assert cuda.waits["store"] == [1, forward + 1], "each store waits for its forward"
+    assert worker.take_finished_loads() == {"r"}
+    assert torch.equal(worker._cpu[0][1], torch.full_like(worker._cpu[0][1], 7.0)), "rescued first"
+    assert torch.equal(gpu[3], gpu[1]), "then loaded what job 0 stored"
+
+
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)"
 )
@@ -110,8 +186,9 @@ needs_cuda = pytest.mark.skipif(
 @needs_cuda
 def test_cuda_copies_wait_for_compute_and_report_only_when_done() -> None:
     """On a GPU: a store issued after the forward waits for it on the store stream, an
-    asynchronous load waits for the compute stream too, issuing either does not block the
-    host, and neither is reported before its event completed."""
+    asynchronous load for the compute enqueued before its step's bind (here, as an earlier
+    step's forward: its blocks' previous owner), issuing either does not block the host,
+    and neither is reported before its event completed."""
     import time
 
     cache = torch.zeros(2, NUM_BLOCKS, 64 * 1024, device="cuda")
@@ -136,5 +213,37 @@ def test_cuda_copies_wait_for_compute_and_report_only_when_done() -> None:
         loaded = issue_behind_a_busy_gpu(StepPlan(loads=[load(1, [6], [0], "r")]))
         assert loaded == ({1: 1}, {"r"})
         assert torch.equal(cache[:, 6], cache[:, 1]), "the store read block 1 after the forward wrote it"
+    finally:
+        worker.close()
+
+
+@needs_cuda
+def test_cuda_async_load_runs_beside_the_forward() -> None:
+    """On a GPU: an asynchronous load issued after the forward's launch (0.32's start_load_kv)
+    is reported while that forward still runs, after the rescue that read its block."""
+    import time
+
+    cache = torch.zeros(2, NUM_BLOCKS, 64 * 1024, device="cuda")
+    worker = CopyWorker({"layers.0.attn": cache}, NUM_BLOCKS, SLOTS, BidKVConfig(cpu_bytes="64MiB"))
+    try:
+        cache[:, 1].fill_(5.0)
+        step(worker, StepPlan(stores=[store(0, [1], [0])]))
+        torch.cuda.synchronize()
+        assert step(worker, StepPlan())[0] == {0: 1}
+        cache[:, 3].fill_(7.0)  # a victim's block: rescued, then written by the load
+        plan = StepPlan(rescues=[store(1, [3], [1])], loads=[load(2, [3], [0], "r")])
+        worker.run_rescues(plan)
+        torch.cuda._sleep(1_000_000_000)  # the forward: ~0.5 s on the compute stream
+        worker.run_loads(plan)
+        deadline, finished = time.perf_counter() + 0.3, set()
+        while not finished and time.perf_counter() < deadline:
+            finished = worker.take_finished_loads()
+        assert finished == {"r"}, "the load waited for the forward"
+        assert not torch.cuda.current_stream().query(), "the forward must still be running"
+        torch.cuda.synchronize()
+        assert bool((cache[:, 3] == 5.0).all()), "the load wrote the stored block"
+        step(worker, StepPlan(loads=[load(3, [4], [1])]))  # read the rescue's slot back
+        torch.cuda.synchronize()
+        assert bool((cache[:, 4] == 7.0).all()), "the rescue read the block before the load wrote it"
     finally:
         worker.close()

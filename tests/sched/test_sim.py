@@ -109,13 +109,14 @@ def test_bidkv_worker_async_loads_overlap_the_forward() -> None:
     worker = _BidKVWorker(cost, block_bytes)
     copy = cost.copy_s(4 * block_bytes, to_device=True, duplex=False)
 
-    # Only an asynchronous load: nothing waits before the forward; the load starts when it ends.
+    # Only an asynchronous load (start_load_kv after the forward's launch): nothing waits
+    # before the forward, and the load starts with it, not when it ends.
     step = _plan_step(_load(0, 4, "a", asynchronous=True))
     assert worker.before_forward(step, 0.0) == 0.0
+    assert worker.report(0.0) is None and worker.busy()
     worker.after_forward(step, 1.0)
-    assert worker.report(1.0) is None and worker.busy()
     finish = worker.next_event()
-    assert finish is not None and finish == pytest.approx(1.0 + copy)
+    assert finish is not None and finish == pytest.approx(copy)
     out = worker.report(finish)
     assert out.finished_recving == {"a"} and out.kv_connector_worker_meta.results.done == {0: 1}
     assert not worker.busy()
@@ -147,11 +148,11 @@ def test_bidkv_loads_async_and_sync_finish(config: str, monkeypatch: pytest.Monk
     is synchronous."""
     loads: list[TransferJob] = []
     recving: list[str] = []
-    start_loads, report = _BidKVWorker._start_loads, _BidKVWorker.report
+    before_forward, report = _BidKVWorker.before_forward, _BidKVWorker.report
 
-    def spy_start(self: _BidKVWorker, plan: StepPlan, at: float) -> None:
-        loads.extend(plan.loads)
-        start_loads(self, plan, at)
+    def spy_start(self: _BidKVWorker, out: Any, now: float) -> float:
+        loads.extend(out.kv_connector_metadata.plan.loads)
+        return before_forward(self, out, now)
 
     def spy_report(self: _BidKVWorker, now: float) -> Any:
         out = report(self, now)
@@ -159,7 +160,7 @@ def test_bidkv_loads_async_and_sync_finish(config: str, monkeypatch: pytest.Monk
             recving.extend(out.finished_recving or ())
         return out
 
-    monkeypatch.setattr(_BidKVWorker, "_start_loads", spy_start)
+    monkeypatch.setattr(_BidKVWorker, "before_forward", spy_start)
     monkeypatch.setattr(_BidKVWorker, "report", spy_report)
     workload = make_workload("chat", 30, 4.0, 0, length_scale=0.3, max_context=900)
     run = CONFIGS[config]

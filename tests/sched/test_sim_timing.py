@@ -126,21 +126,24 @@ def _run(config: str, async_scheduling: bool) -> tuple[Any, _Trace]:
 def test_a_load_is_seen_by_the_first_step_launched_after_it_finished(
     config: str, async_scheduling: bool, request: pytest.FixtureRequest
 ) -> None:
-    """A load scheduled in step N starts once N's forward ended (SimpleCPUOffload's: at N's
-    launch) and is still in flight after N's launch (so not in N's output); its request is
-    reported by a step launched once the copy finished: for the peers (reported in completion
-    order) the first such step; for ours at the earliest that one (CopyWorker reports in issue
-    order)."""
+    """A load scheduled in step N starts where vLLM's worker starts it: the OffloadingConnector's
+    once N's forward ended, SimpleCPUOffload's at N's launch, ours once the compute stream
+    reached N (every earlier forward and N's rescues done, N's forward not) — and, under
+    async scheduling, not before the previous step's forward ended; it is still in flight
+    after N's launch (so not in N's output); its request is reported by a step launched once
+    the copy finished: for the peers (reported in completion order) the first such step; for
+    ours at the earliest that one (CopyWorker reports in issue order)."""
     _needs(config, request)
     _, trace = _run(config, async_scheduling)
-    loads = 0
+    loads = beside_forward = 0  # loads, and those done before their step's forward ended
     for n, (host, step) in enumerate(trace.launches):
         scheduled = _scheduled_loads(step.out)
         assert sorted(req for _, req, _ in trace.new_loads[n]) == sorted(scheduled)
-        starts_at = host if config == "vllm-simple-offload" else step.end
+        starts_at = {"vllm-simple-offload": host, "vllm-offloading": step.end}.get(config, step.start)
         for _, req, copy_done in trace.new_loads[n]:
             loads += 1
             assert copy_done > starts_at, "a load must not start before vLLM starts it"
+            beside_forward += copy_done < step.end
             seen = next(
                 m
                 for m in range(n + 1, len(trace.launches))
@@ -150,6 +153,8 @@ def test_a_load_is_seen_by_the_first_step_launched_after_it_finished(
             if config != "bidkv+offload":
                 assert seen == n + 1 or trace.launches[seen - 1][0] < copy_done, "reported late"
     assert loads > 0, "the trace must load"
+    if config != "vllm-offloading":  # the loads that do not wait for the forward ran beside it
+        assert beside_forward > 0
 
 
 @pytest.mark.parametrize("config", list(RUNS))
@@ -247,7 +252,7 @@ def test_the_same_bytes_cost_the_same_for_every_connector() -> None:
     split.launch(_offloading_step(), 1.0, 1.0)
     assert split.store_s == pytest.approx(alone + COST.copy_overhead_s)
     ours_split = _BidKVWorker(COST, BLOCK_BYTES)
-    ours_split.after_forward(
+    ours_split.before_forward(
         _bidkv_step(loads=(_job(0, "load", 4, request_id="a"), _job(1, "load", 4, request_id="b"))), 1.0
     )
     load = COST.copy_s(8 * BLOCK_BYTES, to_device=True, duplex=False)
@@ -268,7 +273,7 @@ def test_our_copies_share_the_link_with_each_other() -> None:
     load_alone = COST.copy_s(16 * BLOCK_BYTES, to_device=True, duplex=False)
     overlapped = _BidKVWorker(COST, BLOCK_BYTES)
     overlapped.after_forward(_bidkv_step(stores=(_job(0, "store", 16),)), 0.0)
-    overlapped.after_forward(_bidkv_step(loads=(_job(1, "load", 16, request_id="a"),)), 0.0)
+    overlapped.before_forward(_bidkv_step(loads=(_job(1, "load", 16, request_id="a"),)), 0.0)
     assert overlapped.async_load_s > load_alone
     assert overlapped.async_load_s == pytest.approx(
         COST.copy_s(16 * BLOCK_BYTES, to_device=True, duplex=True)

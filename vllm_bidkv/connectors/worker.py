@@ -8,9 +8,13 @@ the forward), *in flight* until its copy can no longer read or write its blocks
 ``get_finished``): job results for the scheduler side (``take_results``) and the
 requests whose asynchronous loads finished (vLLM's ``finished_recving``).
 Synchronous loads and rescues run on the compute stream, ordered before the
-forward; asynchronous loads on a load stream and stores on a store stream, each
-waiting for an event recorded on the compute stream when issued, so a copy never
-meets a block before the compute that writes it. A failed copy is reported only
+forward. Stores run on a store stream that waits for an event recorded on the
+compute stream after the forward, so a store never reads a block before the
+forward writes it. Asynchronous loads run on a load stream that waits for an event
+recorded when the step's metadata is bound: after its rescues and every earlier
+step's forward (the blocks' previous owners), not after this step's forward, which
+never touches them (their request is not scheduled until the load is reported), so
+a load runs beside the forward, as SimpleCPUOffload's does. A failed copy is reported only
 once what it had enqueued is done (a torn copy may still be writing). A load's
 blocks that cannot be trusted are reported as load errors at once, for vLLM to
 recompute. The worker counts nothing; the scheduler side counts each job once
@@ -125,6 +129,8 @@ class CopyWorker:
         self._polls = 0
         self._polled = False  # poll() ran since the last take_results()
         self._load_stream = torch.cuda.Stream() if self._cuda else None
+        # CUDA: recorded at bind on the compute stream; this step's asynchronous loads wait for it.
+        self._bound_event: Any = None
         self._store_stream = torch.cuda.Stream() if self._cuda else None
         self._spills: deque[tuple[TransferJob, Future[None] | None]] = deque()  # in issue order
         self._disk_failed = False  # a disk failure was logged (the next ones are only counted)
@@ -183,9 +189,12 @@ class CopyWorker:
         to_gpu: bool,
         stream: Any,
         fault: FaultPlan | None,
+        after: Any = None,
     ) -> bool:
         """Copy ``jobs`` (all loads or all stores) on ``stream`` (None: the current one, which
-        the forward uses) and queue their report; returns whether the copy was issued."""
+        the forward uses) and queue their report; returns whether the copy was issued.
+        ``stream`` first waits for ``after``, an event of the compute stream (None: one
+        recorded now, after everything enqueued on it so far)."""
         gpu_ids = [b for job in jobs for b in job.gpu_block_ids]
         cpu_ids = [s for job in jobs for s in job.cpu_slots]
         src, dst = (self._cpu, self._gpu) if to_gpu else (self._gpu, self._cpu)
@@ -193,11 +202,10 @@ class CopyWorker:
         ok = True
         done_event = None
         if stream is not None:
-            # Wait for everything the compute stream has enqueued so far (the forward that
-            # writes a stored block; the last owner of a loaded block).
-            issued = torch.cuda.Event()
-            issued.record()
-            stream.wait_event(issued)
+            if after is None:
+                after = torch.cuda.Event()
+                after.record()
+            stream.wait_event(after)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             try:
                 if to_gpu:
@@ -232,9 +240,13 @@ class CopyWorker:
             # Blocks the tier could no longer supply: vLLM must recompute them.
             self._load_errors.update(job.unavailable_gpu_block_ids)
             fault = faults if faults is not None and faults.load_fails(job) else None
-            stream = self._load_stream if job.asynchronous else None
-            if not self._issue([job], True, stream, fault):
+            if job.asynchronous:
+                issued = self._issue([job], True, self._load_stream, fault, after=self._bound_event)
+            else:
+                issued = self._issue([job], True, None, fault)
+            if not issued:
                 self._load_errors.update(job.gpu_block_ids)
+        self._bound_event = None
 
     def _promote(self, loads: list[TransferJob]) -> None:
         """Read the loads' promoted blocks from disk into their CPU rows, before the copy that
@@ -256,8 +268,13 @@ class CopyWorker:
             )
 
     def run_rescues(self, plan: StepPlan) -> None:
-        """Rescues copy on the compute stream: the forward that reuses their blocks waits for them."""
+        """At bind, before the forward. Rescues copy on the compute stream: the forward that
+        reuses their blocks waits for them, and so do the step's asynchronous loads, which
+        wait for nothing after them (a rescued block may be one a load writes)."""
         self._store(plan.rescues, stream=None)
+        if self._cuda and any(job.asynchronous for job in plan.loads):
+            self._bound_event = torch.cuda.Event()
+            self._bound_event.record()
 
     def run_stores(self, plan: StepPlan) -> None:
         """Stores copy on their own stream once the forward is done, overlapping the next steps."""
