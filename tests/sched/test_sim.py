@@ -90,11 +90,9 @@ def test_blocks_dropped_unstored_are_what_the_tier_lacked_when_vllm_reused_them(
 
 
 def _plan_step(*jobs: TransferJob) -> SimpleNamespace:
-    """A scheduler output with only what ``_BidKVWorker`` reads: the plan, and vLLM's flag
-    that decides whether ``start_load_kv`` runs before the forward."""
-    plan = StepPlan(loads=list(jobs))
-    has_sync = any(not job.asynchronous for job in jobs)
-    return SimpleNamespace(kv_connector_metadata=BidKVConnectorMetadata(plan), has_sync_kv_loads=has_sync)
+    """A scheduler output with only what ``_BidKVWorker`` reads: the plan (where
+    ``start_load_kv`` runs no longer moves our loads: they wait for the bind)."""
+    return SimpleNamespace(kv_connector_metadata=BidKVConnectorMetadata(StepPlan(loads=list(jobs))))
 
 
 def _load(job_id: int, blocks: int, request_id: str, *, asynchronous: bool) -> TransferJob:

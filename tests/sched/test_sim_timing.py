@@ -190,8 +190,7 @@ def _bidkv_step(
     from vllm_bidkv.connectors.metadata import BidKVConnectorMetadata
 
     plan = StepPlan(loads=list(loads), stores=list(stores), rescues=list(rescues))
-    sync = any(not job.asynchronous for job in loads)
-    return SimpleNamespace(kv_connector_metadata=BidKVConnectorMetadata(plan), has_sync_kv_loads=sync)
+    return SimpleNamespace(kv_connector_metadata=BidKVConnectorMetadata(plan))
 
 
 def _offloading_step(*, stores: tuple[int, ...] = ()) -> Any:
