@@ -162,6 +162,12 @@ _FIELDS: dict[str, _Field] = {
         minimum=0.0,
     ),
     "bid_epsilon": _Field(float, 1e-6, "ε in U = r / (δ + ε).", minimum=1e-12),
+    "bid_step_cost": _Field(
+        float,
+        266.0,
+        "δ of one engine step: vLLM waits a step for blocks a store holds instead of preempting only when the victim's δ exceeds it (a decode step reads the weights once: peak FLOP/s ÷ HBM bytes/s, H100: 798 TFLOP/s ÷ 3.0 TB/s).",
+        minimum=0.0,
+    ),
 }
 
 _BOOL_SPELLINGS = (("true", "false"), ("1", "0"), ("yes", "no"), ("on", "off"))
@@ -251,6 +257,7 @@ class BidKVConfig:
     bid_progress_weight: float = _FIELDS["bid_progress_weight"].default
     bid_starvation_weight: float = _FIELDS["bid_starvation_weight"].default
     bid_epsilon: float = _FIELDS["bid_epsilon"].default
+    bid_step_cost: float = _FIELDS["bid_step_cost"].default
 
     def __post_init__(self) -> None:
         for key in _FIELDS:

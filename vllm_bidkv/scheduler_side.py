@@ -11,6 +11,8 @@ The path of one request through it:
 * ``match`` (``get_num_new_matched_tokens``, each time vLLM tries to admit it)
   creates its ``RequestState`` on first sight and looks its blocks up in the tier;
 * ``after_alloc`` (``update_state_after_alloc``) plans the load of that hit;
+* ``wait_for_frees`` (the victim hook, when allocation fails while a store holds free
+  blocks) says whether vLLM waits for them: only when the victim would cost more than a step;
 * ``choose_victim`` (the victim hook, when allocation fails) builds a ``Candidate``
   per preemptible request and the ``Decision`` (requester, shortfall), asks the
   strategy and records the victim's blocks;
@@ -32,8 +34,8 @@ from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.counters import GAUGES, Counters
 from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, OffloadSpec, StepPlan
 from vllm_bidkv.offload.disk import DiskTier
-from vllm_bidkv.offload.lookup import restorable_tokens
-from vllm_bidkv.policy import Candidate, Decision, VictimStrategy, admission_key, make_strategy
+from vllm_bidkv.offload.lookup import victim_candidate
+from vllm_bidkv.policy import BidCostModel, Candidate, Decision, VictimStrategy, admission_key, make_strategy
 from vllm_bidkv.policy.admission import AdmissionKey, CacheAwareAdmission
 
 
@@ -90,6 +92,8 @@ class BidKVSchedulerSide:
         self.config = config
         self.counters = Counters()
         self.strategy: VictimStrategy = make_strategy(config.victim_policy, config)
+        self._cost = BidCostModel.from_config(config)  # δ of a victim, for wait_for_frees
+        self._wait: bool | None = None  # wait_for_frees' answer until vLLM asks for it
         self.requests: dict[str, RequestState] = {}
         self.ctx: SchedulerContext | None = None
         self.planner: OffloadPlanner | None = None
@@ -118,8 +122,25 @@ class BidKVSchedulerSide:
         return admission_key(config.admission, config.admission_max_bypass, tier_hit) if self.active else None
 
     def has_pending_block_frees(self) -> bool:
-        """A store in flight holds a block nothing else holds; vLLM (0.30+) waits for it instead of preempting."""
-        return self.planner is not None and self.planner.holds_free_blocks()
+        """Asked by vLLM (0.30+) when an allocation failed: True, it waits a step instead of
+        preempting. ``wait_for_frees`` answered for this failure if the victim hook saw its
+        requester; else any free block a store in flight holds counts."""
+        wait, self._wait = self._wait, None
+        return wait if wait is not None else self.planner is not None and self.planner.holds_free_blocks()
+
+    def wait_for_frees(self, requests: Sequence[RequestView], requester: RequestView) -> bool:
+        """Whether vLLM should wait for a store's blocks rather than preempt for ``requester``.
+
+        ``requests``: the preemptible ones, vLLM's pick last. A wait delays the requester and
+        every request behind it by a step; a preemption costs its victim δ. So wait only
+        while a store holds a free block and the victim ``choose_victim`` would pick costs
+        more than a step (δ > ``bid_step_cost``). Kept for vLLM's next ``has_pending_block_frees``.
+        """
+        self._wait = (
+            bool(self.active and requests and self.planner is not None and self.planner.holds_free_blocks())
+            and self._cost.delta(self._pick(requests, requester)) > self.config.bid_step_cost
+        )
+        return self._wait
 
     def _state(self, request_id: str) -> RequestState:
         state = self.requests.get(request_id)
@@ -139,13 +160,7 @@ class BidKVSchedulerSide:
         """
         if not self.active or not requests:
             return None
-        decision = (
-            Decision()
-            if requester is None
-            else Decision(requester.request_id, self.shortfall_blocks(requester))
-        )
-        candidates = [self.candidate(i, r) for i, r in enumerate(requests)]
-        chosen = self.strategy.choose(candidates, decision) or candidates[-1]
+        chosen = self._pick(requests, requester)
         victim = requests[chosen.order]
         self.counters.add("preemptions")
         self.counters.add("preempted_blocks_freed", chosen.freeable_blocks)
@@ -158,6 +173,13 @@ class BidKVSchedulerSide:
             self._victims.append(state)
         return victim
 
+    def _pick(self, requests: Sequence[RequestView], requester: RequestView | None) -> Candidate:
+        r, ctx, tier = requester, self.ctx, self.planner.tier if self.planner is not None else None
+        assert ctx is not None, "bind() first"
+        decision = Decision() if r is None else Decision(r.request_id, self.shortfall_blocks(r))
+        candidates = [victim_candidate(ctx, tier, i, request) for i, request in enumerate(requests)]
+        return self.strategy.choose(candidates, decision) or candidates[-1]
+
     def shortfall_blocks(self, requester: RequestView) -> int:
         """Blocks ``requester`` lacks to hold all its tokens, beyond the free pool; at least 1
         (its allocation failed). Exact for a decode step; a chunked prefill asks for less
@@ -167,33 +189,6 @@ class BidKVSchedulerSide:
         held = len(groups[0]) if groups else 0
         needed = -(-requester.num_tokens // self.ctx.block_size) - held
         return max(1, needed - self.ctx.num_free_blocks())
-
-    def candidate(self, order: int, request: RequestView) -> Candidate:
-        """What preempting ``request`` frees and costs, from one batched context call. O(blocks).
-        ``order``: its position in the list vLLM may preempt from."""
-        assert self.ctx is not None, "bind() first"
-        refs = self.ctx.request_ref_counts(request.request_id)
-        bs = self.ctx.block_size
-        computed = request.num_computed_tokens
-        shared_blocks = next((i for i, ref in enumerate(refs) if ref <= 1), len(refs))
-        cpu_tokens = offloadable_tokens = 0
-        if self.planner is not None:
-            cpu_tokens, offloadable_tokens = restorable_tokens(
-                self.planner.tier, refs, request.block_hashes, shared_blocks, computed // bs, bs
-            )
-        return Candidate(
-            request_id=request.request_id,
-            order=order,
-            num_blocks=len(refs),
-            freeable_blocks=sum(1 for ref in refs if ref == 1),
-            computed_tokens=computed,
-            shared_tokens=min(computed, shared_blocks * bs),
-            cpu_tokens=cpu_tokens,
-            offloadable_tokens=offloadable_tokens,
-            output_tokens=request.num_output_tokens,
-            max_tokens=request.max_tokens,
-            num_preemptions=request.num_preemptions,
-        )
 
     # -- loads ---------------------------------------------------------------------
     def match(self, request: RequestView, num_computed_tokens: int) -> int:
@@ -226,13 +221,9 @@ class BidKVSchedulerSide:
             state.matched_tokens = gpu_hit
             return []
         return self.planner.plan_load(
-            request.request_id,
-            request.block_hashes,
-            gpu_block_ids,
-            gpu_hit,
-            num_external_tokens,
+            request.request_id, request.block_hashes, gpu_block_ids, gpu_hit, num_external_tokens,
             asynchronous=state.load_asynchronously,
-        )
+        )  # fmt: skip
 
     # -- steps -----------------------------------------------------------------------
     def plan_step(self, events: StepEvents) -> StepPlan:

@@ -18,10 +18,11 @@ import torch
 from vllm_bidkv_bench.standalone import model_output
 
 from tests.sched.conftest import add_requests
-from tests.sched.test_victim import assert_drained, connector_config
+from tests.sched.test_victim import assert_drained, connector_config, record_choices
 from vllm_bidkv.connectors.bidkv_connector import BidKVConnector
 from vllm_bidkv.connectors.metadata import BidKVWorkerMetadata
 from vllm_bidkv.offload import JobResults
+from vllm_bidkv.offload.lookup import victim_candidate
 from vllm_bidkv.patches.capabilities import probe
 
 pytestmark = pytest.mark.sched
@@ -150,6 +151,59 @@ def test_no_block_reused_or_read_while_a_copy_is_in_flight(
     assert_drained(scheduler, requests)
 
 
+@offload_only
+def test_vllm_waits_for_a_stores_blocks_only_when_the_victim_costs_more_than_a_step(
+    make_scheduler: Any, patched: None
+) -> None:
+    """``bid_step_cost``: an allocation that fails while a store holds free blocks waits a step
+    only if the victim the bid would pick costs more than it (δ); else that victim is preempted.
+    The real Scheduler asks ``has_pending_block_frees`` after the hook, so a wait must reach it."""
+    if not probe().connector_pending_block_frees:
+        pytest.skip("this vLLM never asks has_pending_block_frees: it preempts as before")
+    seen: dict[float, dict[str, Any]] = {}
+    for step_cost in (0.0, 20.0, 1e12):
+        scheduler = make_scheduler(
+            num_gpu_blocks=40,
+            max_num_seqs=8,
+            kv_transfer_config=connector_config(
+                offload_mode="lazy", cpu_bytes=64 * 1024 * 1024, bid_step_cost=step_cost
+            ),
+        )
+        side = scheduler.connector.scheduler_role.side
+        waits, deltas = [], {"waited": [], "preempted": []}
+        decide, pick = side.wait_for_frees, side._pick
+
+        def spy(requests: list[Any], requester: Any, decide: Any = decide, pick: Any = pick) -> bool:
+            held = side.planner.holds_free_blocks()
+            wait = decide(requests, requester)
+            if held:  # the victim the bid would pick, and what it costs to bring back
+                deltas["waited" if wait else "preempted"].append(side._cost.delta(pick(requests, requester)))
+            waits.append(wait)
+            return bool(wait)
+
+        side.wait_for_frees = spy  # type: ignore[method-assign]
+        chosen = record_choices(scheduler.connector)
+        preempted = 0
+        worker = DelayedCopyWorker(delay=3)
+        requests = add_requests(scheduler, 24, seed=3, prefix_len=32, lo=40, hi=160, max_out=120)
+        while scheduler.has_requests():
+            out = scheduler.schedule()
+            preempted += len(out.preempted_req_ids)
+            worker.submit(out.kv_connector_metadata)
+            kwargs = {"kv_connector_output": worker.output()}
+            scheduler.update_from_output(out, model_output(out, requests, **kwargs))
+        assert_drained(scheduler, requests)
+        # Every preemption went through our choice: none followed a wait vLLM did not see.
+        assert preempted == len(chosen) and preempted > 0
+        assert all(d > step_cost for d in deltas["waited"]) and all(
+            d <= step_cost for d in deltas["preempted"]
+        )
+        seen[step_cost] = {"num_waits": sum(waits), "num_preempted": preempted, **deltas}
+    assert seen[1e12]["num_waits"] == 0 and seen[1e12]["num_preempted"], "no victim costs more: never waits"
+    assert seen[0.0]["num_waits"] > 0, "stores held free blocks when allocations failed: the test needs it"
+    assert seen[20.0]["waited"] and seen[20.0]["preempted"], "a cost between the victims' δ splits them"
+
+
 def run_step(scheduler: Any, worker: DelayedCopyWorker, requests: dict[str, Any]) -> None:
     """One engine step with the stand-in worker: schedule, copy, report, update."""
     out = scheduler.schedule()
@@ -268,7 +322,7 @@ def test_sliding_window_victims_free_no_null_block(make_scheduler: Any, patched:
             blocks = manager.req_to_blocks[request.request_id]
             real = [b for b in blocks if not b.is_null]
             seen["null_blocks"] += len(blocks) - len(real)
-            candidate = side.candidate(order, request)
+            candidate = victim_candidate(side.ctx, None, order, request)
             assert candidate.freeable_blocks == sum(1 for b in real if b.ref_cnt == 1)
         seen["decisions"] += 1
         return choose(requests, requester)

@@ -168,35 +168,3 @@ def test_sjf_admission_admits_shortest_prompt_first(make_scheduler: Any, patched
         assert_drained(scheduler, requests)
     assert violations["sjf"] == 0
     assert violations["fcfs"] > 0, "the workload must make FCFS and SJF admit differently"
-
-
-def test_pending_block_frees_wait_instead_of_preempting(make_scheduler: Any, patched: None) -> None:
-    """While the connector says blocks are coming back, vLLM (0.30+) waits and no victim is chosen."""
-    from vllm_bidkv.patches.capabilities import probe
-
-    if not probe().connector_pending_block_frees:
-        pytest.skip("this vLLM never asks has_pending_block_frees: it preempts as before")
-    preempted, asked, chosen = {}, {}, {}
-    for pending in (False, True):
-        scheduler = make_scheduler(
-            num_gpu_blocks=28, max_num_seqs=8, kv_transfer_config=connector_config(offload_mode="off")
-        )
-        asked[pending] = 0
-
-        def has_pending_block_frees(pending: bool = pending) -> bool:
-            asked[pending] += 1  # asked only when an allocation failed
-            return pending
-
-        scheduler.connector.has_pending_block_frees = has_pending_block_frees
-        chosen[pending] = record_choices(scheduler.connector)
-        requests = add_requests(scheduler, 24, seed=3, prefix_len=32, lo=40, hi=160, max_out=120)
-        preempted[pending] = 0
-        for _ in range(60):
-            out = scheduler.schedule()
-            preempted[pending] += len(out.preempted_req_ids)
-            scheduler.update_from_output(out, model_output(out, requests))
-    # Without pending frees the same workload runs out of blocks: the connector chooses every victim.
-    assert preempted[False] > 0 and len(chosen[False]) == preempted[False]
-    # With pending frees allocations fail too (the connector is asked), yet nobody is preempted.
-    assert asked[True] > 0
-    assert preempted[True] == 0 and chosen[True] == []

@@ -8,6 +8,7 @@ from tests.support.planner_machine import BS, SimRequest, tokens
 from tests.unit.reference_context import ReferenceContext
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan
+from vllm_bidkv.offload.lookup import victim_candidate
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide, StepEvents
 
 pytestmark = pytest.mark.unit
@@ -133,6 +134,38 @@ def test_victim_finished_before_its_rescue_is_forgotten() -> None:
     rig.idle()
 
 
+@pytest.mark.parametrize("victim_costs_more", [True, False])
+def test_vllm_waits_for_held_blocks_only_when_the_victim_costs_more_than_a_step(
+    victim_costs_more: bool,
+) -> None:
+    """``wait_for_frees`` answers vLLM's next ``has_pending_block_frees`` once: wait only while a
+    store holds a free block and the bid's victim costs more than ``bid_step_cost``; a failure
+    the victim hook did not see falls back to "a store holds a free block"."""
+    probe = Rig()
+    victim, requester = SimRequest("v", tokens(1, 6)), SimRequest("r", tokens(2, 4))
+    probe.admit(victim)
+    delta = probe.side._cost.delta(victim_candidate(probe.ctx, probe.side.planner.tier, 0, victim))
+    assert delta > 0
+    rig = Rig(bid_step_cost=delta / 2 if victim_costs_more else delta * 2)
+    old = SimRequest("old", tokens(3, 12))
+    rig.admit(old)
+    for request in (victim, requester):
+        request.num_computed_tokens = 0
+        rig.admit(request)
+    assert not rig.side.wait_for_frees([victim], requester), "no store holds a block: preempt"
+    rig.finish(old)  # its blocks go free; the lazy walk parks them while stores copy them
+    plan = rig.side.plan_step(StepEvents())
+    assert plan.stores and rig.side.planner.holds_free_blocks()
+    assert rig.side.wait_for_frees([victim], requester) is victim_costs_more
+    assert rig.side.has_pending_block_frees() is victim_costs_more, "vLLM hears the decision"
+    assert rig.side.has_pending_block_frees(), "asked again without a decision: held blocks count"
+    rig.side.complete(JobResults(done={job.job_id: 1 for job in plan.jobs()}))
+    assert not rig.side.wait_for_frees([victim], requester), "the stores finished: nothing to wait for"
+    for request in (victim, requester):
+        rig.finish(request)
+    rig.idle()
+
+
 def test_candidate_shared_tokens_are_the_leading_shared_prefix() -> None:
     """r and δ agree: shared_tokens counts only the leading run of shared blocks, as restorable does."""
     rig = Rig(offload_mode="off")
@@ -140,10 +173,10 @@ def test_candidate_shared_tokens_are_the_leading_shared_prefix() -> None:
     rig.admit(a)
     ids = rig.ctx.request_block_ids("a")[0]
     rig.ctx.acquire("b", [ids[2]])  # a block in the middle is shared, the prefix is not
-    c = rig.side.candidate(0, a)
+    c = victim_candidate(rig.ctx, None, 0, a)
     assert c.shared_tokens == 0 and c.freeable_blocks == 3 and c.num_blocks == 4
     rig.ctx.acquire("b", [ids[0]])
-    c = rig.side.candidate(0, a)
+    c = victim_candidate(rig.ctx, None, 0, a)
     assert c.shared_tokens == BS and c.freeable_blocks == 2
 
 

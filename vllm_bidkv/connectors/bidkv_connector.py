@@ -90,6 +90,9 @@ class BidKVConnector(KVConnectorBase_V1):
     def has_pending_block_frees(self) -> bool:
         return self._sched.has_pending_block_frees()
 
+    def wait_for_frees(self, requests: list[Any], requester: Any) -> bool:
+        return self._sched.wait_for_frees(requests, requester)
+
     def admission_key(self) -> Callable[[Any], Any] | None:
         return self._sched.admission_key()
 

@@ -80,6 +80,9 @@ class SchedulerRole:
     def has_pending_block_frees(self) -> bool:
         return self._bound.has_pending_block_frees()
 
+    def wait_for_frees(self, requests: list[Any], requester: Any) -> bool:
+        return self._bound.wait_for_frees(requests, requester)
+
     def admission_key(self) -> Callable[[Any], Any] | None:
         return self._bound.admission_key()
 

@@ -1,13 +1,15 @@
 """Read-only questions to the tiers about one request: what a hit supplies after the
-GPU prefix, and what a resume would get back if the request were preempted now."""
+GPU prefix, and what a resume would get back if the request were preempted now (its
+victim ``Candidate``)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
 
-from vllm_bidkv.context import BlockHash, RequestView
+from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.offload.cpu_tier import CpuBlockTier
+from vllm_bidkv.policy.candidate import Candidate
 
 
 def match_tokens(
@@ -83,3 +85,35 @@ def restorable_tokens(
             break
     offloadable = min(offloadable, max(0, tier.num_slots - cpu))
     return cpu * block_size, offloadable * block_size
+
+
+def victim_candidate(
+    ctx: SchedulerContext, tier: CpuBlockTier | None, order: int, request: RequestView
+) -> Candidate:
+    """What preempting ``request`` frees and costs, from one batched context call. O(blocks).
+
+    ``tier``: the CPU tier (None: offload off, nothing restorable); ``order``: the request's
+    position in the list vLLM may preempt from.
+    """
+    refs = ctx.request_ref_counts(request.request_id)
+    bs = ctx.block_size
+    computed = request.num_computed_tokens
+    shared_blocks = next((i for i, ref in enumerate(refs) if ref <= 1), len(refs))
+    cpu_tokens = offloadable_tokens = 0
+    if tier is not None:
+        cpu_tokens, offloadable_tokens = restorable_tokens(
+            tier, refs, request.block_hashes, shared_blocks, computed // bs, bs
+        )
+    return Candidate(
+        request_id=request.request_id,
+        order=order,
+        num_blocks=len(refs),
+        freeable_blocks=sum(1 for ref in refs if ref == 1),
+        computed_tokens=computed,
+        shared_tokens=min(computed, shared_blocks * bs),
+        cpu_tokens=cpu_tokens,
+        offloadable_tokens=offloadable_tokens,
+        output_tokens=request.num_output_tokens,
+        max_tokens=request.max_tokens,
+        num_preemptions=request.num_preemptions,
+    )

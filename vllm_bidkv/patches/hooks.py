@@ -15,8 +15,11 @@ The hook wraps ``allocate_slots`` on the instance: when it returns None for a
 running request, the connector picks among those requests (and, on 0.25+, only
 ones whose blocks can be freed now) and the pick is moved to the end of
 ``running``; vLLM then preempts it through its own path. Relative order of the
-other unscheduled requests is unchanged. Under the PRIORITY policy vLLM's own
-choice stands (the hook is not installed).
+other unscheduled requests is unchanged. First, on 0.30+ (vLLM then asks
+``has_pending_block_frees``), the connector says whether vLLM should rather wait a step
+for blocks its stores hold (``wait_for_frees``); a source-patched vLLM picks through
+``choose_victim`` itself, so there the hook only asks that. Under the PRIORITY policy
+vLLM's own choice stands (the hook is not installed).
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ class BoundConnector(Protocol):
         ...
 
     def has_pending_block_frees(self) -> bool: ...
+
+    def wait_for_frees(self, requests: list[Any], requester: Any) -> bool:
+        """Whether vLLM waits for a store's blocks instead of preempting for ``requester``
+        (what ``has_pending_block_frees`` answers next)."""
+        ...
 
     def has_pending_push_work(self) -> bool: ...
 
@@ -178,12 +186,12 @@ def install_reset_hook(scheduler: Any) -> bool:
 
 # -- victim hook --------------------------------------------------------------
 def install_victim_hook(scheduler: Any) -> bool:
-    """Let our connector's ``choose_victim`` pick vLLM's next victim (see module doc)."""
+    """Let our connector say whether vLLM waits for a store's blocks and pick vLLM's next
+    victim (see module doc); on a source-patched vLLM, which asks ``choose_victim`` itself,
+    only the former."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
     from vllm.v1.request import RequestStatus
 
-    if probe().vllm_binds_context:  # the source-patched Scheduler asks connector.choose_victim
-        return False
     if scheduler.policy != SchedulingPolicy.FCFS:
         logger.warning("vllm-bidkv: scheduling policy %s keeps vLLM's own victims", scheduler.policy)
         return False
@@ -200,12 +208,15 @@ def install_victim_hook(scheduler: Any) -> bool:
             return blocks  # allocated, or a waiting request: no victim (the common case: cheap)
         connector = bound_connector(scheduler)
         assert connector is not None, "the hook is installed only for a scheduler with our connector"
-        # vLLM (0.30+) waits rather than preempt while the connector has frees pending.
-        if not (caps.connector_pending_block_frees and connector.has_pending_block_frees()):
+        preemptible = _preemptible(scheduler.running, request, can_free)
+        # vLLM (0.30+) asks has_pending_block_frees next and waits rather than preempt if true.
+        if caps.connector_pending_block_frees and connector.wait_for_frees(preemptible, request):
+            return blocks
+        if preemptible and not caps.vllm_binds_context:
             for observer in _victim_choice_observers:
                 observer.victim_choice_started()
             try:
-                _reorder_for_victim(scheduler.running, request, connector, can_free)
+                _reorder_for_victim(scheduler.running, preemptible, request, connector)
             finally:
                 for observer in _victim_choice_observers:
                     observer.victim_choice_finished()
@@ -235,17 +246,19 @@ def remove_victim_choice_observer(observer: VictimChoiceObserver) -> None:
     _victim_choice_observers.remove(observer)
 
 
-def _reorder_for_victim(running: list[Any], request: Any, connector: BoundConnector, can_free: Any) -> None:
+def _preemptible(running: list[Any], request: Any, can_free: Any) -> list[Any]:
+    """``running[req_index:]`` (not scheduled yet this step) whose blocks can be freed now."""
     start = next((i for i in range(len(running) - 1, -1, -1) if running[i] is request), None)
-    if start is None:
-        return
-    preemptible = [r for r in running[start:] if can_free is None or can_free(r)]
-    if not preemptible:
-        return
+    return [] if start is None else [r for r in running[start:] if can_free is None or can_free(r)]
+
+
+def _reorder_for_victim(
+    running: list[Any], preemptible: list[Any], request: Any, connector: BoundConnector
+) -> None:
     victim = connector.choose_victim(preemptible, request)
     if victim is None or victim is running[-1]:  # None: keep vLLM's choice
         return
-    index = next(i for i in range(len(running) - 1, start - 1, -1) if running[i] is victim)
+    index = next(i for i in range(len(running) - 1, -1, -1) if running[i] is victim)
     running.append(running.pop(index))
 
 
