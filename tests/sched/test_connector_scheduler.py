@@ -151,6 +151,25 @@ def test_no_block_reused_or_read_while_a_copy_is_in_flight(
     assert_drained(scheduler, requests)
 
 
+def spy_on_waits(side: Any) -> tuple[list[bool], dict[str, list[float]]]:
+    """Record each ``wait_for_frees`` answer and, when a store held a free block, the δ of the
+    victim the bid would pick, by answer ("waited" / "preempted")."""
+    waits: list[bool] = []
+    deltas: dict[str, list[float]] = {"waited": [], "preempted": []}
+    decide, pick = side.wait_for_frees, side._pick
+
+    def spy(requests: list[Any], requester: Any) -> bool:
+        held = side.planner.holds_free_blocks()
+        wait = bool(decide(requests, requester))
+        if held:
+            deltas["waited" if wait else "preempted"].append(side._cost.delta(pick(requests, requester)))
+        waits.append(wait)
+        return wait
+
+    side.wait_for_frees = spy
+    return waits, deltas
+
+
 @offload_only
 def test_vllm_waits_for_a_stores_blocks_only_when_the_victim_costs_more_than_a_step(
     make_scheduler: Any, patched: None
@@ -169,19 +188,7 @@ def test_vllm_waits_for_a_stores_blocks_only_when_the_victim_costs_more_than_a_s
                 offload_mode="lazy", cpu_bytes=64 * 1024 * 1024, bid_step_cost=step_cost
             ),
         )
-        side = scheduler.connector.scheduler_role.side
-        waits, deltas = [], {"waited": [], "preempted": []}
-        decide, pick = side.wait_for_frees, side._pick
-
-        def spy(requests: list[Any], requester: Any, decide: Any = decide, pick: Any = pick) -> bool:
-            held = side.planner.holds_free_blocks()
-            wait = decide(requests, requester)
-            if held:  # the victim the bid would pick, and what it costs to bring back
-                deltas["waited" if wait else "preempted"].append(side._cost.delta(pick(requests, requester)))
-            waits.append(wait)
-            return bool(wait)
-
-        side.wait_for_frees = spy  # type: ignore[method-assign]
+        waits, deltas = spy_on_waits(scheduler.connector.scheduler_role.side)
         chosen = record_choices(scheduler.connector)
         preempted = 0
         worker = DelayedCopyWorker(delay=3)

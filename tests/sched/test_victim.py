@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from vllm_bidkv_bench.standalone import model_output
 
 from tests.sched.conftest import add_requests, run_to_completion
 from vllm_bidkv.config import VICTIM_POLICIES

@@ -17,9 +17,8 @@ ones whose blocks can be freed now) and the pick is moved to the end of
 ``running``; vLLM then preempts it through its own path. Relative order of the
 other unscheduled requests is unchanged. First, on 0.30+ (vLLM then asks
 ``has_pending_block_frees``), the connector says whether vLLM should rather wait a step
-for blocks its stores hold (``wait_for_frees``); a source-patched vLLM picks through
-``choose_victim`` itself, so there the hook only asks that. Under the PRIORITY policy
-vLLM's own choice stands (the hook is not installed).
+for blocks its stores hold (``wait_for_frees``). Under the PRIORITY policy vLLM's own
+choice stands (the hook is not installed).
 """
 
 from __future__ import annotations
@@ -187,11 +186,12 @@ def install_reset_hook(scheduler: Any) -> bool:
 # -- victim hook --------------------------------------------------------------
 def install_victim_hook(scheduler: Any) -> bool:
     """Let our connector say whether vLLM waits for a store's blocks and pick vLLM's next
-    victim (see module doc); on a source-patched vLLM, which asks ``choose_victim`` itself,
-    only the former."""
+    victim (see module doc)."""
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
     from vllm.v1.request import RequestStatus
 
+    if probe().vllm_binds_context:  # the source-patched Scheduler asks connector.choose_victim
+        return False
     if scheduler.policy != SchedulingPolicy.FCFS:
         logger.warning("vllm-bidkv: scheduling policy %s keeps vLLM's own victims", scheduler.policy)
         return False
@@ -208,18 +208,17 @@ def install_victim_hook(scheduler: Any) -> bool:
             return blocks  # allocated, or a waiting request: no victim (the common case: cheap)
         connector = bound_connector(scheduler)
         assert connector is not None, "the hook is installed only for a scheduler with our connector"
-        preemptible = _preemptible(scheduler.running, request, can_free)
-        # vLLM (0.30+) asks has_pending_block_frees next and waits rather than preempt if true.
-        if caps.connector_pending_block_frees and connector.wait_for_frees(preemptible, request):
-            return blocks
-        if preemptible and not caps.vllm_binds_context:
-            for observer in _victim_choice_observers:
-                observer.victim_choice_started()
-            try:
+        for observer in _victim_choice_observers:
+            observer.victim_choice_started()
+        try:
+            preemptible = _preemptible(scheduler.running, request, can_free)
+            # vLLM (0.30+) asks has_pending_block_frees next and waits rather than preempt if true.
+            waits = caps.connector_pending_block_frees and connector.wait_for_frees(preemptible, request)
+            if preemptible and not waits:
                 _reorder_for_victim(scheduler.running, preemptible, request, connector)
-            finally:
-                for observer in _victim_choice_observers:
-                    observer.victim_choice_finished()
+        finally:
+            for observer in _victim_choice_observers:
+                observer.victim_choice_finished()
         return blocks
 
     manager.allocate_slots = allocate_slots
