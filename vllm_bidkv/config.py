@@ -164,8 +164,8 @@ _FIELDS: dict[str, _Field] = {
     "bid_epsilon": _Field(float, 1e-6, "ε in U = r / (δ + ε).", minimum=1e-12),
     "bid_step_cost": _Field(
         float,
-        266.0,
-        "δ of one engine step: vLLM waits a step for blocks a store holds instead of preempting only when the victim's δ exceeds it (a decode step reads the weights once: peak FLOP/s ÷ HBM bytes/s, H100: 798 TFLOP/s ÷ 3.0 TB/s).",
+        64.0,
+        "vLLM waits a step for blocks a store holds instead of preempting only when the victim's δ exceeds this (what a step's wait is worth; 0: whenever a store holds a free block). 64: the best of a sweep over 0-1000 on seven workloads (docs/RESULTS.md).",
         minimum=0.0,
     ),
 }
