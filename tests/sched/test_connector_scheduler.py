@@ -206,6 +206,12 @@ def test_vllm_waits_for_a_stores_blocks_only_when_the_victim_costs_more_than_a_s
             d <= step_cost for d in deltas["preempted"]
         )
         seen[step_cost] = {"num_waits": sum(waits), "num_preempted": preempted, **deltas}
+    if probe().vllm_binds_context:
+        # A source-patched vLLM asks has_pending_block_frees before choose_victim, without the
+        # requester, and installs no victim hook: the any-held-block rule stands (DESIGN.md).
+        assert all(v["num_waits"] == 0 and not v["waited"] and not v["preempted"] for v in seen.values())
+        assert len({v["num_preempted"] for v in seen.values()}) == 1, "bid_step_cost changes nothing there"
+        return
     assert seen[1e12]["num_waits"] == 0 and seen[1e12]["num_preempted"], "no victim costs more: never waits"
     assert seen[0.0]["num_waits"] > 0, "stores held free blocks when allocations failed: the test needs it"
     assert seen[20.0]["waited"] and seen[20.0]["preempted"], "a cost between the victims' δ splits them"
