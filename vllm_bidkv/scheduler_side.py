@@ -94,6 +94,8 @@ class BidKVSchedulerSide:
         self.strategy: VictimStrategy = make_strategy(config.victim_policy, config)
         self._cost = BidCostModel.from_config(config)  # δ of a victim, for wait_for_frees
         self._wait: bool | None = None  # wait_for_frees' answer until vLLM asks for it
+        # wait_for_frees' pick when it answered "preempt": choose_victim's for the same list
+        self._priced: tuple[Sequence[RequestView], Candidate] | None = None
         self.requests: dict[str, RequestState] = {}
         self.ctx: SchedulerContext | None = None
         self.planner: OffloadPlanner | None = None
@@ -134,12 +136,14 @@ class BidKVSchedulerSide:
         ``requests``: the preemptible ones, vLLM's pick last. A wait delays the requester and
         every request behind it by a step; a preemption costs its victim δ. So wait only
         while a store holds a free block and the victim ``choose_victim`` would pick costs
-        more than a step (δ > ``bid_step_cost``). Kept for vLLM's next ``has_pending_block_frees``.
+        more than a step (δ > ``bid_step_cost``). Kept for vLLM's next ``has_pending_block_frees``;
+        a pick it preempts is ``choose_victim``'s for the same ``requests`` (one decision).
         """
-        self._wait = (
-            bool(self.active and requests and self.planner is not None and self.planner.holds_free_blocks())
-            and self._cost.delta(self._pick(requests, requester)) > self.config.bid_step_cost
-        )
+        self._wait, self._priced = False, None
+        if self.active and requests and self.planner is not None and self.planner.holds_free_blocks():
+            chosen = self._pick(requests, requester)
+            self._wait = self._cost.delta(chosen) > self.config.bid_step_cost
+            self._priced = None if self._wait else (requests, chosen)
         return self._wait
 
     def _state(self, request_id: str) -> RequestState:
@@ -160,7 +164,10 @@ class BidKVSchedulerSide:
         """
         if not self.active or not requests:
             return None
-        chosen = self._pick(requests, requester)
+        priced, self._priced = self._priced, None
+        chosen = (
+            priced[1] if priced is not None and priced[0] is requests else self._pick(requests, requester)
+        )
         victim = requests[chosen.order]
         self.counters.add("preemptions")
         self.counters.add("preempted_blocks_freed", chosen.freeable_blocks)

@@ -6,6 +6,7 @@ import pytest
 
 from tests.support.planner_machine import BS, SimRequest, tokens
 from tests.unit.reference_context import ReferenceContext
+from vllm_bidkv import scheduler_side
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan
 from vllm_bidkv.offload.lookup import victim_candidate
@@ -136,7 +137,7 @@ def test_victim_finished_before_its_rescue_is_forgotten() -> None:
 
 @pytest.mark.parametrize("victim_costs_more", [True, False])
 def test_vllm_waits_for_held_blocks_only_when_the_victim_costs_more_than_a_step(
-    victim_costs_more: bool,
+    victim_costs_more: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``wait_for_frees`` answers vLLM's next ``has_pending_block_frees`` once: wait only while a
     store holds a free block and the bid's victim costs more than ``bid_step_cost``; a failure
@@ -159,6 +160,17 @@ def test_vllm_waits_for_held_blocks_only_when_the_victim_costs_more_than_a_step(
     assert rig.side.wait_for_frees([victim], requester) is victim_costs_more
     assert rig.side.has_pending_block_frees() is victim_costs_more, "vLLM hears the decision"
     assert rig.side.has_pending_block_frees(), "asked again without a decision: held blocks count"
+    if not victim_costs_more:  # the victim it priced is the one preempted: one decision, not two
+        built: list[str] = []
+
+        def counted(ctx: object, tier: object, order: int, request: SimRequest) -> object:
+            built.append(request.request_id)
+            return victim_candidate(ctx, tier, order, request)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(scheduler_side, "victim_candidate", counted)
+        preemptible = [victim]
+        assert not rig.side.wait_for_frees(preemptible, requester)
+        assert rig.side.choose_victim(preemptible, requester) is victim and built == ["v"]
     rig.side.complete(JobResults(done={job.job_id: 1 for job in plan.jobs()}))
     assert not rig.side.wait_for_frees([victim], requester), "the stores finished: nothing to wait for"
     for request in (victim, requester):
