@@ -169,6 +169,7 @@ class BidKVSchedulerSide:
             priced[1] if priced is not None and priced[0] is requests else self._pick(requests, requester)
         )
         victim = requests[chosen.order]
+        self.strategy.preempted(chosen)
         self.counters.add("preemptions")
         self.counters.add("preempted_blocks_freed", chosen.freeable_blocks)
         state = self._state(victim.request_id)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.unit.test_policy import CONFIG, NO_FACTS, cand, candidate_lists, choose
+from tests.unit.test_policy import CONFIG, NO_FACTS, cand, candidate_lists, choose, preempt
 from vllm_bidkv.config import VICTIM_POLICIES
 from vllm_bidkv.policy import STRATEGIES, Candidate, Decision, make_strategy
 from vllm_bidkv.policy.strategies import (
@@ -153,7 +153,7 @@ def test_bidkv_02_without_guards_is_bidkv_01() -> None:
     ]
     s = Bid02Strategy()
     assert s.key(candidates[0], NO_FACTS) == Bid01Strategy().key(candidates[0], NO_FACTS)
-    assert s.choose(candidates, NO_FACTS) is candidates[0] and s.last_guard is None
+    assert preempt(s, candidates) is candidates[0] and s.last_guard is None
     assert choose("bidkv-0.1", candidates) == "r0"
     # lifetime num_preemptions (2 here) is U's business, not the liveness guard's
     assert s.preempted_this_epoch("r0") == 1
@@ -166,25 +166,27 @@ def test_bidkv_02_ties_go_to_the_newest() -> None:
 def test_bidkv_02_liveness_guard_abstains_on_the_third_pick_in_an_epoch() -> None:
     s = Bid02Strategy()
     big, small = cand(0, computed=2048), cand(1, computed=64)
-    assert s.choose([big, small], NO_FACTS) is big
-    assert s.choose([big, small], NO_FACTS) is big
+    assert preempt(s, [big, small]) is big
+    # a pick not taken (vLLM waited instead) counts nothing
+    assert s.choose([big, small], NO_FACTS) is big and s.preempted_this_epoch("r0") == 1
+    assert preempt(s, [big, small]) is big
     assert s.preempted_this_epoch("r0") == 2
-    assert s.choose([big, small], NO_FACTS) is None and s.last_guard == "liveness"
+    assert preempt(s, [big, small]) is None and s.last_guard == "liveness"
     # abstaining counts vLLM's victim (max order), not the top pick
     assert s.preempted_this_epoch("r0") == 2 and s.preempted_this_epoch("r1") == 1
     # another top pick is unaffected
     other = cand(2, computed=4096)
-    assert s.choose([big, small, other], NO_FACTS) is other and s.last_guard is None
+    assert preempt(s, [big, small, other]) is other and s.last_guard is None
 
 
 def test_bidkv_02_liveness_counts_reset_when_the_epoch_ends() -> None:
     s = Bid02Strategy()
     big, small = cand(0, computed=2048), cand(1, computed=64)
-    picks = [s.choose([big, small], NO_FACTS) for _ in range(Bid02Strategy.EPOCH_DECISIONS)]
+    picks = [preempt(s, [big, small]) for _ in range(Bid02Strategy.EPOCH_DECISIONS)]
     assert picks[:3] == [big, big, None] and all(p is None for p in picks[2:])
     assert s.preempted_this_epoch("r1") == Bid02Strategy.EPOCH_DECISIONS - 2
-    # decision 33 opens a new epoch: big is picked again
-    assert s.choose([big, small], NO_FACTS) is big and s.preempted_this_epoch("r1") == 0
+    # preemption 33 opens a new epoch: big is picked again
+    assert preempt(s, [big, small]) is big and s.preempted_this_epoch("r1") == 0
     # fresh instances share nothing
     assert Bid02Strategy().choose([big, small], NO_FACTS) is big
 

@@ -21,6 +21,7 @@ from vllm_bidkv.policy import (
     Candidate,
     Decision,
     ScoredStrategy,
+    VictimStrategy,
     admission_key,
     make_strategy,
 )
@@ -58,6 +59,16 @@ def choose(
     chosen = make_strategy(name, config).choose(candidates, decision)
     assert chosen is not None
     return chosen.request_id
+
+
+def preempt(
+    strategy: VictimStrategy, candidates: list[Candidate], decision: Decision = NO_FACTS
+) -> Candidate | None:
+    """What the scheduler side does for one preemption: choose, then tell the strategy who
+    was preempted (its pick, or vLLM's — the max ``order`` — when it abstained)."""
+    chosen = strategy.choose(candidates, decision)
+    strategy.preempted(chosen or max(candidates, key=lambda c: c.order))
+    return chosen
 
 
 # ---------------------------------------------------------------- registry
@@ -122,7 +133,8 @@ def test_random_is_reproducible_with_a_seed_and_uniform_enough() -> None:
     candidates = [cand(i) for i in range(8)]
     picks = [[make_strategy("random", BidKVConfig(seed=s)) for _ in range(2)] for s in (1, 2)]
     runs = [
-        [[st_.choose(candidates, NO_FACTS).request_id for _ in range(400)] for st_ in pair] for pair in picks
+        [[preempt(st_, candidates).request_id for _ in range(400)] for st_ in pair]  # type: ignore[union-attr]
+        for pair in picks
     ]
     assert runs[0][0] == runs[0][1]  # same seed, same sequence
     assert runs[1][0] == runs[1][1]
@@ -352,6 +364,24 @@ def test_property_choices(candidates: list[Candidate], seed: int, shortfall: int
         assert all(
             model.utility(c, shortfall) <= shortfall / (model.delta(c) + model.epsilon) for c in candidates
         )
+
+
+@pytest.mark.unit
+@given(st.lists(candidate_lists(), min_size=1, max_size=6), st.integers(0, 2**31))
+def test_property_choose_changes_nothing_until_a_preemption(
+    decisions: list[list[Candidate]], seed: int
+) -> None:
+    """A pick may be priced and not taken (vLLM waits for a store's blocks instead): asking
+    again, any number of times, gives the same answer, and a strategy asked in between picks
+    what one never asked picks (random's draw, bidkv-0.2's counts move only on ``preempted``)."""
+    cfg = BidKVConfig(seed=seed)
+    for name in VICTIM_POLICIES:
+        asked, fresh = make_strategy(name, cfg), make_strategy(name, cfg)
+        for candidates in decisions:
+            first = asked.choose(candidates, NO_FACTS)
+            assert all(asked.choose(candidates, NO_FACTS) is first for _ in range(3)), name
+            assert preempt(fresh, candidates) is first, name
+            asked.preempted(first or max(candidates, key=lambda c: c.order))
 
 
 @pytest.mark.unit

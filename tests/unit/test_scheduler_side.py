@@ -10,6 +10,7 @@ from vllm_bidkv import scheduler_side
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan
 from vllm_bidkv.offload.lookup import victim_candidate
+from vllm_bidkv.policy.strategies import Bid02Strategy
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide, StepEvents
 
 pytestmark = pytest.mark.unit
@@ -173,6 +174,33 @@ def test_vllm_waits_for_held_blocks_only_when_the_victim_costs_more_than_a_step(
         assert rig.side.choose_victim(preemptible, requester) is victim and built == ["v"]
     rig.side.complete(JobResults(done={job.job_id: 1 for job in plan.jobs()}))
     assert not rig.side.wait_for_frees([victim], requester), "the stores finished: nothing to wait for"
+    for request in (victim, requester):
+        rig.finish(request)
+    rig.idle()
+
+
+def test_a_wait_is_no_preemption_to_a_strategy_that_remembers_them() -> None:
+    """``bidkv-0.2`` counts preemptions towards its liveness guard: pricing a victim for a
+    wait (vLLM then preempts nobody) must not count one, however often vLLM waits."""
+    rig = Rig(victim_policy="bidkv-0.2", bid_step_cost=0)
+    strategy = rig.side.strategy
+    assert isinstance(strategy, Bid02Strategy)
+    old, victim, requester = (
+        SimRequest("old", tokens(3, 12)),
+        SimRequest("v", tokens(1, 6)),
+        SimRequest("r", tokens(2, 4)),
+    )
+    for request in (old, victim, requester):
+        rig.admit(request)
+    rig.finish(old)
+    plan = rig.side.plan_step(StepEvents())
+    assert plan.stores and rig.side.planner.holds_free_blocks()
+    for _ in range(3):
+        assert rig.side.wait_for_frees([victim], requester) and rig.side.has_pending_block_frees()
+    assert strategy.preempted_this_epoch("v") == 0, "three waits counted as preemptions"
+    assert rig.side.choose_victim([victim], requester) is victim
+    assert strategy.preempted_this_epoch("v") == 1
+    rig.side.complete(JobResults(done={job.job_id: 1 for job in plan.jobs()}))
     for request in (victim, requester):
         rig.finish(request)
     rig.idle()

@@ -8,6 +8,10 @@ picks vLLM's own victim. An empty candidate list raises ``ValueError``: the hook
 asks when vLLM has something to preempt. A strategy may abstain (``choose`` returns
 None): vLLM's own victim stands; only ``bidkv-0.2`` does.
 
+``choose`` changes nothing: a pick may be priced and not taken (vLLM waits for a store's
+blocks instead). What a strategy remembers (``random``'s draw, ``bidkv-0.2``'s counts) moves
+on only in ``preempted``, told the request that was preempted.
+
 Published rules of other projects are here as baselines: ``lcf``,
 ``reclaim-score``, ``remaining-output`` and ``bidkv-0.2``.
 """
@@ -34,7 +38,12 @@ class VictimStrategy(Protocol):
 
     def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate | None:
         """One member of ``candidates``, or None to abstain: vLLM's own victim stands (the
-        candidate with the max ``order``). ``ValueError`` if ``candidates`` is empty."""
+        candidate with the max ``order``). ``ValueError`` if ``candidates`` is empty.
+        Changes nothing: the same call gives the same answer until ``preempted``."""
+        ...
+
+    def preempted(self, victim: Candidate) -> None:
+        """``victim`` was preempted: the pick of the last ``choose``, or vLLM's if it abstained."""
         ...
 
 
@@ -72,6 +81,10 @@ class ScoredStrategy(ABC):
     def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate:
         return best_by_key(candidates, decision, self.key)
 
+    def preempted(self, victim: Candidate) -> None:
+        """A key remembers nothing."""
+        return None
+
 
 class VllmDefaultStrategy(ScoredStrategy):
     """Exactly vLLM's FCFS victim: the last of the running list (max ``order``).
@@ -86,17 +99,25 @@ class VllmDefaultStrategy(ScoredStrategy):
 
 
 class RandomStrategy:
-    """Uniform among the candidates, from its own generator: same seed, same sequence of picks."""
+    """Uniform among the candidates, from its own generator: same seed, same sequence of picks.
+
+    One draw per preemption, taken when it happens: a pick priced and not taken (vLLM
+    waited instead) leaves the next preemption the same draw.
+    """
 
     name = "random"
 
     def __init__(self, seed: int) -> None:
         self._rng = random.Random(seed)
+        self._draw = self._rng.random()  # in [0, 1): the next preemption's
 
     def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate:
         if not candidates:
             raise ValueError("no preemptible candidates to choose a victim from")
-        return self._rng.choice(candidates)
+        return candidates[int(self._draw * len(candidates))]
+
+    def preempted(self, victim: Candidate) -> None:
+        self._draw = self._rng.random()
 
 
 class LargestFirstStrategy(ScoredStrategy):
@@ -206,10 +227,10 @@ class Bid02Strategy:
 
     * Liveness guard: abstain if the top pick was already preempted ``LIVENESS_LIMIT``
       (2) or more times this epoch. An *epoch* is ``EPOCH_DECISIONS`` (32) consecutive
-      decisions of this strategy instance (our choice: 0.2.1's epoch length is not
-      published); the counts are cleared when one ends, which also bounds them to at
-      most 32 request ids. A decision counts one preemption of the request that will
-      be preempted: the strategy's pick, or on abstaining vLLM's (the max ``order``).
+      preemptions heard by this strategy instance (``preempted``; our choice: 0.2.1's
+      epoch length is not published); the counts are cleared when the next one begins,
+      which also bounds them to at most 32 request ids. Each counts one preemption of the
+      request preempted: the strategy's pick, or on abstaining vLLM's (the max ``order``).
       ``Candidate.num_preemptions`` (the lifetime count) is not used for this: it is
       already in U's δ.
     * Cascade guard: abstain if the requester (``Decision.requester_id``, the request
@@ -219,7 +240,7 @@ class Bid02Strategy:
       pick being the requester itself (0.1.0's requester-preempts-itself cascade). If
       the requester is not among the candidates the guard does not fire.
 
-    ``last_guard`` names the guard that fired in the last decision (``"liveness"``,
+    ``last_guard`` names the guard that fired in the last ``choose`` (``"liveness"``,
     ``"cascade"``) or is None when it returned its top pick.
     """
 
@@ -231,7 +252,7 @@ class Bid02Strategy:
     def __init__(self) -> None:
         self._bid01 = Bid01Strategy()
         self._preempted: dict[str, int] = {}
-        self._decisions = 0
+        self._decisions = 0  # preemptions counted in this epoch
         self.last_guard: str | None = None
 
     def key(self, c: Candidate, decision: Decision) -> Key:
@@ -244,20 +265,23 @@ class Bid02Strategy:
 
     def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate | None:
         top = self._bid01.choose(candidates, decision)  # ValueError when empty
-        if self._decisions == self.EPOCH_DECISIONS:
-            self._preempted.clear()
-            self._decisions = 0
-        self._decisions += 1
+        # A full epoch is over: the preemption this decides opens the next, with no counts.
+        counted = 0 if self._decisions == self.EPOCH_DECISIONS else self.preempted_this_epoch(top.request_id)
         requester = decision.requester(candidates)
-        if self.preempted_this_epoch(top.request_id) >= self.LIVENESS_LIMIT:
+        if counted >= self.LIVENESS_LIMIT:
             self.last_guard = "liveness"
         elif requester is not None and top.freeable_blocks <= self.CASCADE_RATIO * requester.freeable_blocks:
             self.last_guard = "cascade"
         else:
             self.last_guard = None
-        victim = top if self.last_guard is None else max(candidates, key=lambda c: c.order)
-        self._preempted[victim.request_id] = self.preempted_this_epoch(victim.request_id) + 1
         return top if self.last_guard is None else None
+
+    def preempted(self, victim: Candidate) -> None:
+        if self._decisions == self.EPOCH_DECISIONS:
+            self._preempted.clear()
+            self._decisions = 0
+        self._decisions += 1
+        self._preempted[victim.request_id] = self.preempted_this_epoch(victim.request_id) + 1
 
 
 STRATEGIES: dict[str, Callable[[BidKVConfig], VictimStrategy]] = {
