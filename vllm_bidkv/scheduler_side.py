@@ -126,7 +126,7 @@ class BidKVSchedulerSide:
     def has_pending_block_frees(self) -> bool:
         """Asked by vLLM (0.30+) when an allocation failed: True, it waits a step instead of
         preempting. ``wait_for_frees`` answered for this failure if the victim hook saw its
-        requester; else any free block a store in flight holds counts."""
+        requester; else (PRIORITY policy) any free block a store in flight holds counts."""
         wait, self._wait = self._wait, None
         return wait if wait is not None else self.planner is not None and self.planner.holds_free_blocks()
 
@@ -136,8 +136,10 @@ class BidKVSchedulerSide:
         ``requests``: the preemptible ones, vLLM's pick last. A wait delays the requester and
         every request behind it by a step; a preemption costs its victim δ. So wait only
         while a store holds a free block and the victim ``choose_victim`` would pick costs
-        more than a step (δ > ``bid_step_cost``). Kept for vLLM's next ``has_pending_block_frees``;
-        a pick it preempts is ``choose_victim``'s for the same ``requests`` (one decision).
+        more than a step (δ > ``bid_step_cost``). Asked by the victim hook, the answer is kept
+        for vLLM's next ``has_pending_block_frees``; a source-patched vLLM asks this in its place
+        and takes the return value. A pick it preempts is ``choose_victim``'s for the same
+        ``requests`` (one decision).
         """
         self._wait, self._priced = False, None
         if self.active and requests and self.planner is not None and self.planner.holds_free_blocks():
