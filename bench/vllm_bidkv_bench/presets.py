@@ -12,8 +12,9 @@ victim rule and ours, ``TOURNAMENT_CONFIGS``; ours with the lazy store and the o
 evictions, ``TOURNAMENT_VARIANTS``; and the bound ``oracle``) on the same H100 testbed with a CPU tier of
 about the GPU pool's size (1.17 GiB: an inclusive tier then holds little the GPU does not)
 or 10× it, for ``TOURNAMENT_WORKLOADS`` (``mixed``, ``long-context``, ``chat``, ``agentic``,
-``rag`` and the two field shapes ``multi-round-qa`` and ``long-doc-qa``); one run per load
-(the simulator is deterministic; seeds vary the trace only). They are *calibrated*
+``rag`` and the two field shapes ``multi-round-qa`` and ``long-doc-qa``); three runs per load,
+workload seeds 0, 1, 2 (the simulator is deterministic: seeds vary the trace only; the report
+shows medians and each ratio's range over the seeds). They are *calibrated*
 (``loads`` 0.5 / 0.8 / 0.95, issue 26): the runner first measures the simulator's stock
 capacity on the preset's workload (every request at once, ``runner.measure_capacity``) and
 runs at those fractions of it, where hand-picked rates were past saturation for some.
@@ -205,7 +206,7 @@ def _tournament(workload: str, tier: int) -> BenchPreset:
         rates=(),
         loads=SIM_LOADS,
         configs=(*TOURNAMENT_CONFIGS, *TOURNAMENT_VARIANTS, "oracle"),
-        runs=1,
+        runs=3,
         cpu_bytes=tier * GPU_POOL_BYTES,
     )
 
