@@ -573,11 +573,7 @@ def test_a_cache_reset_right_after_a_burst_gives_up_the_copies_in_flight(
     A plain reset (the tier kept) still waits for them."""
     from vllm.v1.request import RequestStatus
 
-    needs_connector_reset()
-    if probe().vllm_binds_context:
-        # The source-patched Scheduler binds our connector itself and our runtime hooks stand
-        # down; the patches do not carry the reset hook yet (closing note of session 8).
-        pytest.skip("the source patches do not give up copies before a reset yet")
+    needs_connector_reset()  # a source-patched Scheduler calls give_up_copies itself (patches/)
     scheduler = make_scheduler(
         num_gpu_blocks=40,
         max_num_seqs=8,
