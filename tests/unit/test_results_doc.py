@@ -25,7 +25,9 @@ def test_a_target_is_the_ratio_of_medians_and_its_range_is_each_seeds_ratio() ->
     bound = [record("oracle", run, 50, 190, 2.0) for run in range(3)]
     data = {"sim-chat-cpu1x": ([*ours, *peer, *rule, *bound], {})}
     rows = {row[0].split(": ", 1)[1]: row for row in tournament_targets(data)}
-    _, rate, measured, seeds, threshold, verdict = rows["p50 TTFT bidkv+offload / best other (vllm-offloading)"]
+    _, rate, measured, seeds, threshold, verdict = rows[
+        "p50 TTFT bidkv+offload / best other (vllm-offloading)"
+    ]
     assert (rate, measured, seeds, threshold, verdict) == ("1.0", "1.000", "0.900–1.200", "≤ 1.02", "**met**")
     _, _, measured, seeds, _, verdict = rows["p99 TTFT bidkv+offload / best other (vllm-offloading)"]
     assert (measured, seeds, verdict) == ("1.111", "1.111–1.111", "missed")

@@ -45,7 +45,9 @@ def add_seeds(results: Path, runs: int, name: str) -> None:
         r["run"] += 1
     meta = {**meta, "preset": asdict(replace(preset, runs=runs))}
     meta["elapsed_s"] = meta.get("elapsed_s", 0.0) + time.monotonic() - started
-    meta["seeds_added"] = f"runs 1-{runs - 1} added by docs/results/study-26/more_seeds.py to seed 0's records"
+    meta["seeds_added"] = (
+        f"runs 1-{runs - 1} added by docs/results/study-26/more_seeds.py to seed 0's records"
+    )
     merged = sorted([*records, *added], key=lambda r: (str(r["rate"]), r["run"]))
     report.write_json(merged, path, meta)
     report.write_csv(merged, results / f"{name}.csv")
