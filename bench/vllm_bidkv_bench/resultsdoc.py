@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -371,19 +372,25 @@ def tournament_targets(
     targets, per tournament. Measured: the ratio of the two configs' medians over seeds; seeds
     min–max: the same ratio on each seed alone ("–" with one seed)."""
     out: list[tuple[str, ...]] = []
-    by_seed: dict[tuple[str, str], list[float]] = {}
 
-    def check(name: str, rate: str, value: float | None, op: str, limit: float, why: str = "") -> None:
+    def check(
+        name: str,
+        rate: str,
+        value: float | None,
+        op: str,
+        limit: float,
+        why: str = "",
+        seeds: Sequence[float] = (),
+    ) -> None:
         ok = None if value is None else (value >= limit if op == "≥" else value <= limit)
         verdict = f"n/a{f' ({why})' if why else ''}" if ok is None else ("**met**" if ok else "missed")
-        seeds = by_seed.get((name, rate), [])
         spread = f"{min(seeds):.3f}–{max(seeds):.3f}" if len(seeds) > 1 else "–"
         out.append((name, rate, "–" if value is None else f"{value:.3f}", spread, f"{op} {limit:g}", verdict))
 
-    def per_seed(name: str, rate: str, a: dict[str, Any], b: dict[str, Any], key: str) -> None:
-        """Each seed's ratio a[key] / b[key], for the row ``check(name, rate, ...)`` adds next."""
+    def per_seed(rate: str, a: dict[str, Any], b: dict[str, Any], key: str) -> list[float]:
+        """Each seed's ratio a[key] / b[key] (``check``'s ``seeds``)."""
         ratios = [_ratio(x.get(key), y.get(key)) for x, y in _paired_runs(records, rate, a, b)]
-        by_seed[(name, rate)] = [r for r in ratios if r is not None]
+        return [r for r in ratios if r is not None]
 
     ours = "bidkv+offload"
     for section in SECTIONS:
@@ -398,11 +405,7 @@ def tournament_targets(
             if mine is None:
                 check(f"{tag}: {ours} ran", rate, None, "≥", 1, "no record")
                 continue
-            # Peers and every victim rule; not ours with another store rule or eviction (the variants table).
-            others = [
-                r for (rt, c), r in rows.items()
-                if rt == rate and c != ours and c not in BOUNDS and c not in TOURNAMENT_VARIANTS
-            ]  # fmt: skip
+            others = [rows[(rate, c)] for c in _rivals(rows, rate)]
             for label, key, pick, op, limit in (
                 ("p50 TTFT", "ttft_p50_ms", min, "≤", TIE),
                 ("p99 TTFT", "ttft_p99_ms", min, "≤", TIE),
@@ -410,9 +413,8 @@ def tournament_targets(
             ):
                 top = pick(others, key=lambda r, key=key: r[key], default=None)
                 if top is not None:
-                    name = f"{tag}: {label} {ours} / best other ({top['config']})"
-                    per_seed(name, rate, mine, top, key)
-                    check(name, rate, _ratio(mine[key], top[key]), op, limit)
+                    check(f"{tag}: {label} {ours} / best other ({top['config']})", rate,
+                          _ratio(mine[key], top[key]), op, limit, seeds=per_seed(rate, mine, top, key))  # fmt: skip
             if preset.workload in ("chat", "agentic") and preset.name.endswith("-cpu1x"):
                 peer = rows.get((rate, "vllm-offloading"), {}).get("ttft_p99_ms")
                 check(
@@ -424,13 +426,13 @@ def tournament_targets(
                 )
             oracle = rows.get((rate, "oracle"))
             if oracle is not None:
-                per_seed(f"{tag}: p99 TTFT {ours} / oracle", rate, mine, oracle, "ttft_p99_ms")
                 check(
                     f"{tag}: p99 TTFT {ours} / oracle",
                     rate,
                     _ratio(mine["ttft_p99_ms"], oracle["ttft_p99_ms"]),
                     "≤",
                     1.10,
+                    seeds=per_seed(rate, mine, oracle, "ttft_p99_ms"),
                 )
                 # The bound itself: no config may beat it by more than the tie (else the oracle is wrong).
                 configs = [r for (rt, c), r in rows.items() if rt == rate and c not in BOUNDS]
@@ -466,6 +468,16 @@ def tournament_targets(
     return out
 
 
+def _rivals(rows: dict[tuple[str, str], dict[str, Any]], rate: str) -> list[str]:
+    """The configs ``bidkv+offload``'s tournament targets compare with at ``rate``: vLLM's
+    peers and every victim rule; not the bounds, nor ours with another store rule or
+    eviction (the variants table)."""
+    return [
+        c for rt, c in rows
+        if rt == rate and c != "bidkv+offload" and c not in BOUNDS and c not in TOURNAMENT_VARIANTS
+    ]  # fmt: skip
+
+
 # -- the document -------------------------------------------------------------------
 def _paired_runs(
     records: list[dict[str, Any]], rate: str, a: dict[str, Any], b: dict[str, Any]
@@ -497,16 +509,15 @@ def tournament_summary(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any
             mine = rows.get((rate, "bidkv+offload"))
             if mine is None:
                 continue
-            others = {c: r for (rt, c), r in rows.items() if rt == rate and c != "bidkv+offload"}
-            every = [c for c in others if c not in BOUNDS and c not in TOURNAMENT_VARIANTS]
-            peers = [c for c in others if c in VLLM_PEERS]
+            every = _rivals(rows, rate)
+            peers = [c for c in every if c in VLLM_PEERS]
             for against, names in (("every other", every), ("vLLM's peers", peers)):
                 for key, better in (("ttft_p50_ms", min), ("ttft_p99_ms", min), ("throughput_rps", max)):
-                    ratio = mine[key] / better(others[c][key] for c in names)
+                    ratio = mine[key] / better(rows[(rate, c)][key] for c in names)
                     counts.setdefault((production, f"{key} vs {against}"), []).append(
                         ratio >= 1 / TIE if better is max else ratio <= TIE
                     )
-            oracle = others.get("oracle")
+            oracle = rows.get((rate, "oracle"))
             if oracle is not None:
                 counts.setdefault((production, "oracle"), []).append(
                     mine["ttft_p99_ms"] <= 1.10 * oracle["ttft_p99_ms"]
