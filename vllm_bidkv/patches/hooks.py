@@ -190,7 +190,7 @@ def install_victim_hook(scheduler: Any) -> bool:
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
     from vllm.v1.request import RequestStatus
 
-    if probe().vllm_binds_context:  # the source-patched Scheduler asks connector.choose_victim
+    if probe().vllm_binds_context:  # the source-patched Scheduler asks wait_for_frees, choose_victim
         return False
     if scheduler.policy != SchedulingPolicy.FCFS:
         logger.warning("vllm-bidkv: scheduling policy %s keeps vLLM's own victims", scheduler.policy)
