@@ -129,6 +129,14 @@ class SchedulerContext(Protocol):
         """Block ids the request holds, one list per KV cache group; () if it holds none."""
         ...
 
+    def request_block_ids_from(self, request_id: str, start: int) -> list[int]:
+        """The request's group-0 block ids from index ``start`` on; [] if it holds none there.
+
+        A request's newest blocks without a copy of all of them: ``offload_mode`` auto asks
+        this for each running request that filled a block, every step.
+        """
+        ...
+
     def request_ref_counts(self, request_id: str) -> list[int]:
         """Reference counts of the request's group-0 blocks, in order; [] if it holds none.
         The null block (in place of a sliding window's skipped blocks) counts 0: it frees nothing.

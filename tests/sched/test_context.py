@@ -139,11 +139,15 @@ def test_request_blocks_and_queue_views_match_scheduler(busy_scheduler: Any) -> 
     ctx = BlockPoolContext.for_scheduler(scheduler)
     manager = scheduler.kv_cache_manager
     for request in scheduler.running:
-        assert ctx.request_block_ids(request.request_id) == manager.get_block_ids(request.request_id)
+        ids = manager.get_block_ids(request.request_id)
+        assert ctx.request_block_ids(request.request_id) == ids
+        for start in (0, 1, len(ids[0]) - 1, len(ids[0]), len(ids[0]) + 3):
+            assert ctx.request_block_ids_from(request.request_id, start) == ids[0][start:]
     assert [r.request_id for r in ctx.running()] == [r.request_id for r in scheduler.running]
     assert [r.request_id for r in ctx.waiting()] == [r.request_id for r in scheduler.waiting]
     waiting_id = next(iter(scheduler.waiting)).request_id
     assert ctx.request_block_ids(waiting_id) == ()
+    assert ctx.request_block_ids_from(waiting_id, 0) == []
     assert ctx.get_request(waiting_id) is requests[waiting_id]
     # The running view follows the scheduler even when vLLM rebinds its list.
     view = ctx.running()

@@ -135,6 +135,9 @@ class ReferenceContext:
         held = self._held.get(request_id)
         return (list(held),) if held else ()
 
+    def request_block_ids_from(self, request_id: str, start: int) -> list[int]:
+        return list(self._held.get(request_id, ()))[start:]
+
     def request_ref_counts(self, request_id: str) -> list[int]:
         return [self.blocks[i].ref_cnt for i in self._held.get(request_id, ())]
 

@@ -98,6 +98,12 @@ class CpuBlockTier:
         """True if the hash is READY or a store of it is PENDING."""
         return block_hash in self._slot_of
 
+    @property
+    def held(self) -> Container[BlockHash]:
+        """The hashes ``contains`` is true of, live: ``in`` without a method call, for loops
+        over every block of many requests (``lookup.restorable_tokens``)."""
+        return self._slot_of.keys()
+
     def lookup(self, block_hash: BlockHash) -> int | None:
         """The slot holding this hash's data, or None (absent or still PENDING)."""
         slot = self._slot_of.get(block_hash)

@@ -40,7 +40,8 @@ def pick_computed_blocks(
     """Reserve a tier slot for each computed block from index ``first`` on the tier lacks.
 
     Args:
-        block_ids: the request's group-0 GPU blocks; ``block_hashes``: its full blocks' hashes.
+        block_ids: the request's group-0 GPU blocks from index ``first`` on;
+            ``block_hashes``: all its full blocks' hashes.
         min_idle: ``CpuBlockTier.reserve``'s; once a reserve finds no room, the rest are
             passed over (the next one would meet the same entry at the head of the queue).
 
@@ -50,9 +51,9 @@ def pick_computed_blocks(
     """
     picks: list[tuple[int, int]] = []
     room = True
-    end = min(len(block_hashes), len(block_ids))
+    end = min(len(block_hashes), first + len(block_ids))
     for index in range(first, end):
-        block_id, block_hash = block_ids[index], block_hashes[index]
+        block_id, block_hash = block_ids[index - first], block_hashes[index]
         view = ctx.get_block(block_id)
         if view.is_null:
             continue  # slid out of a sliding window: nothing reads it

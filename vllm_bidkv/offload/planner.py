@@ -150,13 +150,12 @@ class OffloadPlanner:
         left to the walk."""
         if first >= len(request.block_hashes):
             return first
-        groups = self._ctx.request_block_ids(request.request_id)
         min_idle = AUTO_MIN_IDLE_POOLS * self._ctx.num_gpu_blocks
         picks, index = pick_computed_blocks(
             self._ctx,
             self.tier,
             self.trust,
-            groups[0] if groups else [],
+            self._ctx.request_block_ids_from(request.request_id, first),
             request.block_hashes,
             first,
             min_idle,

@@ -169,20 +169,30 @@ class BlockPoolContext:
                 block.ref_cnt -= 1  # we still pin it
                 continue
             del self._ghost_pins[block.block_id]
-            key = self._ghost_anchor[block.block_id]
+            key = self._ghost_anchor.pop(block.block_id)
             if key is not None and not self._is_free(self._blocks[key]):
-                key = self._rehome_to_head(key)
-            del self._ghost_anchor[block.block_id]
+                self._rehome_to_head(key)
+                key = None
             group = self._ghosts_after.pop(key)
-            index = next(i for i, ghost in enumerate(group) if ghost is block)
-            before, after = group[:index], group[index + 1 :]
+            # Search from the end, and re-anchor only the ghosts behind it: a job frees its
+            # blocks last first, and the walk's blocks sit in one group in queue order, so
+            # the block is usually at the group's end (a search from the front, and
+            # re-anchoring the ghosts before it, made a job's frees quadratic in its size).
+            index = len(group) - 1
+            while group[index] is not block:
+                index -= 1
+            after = group[index + 1 :]
+            del group[index:]  # what is left: the ghosts before it, still behind ``key``
             if block.ref_cnt > 1:  # vLLM references it too: really used, vLLM places it
-                self._set_group(key, before + after)
+                group += after
+                if group:
+                    self._ghosts_after[key] = group
                 to_vllm.append(block)
                 continue
             block.ref_cnt = 0
             self._link_after(None if key is None else self._blocks[key], block)
-            self._set_group(key, before)
+            if group:
+                self._ghosts_after[key] = group
             self._set_group(block.block_id, after)
         if to_vllm:
             self._pool.free_blocks(to_vllm)
@@ -229,6 +239,12 @@ class BlockPoolContext:
         groups = self._manager.coordinator.single_type_managers
         ids = tuple([b.block_id for b in m.req_to_blocks.get(request_id, ())] for m in groups)
         return ids if any(ids) else ()
+
+    def request_block_ids_from(self, request_id: str, start: int) -> list[int]:
+        if self._manager is None:
+            return []
+        blocks = self._manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, ())
+        return [block.block_id for block in blocks[start:]]
 
     def request_ref_counts(self, request_id: str) -> list[int]:
         if self._manager is None:
