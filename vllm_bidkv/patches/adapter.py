@@ -173,7 +173,7 @@ class BlockPoolContext:
             if key is not None and not self._is_free(self._blocks[key]):
                 self._rehome_to_head(key)
                 key = None
-            group = self._ghosts_after.pop(key)
+            group = self._ghosts_after[key]
             # Search from the end, and re-anchor only the ghosts behind it: a job frees its
             # blocks last first, and the walk's blocks sit in one group in queue order, so
             # the block is usually at the group's end (a search from the front, and
@@ -181,19 +181,16 @@ class BlockPoolContext:
             index = len(group) - 1
             while group[index] is not block:
                 index -= 1
-            after = group[index + 1 :]
-            del group[index:]  # what is left: the ghosts before it, still behind ``key``
-            if block.ref_cnt > 1:  # vLLM references it too: really used, vLLM places it
-                group += after
-                if group:
-                    self._ghosts_after[key] = group
+            if block.ref_cnt > 1:  # vLLM references it too: used, vLLM places it
+                del group[index]
                 to_vllm.append(block)
-                continue
-            block.ref_cnt = 0
-            self._link_after(None if key is None else self._blocks[key], block)
-            if group:
-                self._ghosts_after[key] = group
-            self._set_group(block.block_id, after)
+            else:
+                block.ref_cnt = 0
+                self._link_after(None if key is None else self._blocks[key], block)
+                self._set_group(block.block_id, group[index + 1 :])
+                del group[index:]  # left: the ghosts before it, still behind ``key``
+            if not group:
+                del self._ghosts_after[key]
         if to_vllm:
             self._pool.free_blocks(to_vllm)
 
