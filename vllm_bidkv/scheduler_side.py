@@ -26,7 +26,7 @@ The path of one request through it:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vllm_bidkv.config import BidKVConfig
@@ -37,22 +37,7 @@ from vllm_bidkv.offload.disk import DiskTier
 from vllm_bidkv.offload.lookup import victim_candidate
 from vllm_bidkv.policy import BidCostModel, Candidate, Decision, VictimStrategy, admission_key, make_strategy
 from vllm_bidkv.policy.admission import AdmissionKey, CacheAwareAdmission
-
-
-@dataclass(frozen=True)
-class StepEvents:
-    """What one ``schedule()`` did, as the connector needs it (read by ``patches``)."""
-
-    blocks_allocated: int = 0
-    """GPU blocks vLLM allocated to scheduled requests in this step (drives the lazy walk)."""
-    resumed: Sequence[str] = ()
-    """Preempted requests scheduled again in this step."""
-    preempted: Sequence[str] = ()
-    """Requests preempted in this step."""
-    zeroed_blocks: frozenset[int] = frozenset()
-    """Blocks the workers zero before this step's forward: their old bytes cannot be rescued."""
-    computed_tokens: Mapping[str, int] = field(default_factory=dict)
-    """Per scheduled request, its tokens computed once this step's forward ran (``auto``'s stores)."""
+from vllm_bidkv.step_events import StepEvents
 
 
 @dataclass(eq=False)  # identity: one record per request
@@ -101,6 +86,10 @@ class BidKVSchedulerSide:
         self.planner: OffloadPlanner | None = None
         self._offload = offload
         self._victims: list[RequestState] = []  # chosen in this schedule(), blocks not yet rescued
+        # ``auto``: requests with computed blocks not offered yet (vLLM had not hashed one: under
+        # async scheduling a decode's token is known a step after it was scheduled), to be in
+        # ``StepEvents.filled`` each step they are scheduled.
+        self.offers_behind: set[str] = set()
         # Under async scheduling a synchronous load's failure arrives after the next step was
         # scheduled; if that step preempts the request, vLLM has cached the blocks and never
         # repairs them. An asynchronous load's blocks are cached only once it succeeded.
@@ -264,14 +253,26 @@ class BidKVSchedulerSide:
             state.victim_blocks = []
         self._victims = []
         if self.config.offload_mode == "auto" and self.ctx is not None:
-            block_size = self.ctx.block_size
-            for request_id, computed in events.computed_tokens.items():
-                state = self.requests.get(request_id)  # one that filled no block since is passed
-                if state is not None and computed // block_size > state.next_store_block:
-                    request = self.ctx.get_request(request_id)
-                    if request is not None:
-                        state.next_store_block = self.planner.store_computed(request, state.next_store_block)
+            self._offer_computed(events)
         return self.planner.plan_step(events.blocks_allocated)
+
+    def _offer_computed(self, events: StepEvents) -> None:
+        """``auto``: offer the tier the blocks this step's forward computes. Only ``events.filled``
+        (with those behind) can have any: O(those), not O(scheduled) each step."""
+        assert self.ctx is not None and self.planner is not None
+        block_size, behind = self.ctx.block_size, self.offers_behind
+        for request_id, computed in events.filled.items():
+            state = self.requests.get(request_id)
+            if state is None:
+                continue
+            if computed // block_size > state.next_store_block:
+                request = self.ctx.get_request(request_id)
+                if request is not None:
+                    state.next_store_block = self.planner.store_computed(request, state.next_store_block)
+            if computed // block_size > state.next_store_block:
+                behind.add(request_id)
+            else:
+                behind.discard(request_id)
 
     def complete(self, results: JobResults) -> None:
         """Workers' job results (``update_connector_output``)."""
@@ -290,6 +291,7 @@ class BidKVSchedulerSide:
             asynchronous load finished (``request_finished``'s ``delay_free_blocks``).
         """
         state = self.requests.pop(request.request_id, None)
+        self.offers_behind.discard(request.request_id)
         if state is not None:
             self._unprotect(state)
             self._victims = [s for s in self._victims if s is not state]

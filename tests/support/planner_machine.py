@@ -21,7 +21,8 @@ from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan, TransferJob
 from vllm_bidkv.offload.disk import DiskSpec, DiskTier
-from vllm_bidkv.scheduler_side import BidKVSchedulerSide, StepEvents
+from vllm_bidkv.scheduler_side import BidKVSchedulerSide
+from vllm_bidkv.step_events import StepEvents
 
 BS = 4  # tokens per block in these tests
 

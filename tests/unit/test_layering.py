@@ -30,6 +30,7 @@ PURE_MODULES = (
     "vllm_bidkv.counters",
     "vllm_bidkv.offload",
     "vllm_bidkv.scheduler_side",
+    "vllm_bidkv.step_events",
 )
 FORBIDDEN_IN_PURE = ("vllm", "torch")
 

@@ -11,7 +11,8 @@ from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan
 from vllm_bidkv.offload.lookup import victim_candidate
 from vllm_bidkv.policy.strategies import Bid02Strategy
-from vllm_bidkv.scheduler_side import BidKVSchedulerSide, StepEvents
+from vllm_bidkv.scheduler_side import BidKVSchedulerSide
+from vllm_bidkv.step_events import StepEvents
 
 pytestmark = pytest.mark.unit
 

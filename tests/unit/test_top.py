@@ -14,7 +14,7 @@ from tests.support.planner_machine import SimRequest, tokens
 from tests.unit.test_scheduler_side import Rig, park_prompt
 from vllm_bidkv.counters import GAUGES, IDLE_ZERO_GAUGES
 from vllm_bidkv.offload import JobResults
-from vllm_bidkv.scheduler_side import StepEvents
+from vllm_bidkv.step_events import StepEvents
 from vllm_bidkv.top import ROWS, Snapshot, metrics_url, parse_metrics, render, run_top, summarize
 
 pytestmark = pytest.mark.unit

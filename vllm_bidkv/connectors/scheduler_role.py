@@ -24,6 +24,7 @@ from vllm_bidkv.patches import hooks
 from vllm_bidkv.patches.kv_events import MEDIUM_CPU, MEDIUM_STORAGE, prefix_hash_root, tier_events
 from vllm_bidkv.patches.scheduler_output import step_events
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide
+from vllm_bidkv.step_events import StepEvents
 
 
 class SchedulerRole:
@@ -41,6 +42,7 @@ class SchedulerRole:
             # Loaded by module path without the plugin: bind on the first scheduler-side call.
             self._unbound_scheduler = hooks.find_scheduler_under_construction()
         self._config_sent = False  # the first step's metadata carries the config
+        self._block_size = int(vllm_config.cache_config.block_size)
         self._stats_reporter: StatsReporter | None = None
 
     @property
@@ -102,7 +104,15 @@ class SchedulerRole:
 
     def build_connector_meta(self, scheduler_output: Any) -> BidKVConnectorMetadata:
         self._open_disk()
-        meta = BidKVConnectorMetadata(self._bound.plan_step(step_events(scheduler_output)))
+        side = self._bound
+        # The bound context's block size is the Scheduler's own; unbound, nothing reads it.
+        block_size = side.ctx.block_size if side.ctx is not None else self._block_size
+        events = (
+            step_events(scheduler_output, block_size, side.offers_behind, transfers=side.planner is not None)
+            if side.active
+            else StepEvents()  # inert: a step changes nothing of ours
+        )
+        meta = BidKVConnectorMetadata(side.plan_step(events))
         if not self._config_sent:
             meta.scheduler_config, self._config_sent = asdict(self.config), True
         return meta

@@ -6,34 +6,45 @@ one place that knows how each release spells what a step did.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
-from vllm_bidkv.scheduler_side import StepEvents
+from vllm_bidkv.step_events import StepEvents
 
 
-def step_events(scheduler_output: Any) -> StepEvents:
-    """Blocks allocated, requests resumed and preempted, blocks zeroed, in this step."""
+def step_events(
+    scheduler_output: Any, block_size: int, watched: Container[str] = (), *, transfers: bool = True
+) -> StepEvents:
+    """What this step did: requests resumed and preempted and, with ``transfers`` (a CPU
+    tier), blocks allocated and zeroed and the requests that may have filled blocks.
+
+    ``watched``: requests reported in ``StepEvents.filled`` whenever they are scheduled.
+    """
     cached = scheduler_output.scheduled_cached_reqs
-    allocated = sum(len(r.block_ids[0]) for r in scheduler_output.scheduled_new_reqs if r.block_ids)
-    allocated += sum(len(ids[0]) for ids in cached.new_block_ids if ids)
+    resumed = _resumed_req_ids(cached)
     preempted = list(scheduler_output.preempted_req_ids or ())
+    if not transfers:  # no tier: only the victims' comings and goings matter
+        return StepEvents(resumed=resumed, preempted=preempted)
+    new = scheduler_output.scheduled_new_reqs
+    allocated = sum(len(r.block_ids[0]) for r in new if r.block_ids)
+    allocated += sum(len(ids[0]) for ids in cached.new_block_ids if ids)
     # 0.19+ (some attention backends): blocks the worker zeroes before the forward.
     zeroed = getattr(scheduler_output, "new_block_ids_to_zero", None) if preempted else None
     # Computed by the end of this step's forward: before it (what the output records, read
-    # before vLLM advances the request) plus what it scheduled.
+    # before vLLM advances the request) plus what it scheduled. In scheduling order, the
+    # order the tier's slots go out in.
     scheduled = scheduler_output.num_scheduled_tokens
-    computed = {
-        r.req_id: r.num_computed_tokens + scheduled[r.req_id] for r in scheduler_output.scheduled_new_reqs
-    }
+    filled = {r.req_id: r.num_computed_tokens + scheduled[r.req_id] for r in new}
     for req_id, before in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
-        computed[req_id] = before + scheduled[req_id]
+        after = before + scheduled[req_id]
+        if after // block_size > before // block_size or req_id in watched or req_id in resumed:
+            filled[req_id] = after
     return StepEvents(
         blocks_allocated=allocated,
-        resumed=_resumed_req_ids(cached),
+        resumed=resumed,
         preempted=preempted,
         zeroed_blocks=frozenset(zeroed or ()),
-        computed_tokens=computed,
+        filled=filled,
     )
 
 
