@@ -92,3 +92,41 @@ def test_context_keeps_the_same_queue_as_the_adapter(make_scheduler: Any, seed: 
         ctx.free_blocks(pinned)
     assert _state(runs[0][0]) == _state(runs[1][0])
     assert pinned_while_free > 20
+
+
+def test_a_multi_connector_hands_the_context_hooks_to_its_children(
+    make_scheduler: Any, tmp_path: Any
+) -> None:
+    """Ours inside vLLM's MultiConnector, beside vLLM's ExampleConnector: the patched Scheduler
+    binds our child, asks it for every victim and admits in its order. The MultiConnector
+    forwards the SchedulerContext hooks (not per-request hooks, so nothing else would)."""
+    from vllm.v1.core.sched.request_queue import KeyedRequestQueue
+    from vllm.v1.core.sched.scheduler_context import SchedulerContext
+
+    from tests.sched.conftest import add_requests
+    from tests.sched.test_victim import assert_drained, connector_config, record_choices, run_recording
+
+    multi = {
+        "kv_connector": "MultiConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "connectors": [
+                connector_config(victim_policy="lcf", admission="sjf", offload_mode="off"),
+                {
+                    "kv_connector": "ExampleConnector",
+                    "kv_role": "kv_both",
+                    "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)},
+                },
+            ]
+        },
+    }
+    scheduler = make_scheduler(num_gpu_blocks=28, max_num_seqs=8, kv_transfer_config=multi)
+    ours = scheduler.connector._connectors[0]
+    assert isinstance(ours.scheduler_role.side.ctx, SchedulerContext)
+    assert isinstance(scheduler.waiting, KeyedRequestQueue)
+    chosen = record_choices(ours)
+    requests = add_requests(scheduler, 24, seed=3, prefix_len=32, lo=40, hi=160, max_out=120)
+    preempted = [rid for _, step in run_recording(scheduler, requests) for rid in sorted(step)]
+    assert len(preempted) >= 5, "the workload must create KV pressure"
+    assert sorted(chosen) == sorted(preempted)
+    assert_drained(scheduler, requests)
