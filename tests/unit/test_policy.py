@@ -391,8 +391,7 @@ def test_property_with_nothing_restorable_a_capped_bid_is_lcf(candidates: list[C
     covers the shortfall: δ grows with computed tokens only, so bidkv picks what lcf picks."""
     cfg = BidKVConfig(bid_progress_weight=0.0, bid_starvation_weight=0.0)
     plain = [
-        dataclasses.replace(
-            c,
+        c._replace(
             shared_tokens=0,
             cpu_tokens=0,
             offloadable_tokens=0,

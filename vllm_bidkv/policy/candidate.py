@@ -22,13 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A running request vLLM could preempt now, with what preempting it frees and costs.
 
-    Only what some strategy reads: per-decision facts live on ``Decision``.
+    Only what some strategy reads: per-decision facts live on ``Decision``. A named tuple,
+    immutable like a frozen dataclass and built three times faster: one is built per
+    preemptible request at every failed allocation (hundreds at 256 running).
     """
 
     request_id: str
