@@ -288,6 +288,7 @@ class StepProfile:
             "load_s": self.load_s,
             "store_s": self.store_s,
             "connector_share": self.connector_s / scheduler_s if scheduler_s else 0.0,
+            "connector_by_call": dict(self.timer.by_call) if self.timer is not None else {},
             "max_running": self.max_running,
             "full_batch": self.full_batch,
             "full_batch_connector_share": (

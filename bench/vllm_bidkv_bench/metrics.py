@@ -75,21 +75,28 @@ CONNECTOR_CALLS = (
 )
 
 
+VICTIM_HOOK = "victim_hook"
+"""``ConnectorTimer.by_call``'s name for the time the victim hook spends choosing."""
+
+
 class ConnectorTimer:
-    """Wall time inside the connector's scheduler-side calls (outermost call only)."""
+    """Wall time inside the connector's scheduler-side calls (outermost call only), in all
+    (``total``) and per outermost call (``by_call``; the victim hook as ``victim_hook``)."""
 
     def __init__(self, connector: Any) -> None:
         self.total = 0.0
+        self.by_call: dict[str, float] = {}
         self._depth = 0
         self._start = 0.0
+        self._outermost = VICTIM_HOOK
         for name in CONNECTOR_CALLS:
             method = getattr(connector, name, None)
             if callable(method):
-                setattr(connector, name, self.wrap(method))
+                setattr(connector, name, self.wrap(name, method))
 
-    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self.victim_choice_started()
+            self._enter(name)
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -100,14 +107,20 @@ class ConnectorTimer:
     # The victim hook's observer interface (patches.hooks.add_victim_choice_observer): its
     # choice is the connector's time too; calls nested in it are counted once.
     def victim_choice_started(self) -> None:
+        self._enter(VICTIM_HOOK)
+
+    def _enter(self, name: str) -> None:
         self._depth += 1
         if self._depth == 1:
+            self._outermost = name
             self._start = time.perf_counter()
 
     def victim_choice_finished(self) -> None:
         self._depth -= 1
         if self._depth == 0:
-            self.total += time.perf_counter() - self._start
+            elapsed = time.perf_counter() - self._start
+            self.total += elapsed
+            self.by_call[self._outermost] = self.by_call.get(self._outermost, 0.0) + elapsed
 
 
 class SchedulerProbe:

@@ -337,6 +337,7 @@ def _sim_record(
         "scheduler_s": result.scheduler_s,
         "connector_s": result.connector_s,
         "connector_share": result.connector_s / result.scheduler_s if result.scheduler_s else 0.0,
+        "connector_by_call": result.connector_by_call,
         "max_running": result.max_running,
         "mean_running": result.mean_running,
         "full_batch_scheduler_s": result.busy_scheduler_s,

@@ -96,6 +96,8 @@ class SimResult:
     """Wall time inside schedule() + update_from_output()."""
     connector_s: float
     """Wall time inside connector methods and the victim hook (part of scheduler_s)."""
+    connector_by_call: dict[str, float]
+    """``connector_s`` per outermost call (``ConnectorTimer.by_call``)."""
     load_s: float
     """Virtual time forwards waited for copies (critical path): rescues and synchronous loads
     on the compute stream, a peer's flush on the host."""
@@ -669,6 +671,7 @@ class _Simulator:
             wall_s=time.perf_counter() - wall_start,
             scheduler_s=self.sched_s,
             connector_s=self._connector_total(),
+            connector_by_call=dict(self.timer.by_call) if self.timer else {},
             load_s=self.worker.load_s,
             store_s=self.worker.store_s,
             async_load_s=self.worker.async_load_s,

@@ -60,6 +60,10 @@ def test_every_request_finishes_with_its_token_count(config: str, request: pytes
         assert s.preemptions > 0 and s.recomputed_prefill_tokens > 0
     if "offload" not in config:
         assert s.loaded_tokens == 0 and s.stored_tokens == 0
+    # The connector's time, split by the outermost call it was spent in, adds up to its total.
+    assert sum(result.connector_by_call.values()) == pytest.approx(result.connector_s)
+    if config in ("bidkv", "bidkv+offload"):  # it chose the victims and planned every step
+        assert result.connector_by_call.keys() >= {"victim_hook", "build_connector_meta"}
 
 
 @pytest.mark.usefixtures("offload_supported")
