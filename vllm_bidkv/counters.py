@@ -34,16 +34,18 @@ COUNTERS: dict[str, str] = {
 class Counters:
     """Cumulative totals of ``COUNTERS``; an unknown name is a bug (KeyError)."""
 
-    __slots__ = ("_totals", "_reported")
+    __slots__ = ("_totals", "_reported", "_added")
 
     def __init__(self) -> None:
         self._totals = dict.fromkeys(COUNTERS, 0)
         self._reported = dict.fromkeys(COUNTERS, 0)
+        self._added = False  # since the last take_deltas: a step without events reports in O(1)
 
     def add(self, name: str, value: int = 1) -> None:
         if name not in self._totals:
             raise KeyError(f"vllm-bidkv: unknown counter {name!r}; known: {', '.join(COUNTERS)}")
         self._totals[name] += value
+        self._added = True
 
     def __getitem__(self, name: str) -> int:
         return self._totals[name]
@@ -53,8 +55,10 @@ class Counters:
 
     def take_deltas(self) -> dict[str, int]:
         """The non-zero increases since the previous call (what one stats report carries)."""
+        if not self._added:
+            return {}
         deltas = {n: v - self._reported[n] for n, v in self._totals.items() if v != self._reported[n]}
-        self._reported = dict(self._totals)
+        self._reported, self._added = dict(self._totals), False
         return deltas
 
 

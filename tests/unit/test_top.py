@@ -1,4 +1,4 @@
-"""``vllm-bidkv top``'s parsing and rendering, and the scheduler side's gauges (no vLLM, no torch)."""
+"""``vllm-bidkv top``'s parsing and rendering, the scheduler side's gauges and counter deltas (no vLLM, no torch)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 
 from tests.support.planner_machine import SimRequest, tokens
 from tests.unit.test_scheduler_side import Rig, park_prompt
-from vllm_bidkv.counters import GAUGES, IDLE_ZERO_GAUGES
+from vllm_bidkv.counters import COUNTERS, GAUGES, IDLE_ZERO_GAUGES, Counters
 from vllm_bidkv.offload import JobResults
 from vllm_bidkv.step_events import StepEvents
 from vllm_bidkv.top import ROWS, Snapshot, metrics_url, parse_metrics, render, run_top, summarize
@@ -171,3 +173,25 @@ def test_gauges_without_offload_count_requests_only() -> None:
     assert rig.side.gauges() == dict.fromkeys(GAUGES, 0) | {"tracked_requests": 1}
     rig.finish(request)
     assert rig.side.gauges() == dict.fromkeys(GAUGES, 0)
+
+
+@given(st.lists(st.one_of(st.none(), st.tuples(st.sampled_from(sorted(COUNTERS)), st.integers(0, 5)))))
+def test_counter_deltas_add_up_to_the_totals_and_are_empty_without_an_event(
+    ops: list[tuple[str, int] | None],
+) -> None:
+    """None: a stats report (take_deltas). Each report carries the non-zero increases since the
+    previous one, none when nothing was added since (vLLM then gets no report), and the
+    reports sum to the totals."""
+    counters, reported, added_since = Counters(), dict.fromkeys(COUNTERS, 0), False
+    for op in [*ops, None]:
+        if op is None:
+            deltas = counters.take_deltas()
+            assert all(v > 0 for v in deltas.values())
+            assert added_since or deltas == {}
+            for name, value in deltas.items():
+                reported[name] += value
+            assert reported == counters.totals()
+            added_since = False
+        else:
+            counters.add(*op)
+            added_since = True
