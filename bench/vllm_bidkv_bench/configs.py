@@ -21,7 +21,8 @@ Kinds of config:
   ``async_load_min_tokens`` (8192) tokens or more loads asynchronously (the request waits
   while the batch runs on); ``bidkv+offload-sync`` loads every hit synchronously, before the
   forward that reads it, so that against ``bidkv+offload`` it shows what asynchronous loads
-  change. ``bidkv+offload-late2`` (real engine only) runs ``bidkv+offload`` with every copy
+  change; ``bidkv+offload-wait`` waits for a store's blocks whenever one holds them (vLLM's
+  rule, ``bid_step_cost`` 0) where ours preempts a cheap victim instead. ``bidkv+offload-late2`` (real engine only) runs ``bidkv+offload`` with every copy
   reported two steps late (the ``complete_after_steps`` test hook), as CUDA would: against
   ``bidkv+offload`` it shows what late completions cost on the engine.
 * Peers, run through their **own** scheduler-side code from the installed vLLM (the
@@ -191,6 +192,14 @@ CONFIGS: dict[str, RunConfig] = {
             # No hit reaches it: every load runs before the forward that reads it.
             connector_options=(("async_load_min_tokens", 2**31),),
             label="bidkv+offload, every load synchronous",
+        ),
+        RunConfig(
+            "bidkv+offload-wait",
+            "bidkv",
+            "auto",
+            # vLLM's own rule: wait whenever a store holds a free block, whatever the victim costs.
+            connector_options=(("bid_step_cost", 0.0),),
+            label="bidkv+offload, vLLM's wait rule (bid_step_cost 0)",
         ),
         RunConfig(
             "bidkv+offload-late2",

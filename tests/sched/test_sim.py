@@ -351,6 +351,7 @@ def test_config_names() -> None:
     assert base is not None and "async_load_min_tokens" not in base
     sync = CONFIGS["bidkv+offload-sync"].connector_extra("fcfs", 1)
     assert sync == {**base, "async_load_min_tokens": 2**31}
+    assert CONFIGS["bidkv+offload-wait"].connector_extra("fcfs", 1) == {**base, "bid_step_cost": 0.0}
     assert CONFIGS["stock"].connector_extra("sjf", 1) == {
         "victim_policy": "vllm-default",
         "offload_mode": "off",
