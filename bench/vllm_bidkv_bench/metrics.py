@@ -72,6 +72,10 @@ CONNECTOR_CALLS = (
     "has_pending_push_work",
     "on_new_request",
     "get_kv_connector_stats",
+    # A source-patched vLLM asks the connector itself (no victim hook); with the hook they run
+    # inside it and count as ``victim_hook``.
+    "wait_for_frees",
+    "choose_victim",
 )
 
 

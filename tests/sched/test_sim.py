@@ -63,7 +63,9 @@ def test_every_request_finishes_with_its_token_count(config: str, request: pytes
     # The connector's time, split by the outermost call it was spent in, adds up to its total.
     assert sum(result.connector_by_call.values()) == pytest.approx(result.connector_s)
     if config in ("bidkv", "bidkv+offload"):  # it chose the victims and planned every step
-        assert result.connector_by_call.keys() >= {"victim_hook", "build_connector_meta"}
+        # Through the victim hook, or asked by a source-patched vLLM itself.
+        assert "build_connector_meta" in result.connector_by_call
+        assert result.connector_by_call.keys() & {"victim_hook", "choose_victim"}
 
 
 @pytest.mark.usefixtures("offload_supported")
