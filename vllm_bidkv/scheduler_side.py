@@ -265,11 +265,12 @@ class BidKVSchedulerSide:
             state = self.requests.get(request_id)
             if state is None:
                 continue
-            if computed // block_size > state.next_store_block:
+            full_blocks = computed // block_size
+            if full_blocks > state.next_store_block:
                 request = self.ctx.get_request(request_id)
                 if request is not None:
                     state.next_store_block = self.planner.store_computed(request, state.next_store_block)
-            if computed // block_size > state.next_store_block:
+            if full_blocks > state.next_store_block:
                 behind.add(request_id)
             else:
                 behind.discard(request_id)

@@ -22,8 +22,9 @@ Kinds of config:
   while the batch runs on); ``bidkv+offload-sync`` loads every hit synchronously, before the
   forward that reads it, so that against ``bidkv+offload`` it shows what asynchronous loads
   change; ``bidkv+offload-wait`` waits for a store's blocks whenever one holds them (vLLM's
-  rule, ``bid_step_cost`` 0) where ours preempts a cheap victim instead. ``bidkv+offload-late2`` (real engine only) runs ``bidkv+offload`` with every copy
-  reported two steps late (the ``complete_after_steps`` test hook), as CUDA would: against
+  rule, ``bid_step_cost`` 0) where ours preempts a cheap victim instead.
+  ``bidkv+offload-late2`` (real engine only) runs ``bidkv+offload`` with every copy reported
+  two steps late (the ``complete_after_steps`` test hook), as CUDA would: against
   ``bidkv+offload`` it shows what late completions cost on the engine.
 * Peers, run through their **own** scheduler-side code from the installed vLLM (the
   simulator plays their worker): ``vllm-offloading`` (``OffloadingConnector`` with its CPU

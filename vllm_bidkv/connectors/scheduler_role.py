@@ -42,7 +42,6 @@ class SchedulerRole:
             # Loaded by module path without the plugin: bind on the first scheduler-side call.
             self._unbound_scheduler = hooks.find_scheduler_under_construction()
         self._config_sent = False  # the first step's metadata carries the config
-        self._block_size = int(vllm_config.cache_config.block_size)
         self._stats_reporter: StatsReporter | None = None
 
     @property
@@ -105,13 +104,11 @@ class SchedulerRole:
     def build_connector_meta(self, scheduler_output: Any) -> BidKVConnectorMetadata:
         self._open_disk()
         side = self._bound
-        # The bound context's block size is the Scheduler's own; unbound, nothing reads it.
-        block_size = side.ctx.block_size if side.ctx is not None else self._block_size
-        events = (
-            step_events(scheduler_output, block_size, side.offers_behind, transfers=side.planner is not None)
-            if side.active
-            else StepEvents()  # inert: a step changes nothing of ours
-        )
+        if not side.active:
+            events = StepEvents()  # inert: a step changes nothing of ours
+        else:  # a tier exists once bound, and then the context's block size is the Scheduler's
+            block_size = side.ctx.block_size if side.planner is not None and side.ctx is not None else None
+            events = step_events(scheduler_output, block_size, side.offers_behind)
         meta = BidKVConnectorMetadata(side.plan_step(events))
         if not self._config_sent:
             meta.scheduler_config, self._config_sent = asdict(self.config), True

@@ -12,18 +12,17 @@ from typing import Any
 from vllm_bidkv.step_events import StepEvents
 
 
-def step_events(
-    scheduler_output: Any, block_size: int, watched: Container[str] = (), *, transfers: bool = True
-) -> StepEvents:
-    """What this step did: requests resumed and preempted and, with ``transfers`` (a CPU
-    tier), blocks allocated and zeroed and the requests that may have filled blocks.
+def step_events(scheduler_output: Any, block_size: int | None, watched: Container[str] = ()) -> StepEvents:
+    """What this step did: requests resumed and preempted and, with a CPU tier (its
+    ``block_size``; None: no tier), blocks allocated and zeroed and the requests that may have
+    filled blocks.
 
     ``watched``: requests reported in ``StepEvents.filled`` whenever they are scheduled.
     """
     cached = scheduler_output.scheduled_cached_reqs
     resumed = _resumed_req_ids(cached)
     preempted = list(scheduler_output.preempted_req_ids or ())
-    if not transfers:  # no tier: only the victims' comings and goings matter
+    if block_size is None:  # no tier: only the victims' comings and goings matter
         return StepEvents(resumed=resumed, preempted=preempted)
     new = scheduler_output.scheduled_new_reqs
     allocated = sum(len(r.block_ids[0]) for r in new if r.block_ids)
