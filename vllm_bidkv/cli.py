@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("--interval", type=float, default=2.0, help="seconds between samples (default 2)")
     top.set_defaults(func=_top)
 
+    command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("bench", "demo"):  # heavy imports only when asked for
         try:
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(BENCH_MISSING.format(command=argv[0]), file=sys.stderr)
             return 2
+        if command_line:
+            bench_cli.pin_hash_seed(argv)
         bench_cli.add_commands(sub)
     else:
         sub.add_parser("bench", help="benchmarks that write JSON (copy, select, sim, engine)")

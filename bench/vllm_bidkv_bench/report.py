@@ -58,6 +58,8 @@ def machine_meta() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "command": " ".join(["vllm-bidkv", *sys.argv[1:]]),
+        # vLLM's OffloadingConnector's simulated runs depend on it (cli.pin_hash_seed).
+        "python_hash_seed": os.environ.get("PYTHONHASHSEED", "random"),
     }
     with contextlib.suppress(ValueError, OSError):
         meta["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from vllm_bidkv_bench.cli import _matrix_args, _servers, matrix_from_args
+from vllm_bidkv_bench.cli import _matrix_args, _servers, matrix_from_args, pin_hash_seed
 from vllm_bidkv_bench.configs import CONFIGS, parse_configs
 from vllm_bidkv_bench.demo import winners
 from vllm_bidkv_bench.engine import fit_line
@@ -264,11 +264,60 @@ def test_demo_says_who_won_and_whether_it_is_outside_the_spread() -> None:
     committed = [rec("stock", r, 3000 + r, 2.0) for r in range(3)]
     committed += [rec("vllm-offloading", r, 1400 + 100 * r, 2.4 + 0.1 * r) for r in range(3)]
     committed += [rec("bidkv+offload", r, 1000 + 450 * r, 2.45) for r in range(3)]
+    # One run has no spread: the table says so, and beside it what the committed runs found for
+    # the same pair, never a verdict on this run from other runs' ranges.
     table = winners([("cpu-llama-chat", one_run)], lambda preset: committed)
     stock, peer = (line for line in table.splitlines() if line.startswith("| cpu-llama-chat"))
-    assert "| stock | 3.00× lower (ours won) | 1.25× higher (ours won) | TTFT yes, throughput yes" in stock
-    # Ours 1000-1900 against the peer's 1400-1600: the win of this run is inside the spread.
-    assert "| 1.50× lower (ours won) | 1.04× higher (ours won) | TTFT no (ranges overlap)" in peer
-    assert "(RESULTS.md, 3 runs of 96 requests)" in peer
+    assert "| stock | 3.00× lower (ours won) | 1.25× higher (ours won) | no spread: one run" in stock
+    assert "RESULTS.md (3 runs of 96 requests): TTFT 2.07× lower (ours won), ranges apart: yes" in stock
+    # Committed: ours 1000-1900 against the peer's 1400-1600, medians 1450 and 1500.
+    assert "| 1.50× lower (ours won) | 1.04× higher (ours won) | no spread: one run" in peer
+    assert "TTFT 1.03× lower (ours won), ranges apart: no (ranges overlap)" in peer
     alone = winners([("cpu-llama-chat", one_run)], lambda preset: None)
-    assert "no spread: one run and no committed runs" in alone
+    assert "no spread: one run (`--runs 3` measures it) |" in alone
+    # Three runs of its own: the verdict is on the demo's ranges, the committed runs unread.
+    three = [
+        dict(
+            r,
+            run=k,
+            ttft_p50_ms=r["ttft_p50_ms"] * (1 + 0.01 * k),
+            throughput_rps=r["throughput_rps"] * (1 - 0.05 * k),
+        )
+        for r in one_run
+        for k in range(3)
+    ]
+    table = winners([("cpu-llama-chat", three)], lambda preset: committed)
+    assert "TTFT yes, throughput no (ranges overlap) (this demo's 3 runs)" in table
+    assert "RESULTS.md" not in table
+
+
+def test_simulating_commands_run_again_under_one_hash_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's OffloadingConnector acts on sets of block hashes in set order: a simulating command
+    started with another (or a random) seed runs itself again with PYTHONHASHSEED=0, the same
+    command line. os.execve is replaced (a stand-in: the real one would replace pytest)."""
+    import os
+    import sys
+
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: execs.append((path, args, env)))
+    monkeypatch.setattr(
+        sys, "orig_argv", [sys.executable, "/venv/bin/vllm-bidkv", "bench", "sim", "--runs", "3"]
+    )
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    pin_hash_seed(["bench", "sim", "--runs", "3"])
+    assert execs == [
+        (
+            sys.executable,
+            [sys.executable, "/venv/bin/vllm-bidkv", "bench", "sim", "--runs", "3"],
+            {**os.environ, "PYTHONHASHSEED": "0"},
+        )
+    ]
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    pin_hash_seed(["bench", "report"])
+    assert len(execs) == 2 and execs[1][2]["PYTHONHASHSEED"] == "0"
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    pin_hash_seed(["bench", "sim"])
+    monkeypatch.delenv("PYTHONHASHSEED")
+    for other in (["bench", "engine"], ["demo"], ["bench", "copy"]):
+        pin_hash_seed(other)
+    assert len(execs) == 2, "already pinned, or a command that does not simulate: runs as it is"
