@@ -1,10 +1,9 @@
 """The connector's scheduler side: victims, admission, the CPU tier's planner, one record per request.
 
-``BidKVConnector`` (scheduler role) delegates every hook here. Pure: no vLLM
-import; it sees vLLM only through the ``SchedulerContext`` it is bound to,
-vLLM's requests (``RequestView``) and ``StepEvents``, which the ``patches``
-layer reads out of each release's ``SchedulerOutput``. The planner's property
-tests drive this class as vLLM would.
+``BidKVConnector`` (scheduler role) delegates every hook here. Pure: no vLLM import; it sees
+vLLM only through the ``SchedulerContext`` it is bound to, vLLM's requests (``RequestView``)
+and ``StepEvents``, which the ``patches`` layer reads out of each release's
+``SchedulerOutput``. The planner's property tests drive this class as vLLM would.
 
 The path of one request through it:
 
@@ -14,8 +13,8 @@ The path of one request through it:
 * ``wait_for_frees`` (the victim hook, when allocation fails while a store holds free
   blocks) says whether vLLM waits for them: only when the victim would cost more than a step;
 * ``choose_victim`` (the victim hook, when allocation fails) builds a ``Candidate``
-  per preemptible request and the ``Decision`` (requester, shortfall), asks the
-  strategy and records the victim's blocks;
+  per preemptible request (once a step: ``StepCandidates``) and the ``Decision``
+  (requester, shortfall), asks the strategy and records the victim's blocks;
 * ``plan_step`` (``build_connector_meta``, once per step) rescues this step's
   victims, protects their CPU entries until they resume, counts what a resumed
   victim recomputes, offers running requests' newly cached blocks to the tier
@@ -34,7 +33,7 @@ from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.counters import GAUGES, Counters
 from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, OffloadSpec, StepPlan
 from vllm_bidkv.offload.disk import DiskTier
-from vllm_bidkv.offload.lookup import victim_candidate
+from vllm_bidkv.offload.lookup import StepCandidates
 from vllm_bidkv.policy import BidCostModel, Candidate, Decision, VictimStrategy, admission_key, make_strategy
 from vllm_bidkv.policy.admission import AdmissionKey, CacheAwareAdmission
 from vllm_bidkv.step_events import StepEvents
@@ -81,6 +80,7 @@ class BidKVSchedulerSide:
         self._wait: bool | None = None  # wait_for_frees' answer until vLLM asks for it
         # wait_for_frees' pick when it answered "preempt": choose_victim's for the same list
         self._priced: tuple[Sequence[RequestView], Candidate] | None = None
+        self._candidates = StepCandidates()
         self.requests: dict[str, RequestState] = {}
         self.ctx: SchedulerContext | None = None
         self.planner: OffloadPlanner | None = None
@@ -156,19 +156,20 @@ class BidKVSchedulerSide:
         if not self.active or not requests:
             return None
         priced, self._priced = self._priced, None
-        chosen = (
-            priced[1] if priced is not None and priced[0] is requests else self._pick(requests, requester)
-        )
+        chosen = priced[1] if priced and priced[0] is requests else self._pick(requests, requester)
         victim = requests[chosen.order]
         self.strategy.preempted(chosen)
         self.counters.add("preemptions")
         self.counters.add("preempted_blocks_freed", chosen.freeable_blocks)
         state = self._state(victim.request_id)
         state.computed_at_preemption = chosen.computed_tokens
-        if self.planner is not None and self.ctx is not None:
-            groups = self.ctx.request_block_ids(victim.request_id)
+        ctx = self.ctx
+        assert ctx is not None, "bind() first"
+        self._candidates.preempting(ctx, victim.request_id)
+        if self.planner is not None:
+            groups = ctx.request_block_ids(victim.request_id)
             ids = groups[0] if groups else []
-            state.victim_blocks = [(b, self.ctx.get_block(b).block_hash) for b in ids]
+            state.victim_blocks = [(b, ctx.get_block(b).block_hash) for b in ids]
             self._victims.append(state)
         return victim
 
@@ -176,7 +177,7 @@ class BidKVSchedulerSide:
         r, ctx, tier = requester, self.ctx, self.planner.tier if self.planner is not None else None
         assert ctx is not None, "bind() first"
         decision = Decision() if r is None else Decision(r.request_id, self.shortfall_blocks(r))
-        candidates = [victim_candidate(ctx, tier, i, request) for i, request in enumerate(requests)]
+        candidates = self._candidates.price(ctx, tier, requests)
         return self.strategy.choose(candidates, decision) or candidates[-1]
 
     def shortfall_blocks(self, requester: RequestView) -> int:
@@ -227,6 +228,7 @@ class BidKVSchedulerSide:
     # -- steps -----------------------------------------------------------------------
     def plan_step(self, events: StepEvents) -> StepPlan:
         """The step's transfers (rescues of its victims, loads, stores); call once per step."""
+        self._candidates.new_step()
         for request_id in events.resumed:
             state = self.requests.get(request_id)
             if state is None:

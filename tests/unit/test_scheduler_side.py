@@ -6,9 +6,8 @@ import pytest
 
 from tests.support.planner_machine import BS, SimRequest, tokens
 from tests.unit.reference_context import ReferenceContext
-from vllm_bidkv import scheduler_side
 from vllm_bidkv.config import BidKVConfig
-from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan
+from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan, lookup
 from vllm_bidkv.offload.lookup import victim_candidate
 from vllm_bidkv.policy.strategies import Bid02Strategy
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide
@@ -164,15 +163,20 @@ def test_vllm_waits_for_held_blocks_only_when_the_victim_costs_more_than_a_step(
     assert rig.side.has_pending_block_frees(), "asked again without a decision: held blocks count"
     if not victim_costs_more:  # the victim it priced is the one preempted: one decision, not two
         built: list[str] = []
+        chosen: list[int] = []
 
         def counted(ctx: object, tier: object, order: int, request: SimRequest) -> object:
             built.append(request.request_id)
             return victim_candidate(ctx, tier, order, request)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(scheduler_side, "victim_candidate", counted)
+        choose = rig.side.strategy.choose
+        monkeypatch.setattr(lookup, "victim_candidate", counted)
+        monkeypatch.setattr(rig.side.strategy, "choose", lambda *a: chosen.append(1) or choose(*a))
         preemptible = [victim]
         assert not rig.side.wait_for_frees(preemptible, requester)
-        assert rig.side.choose_victim(preemptible, requester) is victim and built == ["v"]
+        assert rig.side.choose_victim(preemptible, requester) is victim and chosen == [1]
+        # Priced once in this schedule() (by the wait above): not again (StepCandidates).
+        assert built == []
     rig.side.complete(JobResults(done={job.job_id: 1 for job in plan.jobs()}))
     assert not rig.side.wait_for_frees([victim], requester), "the stores finished: nothing to wait for"
     for request in (victim, requester):

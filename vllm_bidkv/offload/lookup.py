@@ -1,6 +1,6 @@
 """Read-only questions to the tiers about one request: what a hit supplies after the
 GPU prefix, and what a resume would get back if the request were preempted now (its
-victim ``Candidate``)."""
+victim ``Candidate``, kept for the rest of the step by ``StepCandidates``)."""
 
 from __future__ import annotations
 
@@ -119,3 +119,44 @@ def victim_candidate(
         max_tokens=request.max_tokens,
         num_preemptions=request.num_preemptions,
     )
+
+
+class StepCandidates:
+    """The victim candidates priced in this ``schedule()``, kept for its later failed allocations.
+
+    Within one ``schedule()`` a preemptible request (running, not scheduled yet this step)
+    keeps its blocks, its computed and output tokens, and the tier its entries: copies are
+    planned and reported outside ``schedule()``. What does change is the reference count of a
+    block a victim shared, when vLLM frees the victim; and only a count going from 2 to 1
+    changes a candidate (a shared block becomes private: freeable, and offloadable). So a
+    victim holding such a block forgets every pricing, any other only its own, and a step
+    forgets them all. At 256 running half the failed allocations follow another in the same
+    step; each then prices only the candidates it has not seen. O(1) a candidate seen.
+    """
+
+    def __init__(self) -> None:
+        self._by_request: dict[str, Candidate] = {}
+
+    def price(
+        self, ctx: SchedulerContext, tier: CpuBlockTier | None, requests: Sequence[RequestView]
+    ) -> list[Candidate]:
+        """``victim_candidate`` of each of ``requests`` in order, reusing this step's pricings."""
+        known, candidates = self._by_request, []
+        for order, request in enumerate(requests):
+            candidate = known.get(request.request_id)
+            if candidate is None:
+                candidate = known[request.request_id] = victim_candidate(ctx, tier, order, request)
+            elif candidate.order != order:
+                candidate = candidate._replace(order=order)
+            candidates.append(candidate)
+        return candidates
+
+    def preempting(self, ctx: SchedulerContext, request_id: str) -> None:
+        """vLLM frees ``request_id``'s blocks next (call before it does)."""
+        if 2 in ctx.request_ref_counts(request_id):
+            self._by_request.clear()
+        else:
+            self._by_request.pop(request_id, None)
+
+    def new_step(self) -> None:
+        self._by_request.clear()
