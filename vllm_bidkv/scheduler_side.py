@@ -33,7 +33,7 @@ from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.counters import GAUGES, Counters
 from vllm_bidkv.offload import CpuBlockTier, JobResults, OffloadPlanner, OffloadSpec, StepPlan
 from vllm_bidkv.offload.disk import DiskTier
-from vllm_bidkv.offload.lookup import StepCandidates
+from vllm_bidkv.offload.lookup import StepCandidates, shortfall_blocks
 from vllm_bidkv.policy import BidCostModel, Candidate, Decision, VictimStrategy, admission_key, make_strategy
 from vllm_bidkv.policy.admission import AdmissionKey, CacheAwareAdmission
 from vllm_bidkv.step_events import StepEvents
@@ -63,11 +63,18 @@ class BidKVSchedulerSide:
     """Strategy, planner and per-request records of one scheduler (see module doc)."""
 
     def __init__(
-        self, config: BidKVConfig, *, offload: OffloadSpec | None = None, async_scheduling: bool = False
+        self,
+        config: BidKVConfig,
+        *,
+        offload: OffloadSpec | None = None,
+        async_scheduling: bool = False,
+        frees_running_blocks: bool = False,
     ) -> None:
         """``offload``: what the CPU tier and its planner are built from, given exactly when
         offload is on (``OffloadSpec.from_config``); ``async_scheduling``: vLLM schedules a
-        step ahead of the last output, so every load is asynchronous (below)."""
+        step ahead of the last output, so every load is asynchronous (below);
+        ``frees_running_blocks``: vLLM's allocation may free blocks of requests it did not
+        preempt (a sliding window's), so victim pricings do not last the step."""
         if config.offload_enabled != (offload is not None):
             raise ValueError(
                 f"vllm-bidkv: offload_mode={config.offload_mode!r} "
@@ -80,7 +87,7 @@ class BidKVSchedulerSide:
         self._wait: bool | None = None  # wait_for_frees' answer until vLLM asks for it
         # wait_for_frees' pick when it answered "preempt": choose_victim's for the same list
         self._priced: tuple[Sequence[RequestView], Candidate] | None = None
-        self._candidates = StepCandidates()
+        self._candidates = StepCandidates(last_the_step=not frees_running_blocks)
         self.requests: dict[str, RequestState] = {}
         self.ctx: SchedulerContext | None = None
         self.planner: OffloadPlanner | None = None
@@ -176,19 +183,9 @@ class BidKVSchedulerSide:
     def _pick(self, requests: Sequence[RequestView], requester: RequestView | None) -> Candidate:
         r, ctx, tier = requester, self.ctx, self.planner.tier if self.planner is not None else None
         assert ctx is not None, "bind() first"
-        decision = Decision() if r is None else Decision(r.request_id, self.shortfall_blocks(r))
+        decision = Decision() if r is None else Decision(r.request_id, shortfall_blocks(ctx, r))
         candidates = self._candidates.price(ctx, tier, requests)
         return self.strategy.choose(candidates, decision) or candidates[-1]
-
-    def shortfall_blocks(self, requester: RequestView) -> int:
-        """Blocks ``requester`` lacks to hold all its tokens, beyond the free pool; at least 1
-        (its allocation failed). Exact for a decode step; a chunked prefill asks for less
-        than the rest of its prompt, so this may overstate its need (U then caps less)."""
-        assert self.ctx is not None, "bind() first"
-        groups = self.ctx.request_block_ids(requester.request_id)
-        held = len(groups[0]) if groups else 0
-        needed = -(-requester.num_tokens // self.ctx.block_size) - held
-        return max(1, needed - self.ctx.num_free_blocks())
 
     # -- loads ---------------------------------------------------------------------
     def match(self, request: RequestView, num_computed_tokens: int) -> int:

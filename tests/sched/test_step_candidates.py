@@ -4,7 +4,8 @@ At every failed allocation the connector prices each preemptible request; a late
 the same step reuses what it priced then. Here each pick's candidates are compared with a fresh
 pricing of the same requests at that moment, on a workload where the reuse happens and where a
 victim shares blocks with exactly one other request (their reference count drops from 2 to 1
-when vLLM frees the victim, which changes that request's candidate within the step).
+when vLLM frees the victim, which changes that request's candidate within the step). Under a
+sliding window another request's allocation does the same, so there nothing is kept.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 import pytest
 from vllm_bidkv_bench.standalone import make_request, model_output
 
+from tests.sched.conftest import BLOCK_SIZE
 from tests.sched.test_connector_scheduler import DelayedCopyWorker
 from tests.sched.test_victim import assert_drained, connector_config
 from vllm_bidkv.offload.lookup import StepCandidates, victim_candidate
 
-pytestmark = [pytest.mark.sched, pytest.mark.usefixtures("offload_supported")]
+pytestmark = pytest.mark.sched
 
 
 def paired_requests(scheduler: Any, pairs: int, seed: int) -> dict[str, Any]:
@@ -41,6 +43,7 @@ def paired_requests(scheduler: Any, pairs: int, seed: int) -> dict[str, Any]:
     return requests
 
 
+@pytest.mark.usefixtures("offload_supported")
 def test_a_pick_reuses_only_the_pricings_that_still_hold(make_scheduler: Any, patched: None) -> None:
     scheduler = make_scheduler(
         num_gpu_blocks=120,
@@ -73,6 +76,7 @@ def test_a_pick_reuses_only_the_pricings_that_still_hold(make_scheduler: Any, pa
 
     side._candidates.price, side._candidates.new_step = checked_price, checked_new_step
     assert isinstance(side._candidates, StepCandidates)
+    assert side._candidates._last_the_step, "full attention: pricings last the step"
     requests = paired_requests(scheduler, 40, seed=11)
     worker = DelayedCopyWorker(delay=1)
     steps = 0
@@ -86,3 +90,44 @@ def test_a_pick_reuses_only_the_pricings_that_still_hold(make_scheduler: Any, pa
     # victim freed a block they shared at count 2): reuse and forgetting were both exercised.
     assert picks >= 5 and reused > 0 and stale > 0, (picks, reused, stale)
     assert_drained(scheduler, requests)
+
+
+def test_with_a_sliding_window_another_allocation_changes_a_candidate(
+    make_scheduler: Any, patched: None
+) -> None:
+    """Why pricings do not last the step under a sliding window: vLLM's allocation for one
+    request frees the blocks its window left, and a block another request still holds drops
+    from 2 references to 1 without any preemption, changing that request's candidate between
+    two failures of one ``schedule()``. The connector is told so at construction."""
+    scheduler = make_scheduler(
+        num_gpu_blocks=64,
+        max_num_seqs=4,
+        kv_transfer_config=connector_config(offload_mode="off"),
+        sliding_window=2 * BLOCK_SIZE,
+    )
+    side = scheduler.connector.scheduler_role.side
+    assert not side._candidates._last_the_step
+    bs = scheduler.block_size
+    prompt = list(range(1, 4 * bs + 1))
+    first = make_request("a", prompt, 40, block_size=bs)
+    requests = {"a": first}
+    scheduler.add_request(first)
+    scheduler.update_from_output(out := scheduler.schedule(), model_output(out, requests))
+    second = requests["b"] = make_request("b", prompt, 40, block_size=bs)  # shares a's blocks
+    scheduler.add_request(second)
+    manager = scheduler.kv_cache_manager
+    allocate, priced, changed = manager.allocate_slots, {}, []
+
+    def allocate_and_compare(request: Any, *args: Any, **kwargs: Any) -> Any:
+        blocks = allocate(request, *args, **kwargs)
+        if request is first and "b" in priced:  # b not scheduled yet this step: a candidate
+            changed.append(victim_candidate(side.ctx, None, 0, second) != priced["b"])
+        return blocks
+
+    manager.allocate_slots = allocate_and_compare
+    for _ in range(30):
+        if "b" in scheduler.requests and second.num_computed_tokens:
+            priced["b"] = victim_candidate(side.ctx, None, 0, second)
+        out = scheduler.schedule()
+        scheduler.update_from_output(out, model_output(out, requests))
+    assert any(changed), "a's allocation never changed b's candidate within a step"

@@ -25,7 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from vllm_bidkv.config import BidKVConfig
-from vllm_bidkv.connectors.offload_setup import offload_spec
+from vllm_bidkv.connectors.offload_setup import frees_running_blocks, offload_spec
 from vllm_bidkv.connectors.scheduler_role import SchedulerRole
 from vllm_bidkv.connectors.stats import BidKVPromMetrics, BidKVStats
 from vllm_bidkv.connectors.worker_role import WorkerRole
@@ -51,7 +51,9 @@ class BidKVConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             if self.config.active:
                 refuse_unsupported_admission(self.config.admission)  # at start, not at the first request
-            self.scheduler_role = SchedulerRole(self.config, vllm_config, offload)
+            self.scheduler_role = SchedulerRole(
+                self.config, vllm_config, offload, frees_running_blocks=frees_running_blocks(kv_cache_config)
+            )
         else:
             self.worker_role = WorkerRole(self.config, caps, vllm_config, kv_cache_config, offload)
         logger.info("vllm-bidkv: %s role, config %s", role.name, self.config)

@@ -56,6 +56,18 @@ def _check_offload(
     return groups[0].kv_cache_spec.sliding_window if kinds == ["SlidingWindowSpec"] else None
 
 
+def frees_running_blocks(kv_cache_config: Any) -> bool:
+    """Whether vLLM's allocation may free blocks of running requests it did not preempt: those
+    a sliding window (or chunked local attention) left behind, or a state-space group's. Then
+    a victim pricing does not last the step (``StepCandidates``). True when unknown."""
+    if kv_cache_config is None:
+        return True
+    return not all(
+        any(cls.__name__ == "FullAttentionSpec" for cls in type(group.kv_cache_spec).__mro__)
+        for group in kv_cache_config.kv_cache_groups
+    )
+
+
 def disk_dir(config: BidKVConfig, vllm_config: Any) -> str:
     """This engine's disk directory: ``disk_path``, or a directory per data-parallel rank in it
     (each rank is an engine of its own)."""

@@ -30,12 +30,20 @@ from vllm_bidkv.step_events import StepEvents
 class SchedulerRole:
     """The scheduler-role half of ``BidKVConnector`` (see module doc)."""
 
-    def __init__(self, config: BidKVConfig, vllm_config: Any, offload: OffloadSpec | None) -> None:
+    def __init__(
+        self,
+        config: BidKVConfig,
+        vllm_config: Any,
+        offload: OffloadSpec | None,
+        *,
+        frees_running_blocks: bool,
+    ) -> None:
         self.config = config
         self.side = BidKVSchedulerSide(
             config,
             offload=offload,
             async_scheduling=bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)),
+            frees_running_blocks=frees_running_blocks,
         )
         self._unbound_scheduler: Any = None
         if not hooks.bind_hook_installed():

@@ -87,6 +87,16 @@ def restorable_tokens(
     return cpu * block_size, offloadable * block_size
 
 
+def shortfall_blocks(ctx: SchedulerContext, requester: RequestView) -> int:
+    """Blocks ``requester`` lacks to hold all its tokens, beyond the free pool; at least 1 (its
+    allocation failed). Exact for a decode step; a chunked prefill asks for less than the rest
+    of its prompt, so this may overstate its need (U then caps less)."""
+    groups = ctx.request_block_ids(requester.request_id)
+    held = len(groups[0]) if groups else 0
+    needed = -(-requester.num_tokens // ctx.block_size) - held
+    return max(1, needed - ctx.num_free_blocks())
+
+
 def victim_candidate(
     ctx: SchedulerContext, tier: CpuBlockTier | None, order: int, request: RequestView
 ) -> Candidate:
@@ -132,10 +142,14 @@ class StepCandidates:
     victim holding such a block forgets every pricing, any other only its own, and a step
     forgets them all. At 256 running half the failed allocations follow another in the same
     step; each then prices only the candidates it has not seen. O(1) a candidate seen.
+
+    ``last_the_step`` False: vLLM's allocation frees blocks of requests it did not preempt
+    (a sliding window's that left it), so every failure prices every candidate afresh.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, last_the_step: bool = True) -> None:
         self._by_request: dict[str, Candidate] = {}
+        self._last_the_step = last_the_step
 
     def price(
         self, ctx: SchedulerContext, tier: CpuBlockTier | None, requests: Sequence[RequestView]
@@ -145,7 +159,9 @@ class StepCandidates:
         for order, request in enumerate(requests):
             candidate = known.get(request.request_id)
             if candidate is None:
-                candidate = known[request.request_id] = victim_candidate(ctx, tier, order, request)
+                candidate = victim_candidate(ctx, tier, order, request)
+                if self._last_the_step:
+                    known[request.request_id] = candidate
             elif candidate.order != order:
                 candidate = candidate._replace(order=order)
             candidates.append(candidate)
