@@ -15,7 +15,7 @@ batch's KV) and prefill is compute bound (linear in tokens, quadratic in context
 Host↔device copies (the CPU tier) are priced alike for every connector: each copy operation
 (one submission: a batched copy call, or one kernel) costs ``copy_overhead_s`` plus its bytes
 at the link's rate. One direction alone gets ``h2d/d2h_bytes_per_s``; both at once share
-``duplex_bytes_per_s``. When a copy runs, and whether a step waits for it, is the simulator's
+``duplex_bytes_per_s`` (a copy pays the shared rate only while the other direction runs). When a copy runs, and whether a step waits for it, is the simulator's
 business (``sim.py``: each connector's worker as vLLM runs it).
 
 Every number of ``H100_LLAMA3_8B`` comes from ``/work/shared/COST_FACTS.md`` (row named in
@@ -83,12 +83,18 @@ class CostModel:
         memory = read / (self.hbm_bytes_per_s * self.memory_efficiency)
         return max(compute, memory)
 
+    def link_rate(self, *, to_device: bool, duplex: bool) -> float:
+        """Bytes per second of one direction; ``duplex`` while the other direction is busy too."""
+        if duplex:
+            return self.duplex_bytes_per_s / 2
+        return self.h2d_bytes_per_s if to_device else self.d2h_bytes_per_s
+
     def copy_s(self, nbytes: float, *, to_device: bool, duplex: bool) -> float:
-        """Time of one host↔device copy operation; ``duplex`` when the other direction is busy too."""
+        """Time of one host↔device copy operation, the other direction idle throughout or
+        (``duplex``) busy throughout."""
         if nbytes <= 0:
             return 0.0
-        one_way = self.h2d_bytes_per_s if to_device else self.d2h_bytes_per_s
-        return self.copy_overhead_s + nbytes / (self.duplex_bytes_per_s / 2 if duplex else one_way)
+        return self.copy_overhead_s + nbytes / self.link_rate(to_device=to_device, duplex=duplex)
 
     def with_efficiency(self, efficiency: float) -> CostModel:
         """The same hardware at another achieved fraction of peak, compute and memory alike (the fit)."""

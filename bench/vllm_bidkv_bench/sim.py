@@ -27,9 +27,9 @@ A step is timed as vLLM 0.32's model runner runs it (``gpu_model_runner.execute_
    launched after it finished, and the scheduler hears of it with that step's output.
 
 Every copy, of every connector, goes through one link (``_Streams``): a load (host→device)
-and a store (device→host) direction, each serving its copies in order; a copy that overlaps
-the other direction gets the duplex share of the link; each copy operation (one submission)
-also pays the cost model's ``copy_overhead_s``. The worker models
+and a store (device→host) direction, each serving its copies in order; a copy moves its bytes
+at the duplex share of the link while the other direction moves bytes and at the one-way rate
+otherwise; each copy operation (one submission) also pays the cost model's ``copy_overhead_s``. The worker models
 (``_BidKVWorker``, ``_OffloadingWorker``, ``_SimpleOffloadWorker``) read the step's
 connector metadata as that connector's real worker does, and report completions through
 ``KVConnectorOutput`` in the form its scheduler side expects:
@@ -67,6 +67,7 @@ methods and the victim hook, for the connector-cost target.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import math
 import time
@@ -254,24 +255,43 @@ def simulate(
 # -- worker models ------------------------------------------------------------------
 class _Streams:
     """The host↔device link every connector's copies share: a load (host→device) and a store
-    (device→host) direction, each serving its copies in submission order."""
+    (device→host) direction, each serving its copies in submission order. A copy moves at the
+    one-way rate while the other direction is idle and at the duplex share while it is busy
+    (copies already placed keep their times)."""
 
     def __init__(self, cost: CostModel, block_bytes: int) -> None:
         self.cost = cost
         self.block_bytes = block_bytes
-        self.load_free_at = 0.0
-        self.store_free_at = 0.0
+        self.busy: dict[bool, collections.deque[tuple[float, float]]] = {
+            True: collections.deque(),
+            False: collections.deque(),
+        }  # per direction (to_device), when its copies move bytes: (from, until), oldest first
 
     def copy(self, blocks: int, ready: float, *, to_device: bool) -> tuple[float, float]:
         """One copy operation of ``blocks``, runnable from ``ready``: its (start, finish)."""
-        start = max(ready, self.load_free_at if to_device else self.store_free_at)
-        other_busy = (self.store_free_at if to_device else self.load_free_at) > start
-        finish = start + self.cost.copy_s(blocks * self.block_bytes, to_device=to_device, duplex=other_busy)
-        if to_device:
-            self.load_free_at = finish
-        else:
-            self.store_free_at = finish
-        return start, finish
+        mine, other = self.busy[to_device], self.busy[not to_device]
+        start = max(ready, mine[-1][1] if mine else 0.0)
+        while other and other[0][1] <= start:
+            other.popleft()  # this direction's copies start later still: never overlapped again
+        other_free = other[-1][1] if other else 0.0
+        while len(mine) > 1 and mine[0][1] <= other_free:
+            mine.popleft()  # the other direction's next copy starts after it
+        left = float(blocks * self.block_bytes)
+        if left <= 0:
+            mine.append((start, start))  # later copies of this direction still start after it
+            return start, start
+        alone = self.cost.link_rate(to_device=to_device, duplex=False)
+        shared = self.cost.link_rate(to_device=to_device, duplex=True)
+        t = moving = start + self.cost.copy_overhead_s
+        for busy_from, busy_to in other:  # in order: the bytes moved alone, then beside that copy
+            for until, rate in ((busy_from, alone), (busy_to, shared)):
+                if until > t and left > 0:
+                    moved = min(left, (until - t) * rate)
+                    t, left = t + moved / rate, left - moved
+        if left > 0:
+            t += left / alone
+        mine.append((moving, t))
+        return start, t
 
 
 class _Worker:

@@ -223,11 +223,15 @@ def test_a_copy_pays_the_per_copy_cost_and_shares_the_link() -> None:
     assert COST.copy_overhead_s > 0 and COST.copy_s(0, to_device=True, duplex=False) == 0
     link = _Streams(COST, BLOCK_BYTES)
     assert link.copy(8, 0.0, to_device=True) == (0.0, pytest.approx(one_way))
-    # A second load waits for the direction; a store beside it gets the duplex share.
+    # A second load waits for the direction; a store beside them gets the duplex share,
+    # except between the loads (the second one's per-copy cost moves no bytes).
     assert link.copy(8, 0.0, to_device=True)[0] == pytest.approx(one_way)
     start, finish = link.copy(8, 0.0, to_device=False)
+    gap = COST.copy_overhead_s * (
+        1 - COST.link_rate(to_device=False, duplex=False) / COST.link_rate(to_device=False, duplex=True)
+    )
     assert start == 0.0 and finish - start == pytest.approx(
-        COST.copy_s(8 * BLOCK_BYTES, to_device=False, duplex=True)
+        COST.copy_s(8 * BLOCK_BYTES, to_device=False, duplex=True) + gap
     )
     assert finish - start > COST.copy_s(8 * BLOCK_BYTES, to_device=False, duplex=False)
 
@@ -273,9 +277,31 @@ def test_our_copies_share_the_link_with_each_other() -> None:
     overlapped = _BidKVWorker(COST, BLOCK_BYTES)
     overlapped.after_forward(_bidkv_step(stores=(_job(0, "store", 16),)), 0.0)
     overlapped.before_forward(_bidkv_step(loads=(_job(1, "load", 16, request_id="a"),)), 0.0)
-    assert overlapped.async_load_s > load_alone
-    assert overlapped.async_load_s == pytest.approx(
-        COST.copy_s(16 * BLOCK_BYTES, to_device=True, duplex=True)
+    assert load_alone < overlapped.async_load_s < COST.copy_s(16 * BLOCK_BYTES, to_device=True, duplex=True)
+
+
+def test_a_copy_pays_the_duplex_share_only_while_the_other_direction_moves_bytes() -> None:
+    """A load beside a shorter store moves at the shared rate until the store ends and at the
+    one-way rate after it; one that starts after the store ends pays nothing for it."""
+    shared = COST.link_rate(to_device=True, duplex=True)
+    alone = COST.link_rate(to_device=True, duplex=False)
+    assert shared < alone
+    link = _Streams(COST, BLOCK_BYTES)
+    _, store_end = link.copy(4, 0.0, to_device=False)
+    start, finish = link.copy(16, 0.0, to_device=True)
+    moving = start + COST.copy_overhead_s
+    beside = (store_end - moving) * shared  # bytes moved while the store still ran
+    assert 0 < beside < 16 * BLOCK_BYTES
+    assert finish == pytest.approx(store_end + (16 * BLOCK_BYTES - beside) / alone)
+    # After both: a store finds the load direction busy for its first part only.
+    _, later = link.copy(16, finish, to_device=False)
+    assert later - finish == pytest.approx(COST.copy_s(16 * BLOCK_BYTES, to_device=False, duplex=False))
+    # A store placed to start later leaves the load direction alone until then.
+    gap = _Streams(COST, BLOCK_BYTES)
+    store_start, _ = gap.copy(64, 1.0, to_device=False)
+    _, load_end = gap.copy(16, 0.0, to_device=True)
+    assert store_start == 1.0 and load_end == pytest.approx(
+        COST.copy_s(16 * BLOCK_BYTES, to_device=True, duplex=False)
     )
 
 
