@@ -629,6 +629,7 @@ def render(
             f"Data: [`results/{section.name}.json`](results/{section.name}.json), "
             f"[`.csv`](results/{section.name}.csv).",
             "",
+            *_reruns_lines(smeta),
             *_calibration_line(records),
             *(
                 [
@@ -738,6 +739,15 @@ def variants_table(data: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]])
             if any(c != "–" for c in cells[1:4]):
                 lines.append(f"| {section.name.removeprefix('sim-')} | {rate} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _reruns_lines(meta: dict[str, Any]) -> list[str]:
+    """What ran again after the section was recorded (``study-26/rerun_configs.py``), and why."""
+    return [
+        f"Run again ({rerun['elapsed_s'] / 60:.1f} min): {', '.join(f'`{c}`' for c in rerun['configs'])}; "
+        f"{rerun['why']}. The other configs' records are those of the first run."
+        for rerun in meta.get("reruns", [])
+    ] + ([""] if meta.get("reruns") else [])
 
 
 def _calibration_line(records: list[dict[str, Any]]) -> list[str]:

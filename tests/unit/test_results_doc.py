@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from vllm_bidkv_bench.presets import TOURNAMENTS
-from vllm_bidkv_bench.resultsdoc import tournament_summary, tournament_targets
+from vllm_bidkv_bench.resultsdoc import _reruns_lines, tournament_summary, tournament_targets
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +42,12 @@ def test_a_target_is_the_ratio_of_medians_and_its_range_is_each_seeds_ratio() ->
 def test_testbed_tournaments_run_three_seeds() -> None:
     """The targets are medians of at least three seeds (issue 26)."""
     assert all(p.runs >= 3 for p in TOURNAMENTS)
+
+
+def test_a_section_says_which_configs_ran_again_and_why() -> None:
+    """A section whose configs were run again after it was recorded says so above its tables."""
+    assert _reruns_lines({}) == []
+    rerun = {"configs": ["bidkv+offload", "ideal-tier"], "why": "the link model", "elapsed_s": 90.0}
+    lines = _reruns_lines({"reruns": [rerun]})
+    assert lines[0].startswith("Run again (1.5 min): `bidkv+offload`, `ideal-tier`; the link model.")
+    assert lines[-1] == ""
