@@ -8,7 +8,7 @@ configs that copy: not ``stock``, not ``bidkv``, not ``oracle``, whose copies ta
 The simulator is deterministic (virtual time), so a kept record is what a full rerun gives;
 the caller checks that on a section cheap enough to rerun whole. The named configs run at
 the rates and seeds of the section's records (the capacity probe is not run again: stock's
-calibration is recorded), in ``processes`` worker processes; their records replace the old
+calibration is recorded; a section at fixed rates has none), in ``processes`` worker processes; their records replace the old
 ones, every distance (``*_vs_unbounded``, ``distance_to_ideal``, ``distance_to_oracle``) is
 computed again over the merged records, and the section's meta records what was rerun and why.
 """
@@ -52,7 +52,7 @@ def rerun(results: Path, processes: int, name: str, configs: list[str], why: str
     section = next(s for s in SECTIONS if s.name == name)
     path = results / f"{name}.json"
     records, meta = report.read_json(path)
-    calibration = next(r["calibration"] for r in records if "calibration" in r)
+    calibration = next((r["calibration"] for r in records if "calibration" in r), None)  # None: fixed rates
     runs = 1 + max(r["run"] for r in records)
     preset = get_preset(section.preset)
     matrix = Matrix(
@@ -69,7 +69,7 @@ def rerun(results: Path, processes: int, name: str, configs: list[str], why: str
     started = time.monotonic()
     with multiprocessing.Pool(processes, initializer=_start, initargs=(matrix,)) as pool:
         fresh = pool.map(_run, [(rate, run, c) for rate, run in jobs for c in configs], chunksize=1)
-    for record in fresh:
+    for record in fresh if calibration is not None else ():
         record["calibration"] = calibration
         record["load"] = calibration["loads"][calibration["rates"].index(record["rate"])]
     kept = [r for r in records if r["config"] not in configs]
