@@ -15,8 +15,9 @@ batch's KV) and prefill is compute bound (linear in tokens, quadratic in context
 Host↔device copies (the CPU tier) are priced alike for every connector: each copy operation
 (one submission: a batched copy call, or one kernel) costs ``copy_overhead_s`` plus its bytes
 at the link's rate. One direction alone gets ``h2d/d2h_bytes_per_s``; both at once share
-``duplex_bytes_per_s`` (a copy pays the shared rate only while the other direction runs). When a copy runs, and whether a step waits for it, is the simulator's
-business (``sim.py``: each connector's worker as vLLM runs it).
+``duplex_bytes_per_s`` (a copy pays the shared rate only while the other direction runs).
+When a copy runs, and whether a step waits for it, is the simulator's business (``sim.py``:
+each connector's worker as vLLM runs it).
 
 Every number of ``H100_LLAMA3_8B`` comes from ``/work/shared/COST_FACTS.md`` (row named in
 the comment), except ``copy_overhead_s`` (a published measurement, an assumption here: see its

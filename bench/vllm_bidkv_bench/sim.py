@@ -29,9 +29,9 @@ A step is timed as vLLM 0.32's model runner runs it (``gpu_model_runner.execute_
 Every copy, of every connector, goes through one link (``_Streams``): a load (host→device)
 and a store (device→host) direction, each serving its copies in order; a copy moves its bytes
 at the duplex share of the link while the other direction moves bytes and at the one-way rate
-otherwise; each copy operation (one submission) also pays the cost model's ``copy_overhead_s``. The worker models
-(``_BidKVWorker``, ``_OffloadingWorker``, ``_SimpleOffloadWorker``) read the step's
-connector metadata as that connector's real worker does, and report completions through
+otherwise; each copy operation (one submission) also pays the cost model's ``copy_overhead_s``.
+The worker models (``_BidKVWorker``, ``_OffloadingWorker``, ``_SimpleOffloadWorker``) read
+the step's connector metadata as that connector's real worker does, and report completions through
 ``KVConnectorOutput`` in the form its scheduler side expects:
 
 * BidKV (``connectors/worker.py``): rescues (``bind_connector_metadata``) and synchronous

@@ -8,9 +8,10 @@ configs that copy: not ``stock``, not ``bidkv``, not ``oracle``, whose copies ta
 The simulator is deterministic (virtual time), so a kept record is what a full rerun gives;
 the caller checks that on a section cheap enough to rerun whole. The named configs run at
 the rates and seeds of the section's records (the capacity probe is not run again: stock's
-calibration is recorded; a section at fixed rates has none), in ``processes`` worker processes; their records replace the old
-ones, every distance (``*_vs_unbounded``, ``distance_to_ideal``, ``distance_to_oracle``) is
-computed again over the merged records, and the section's meta records what was rerun and why.
+calibration is recorded; a section at fixed rates has none), in ``processes`` worker
+processes; their records replace the old ones, every distance (``*_vs_unbounded``,
+``distance_to_ideal``, ``distance_to_oracle``) is computed again over the merged records, and
+the section's meta records what was rerun and why.
 """
 
 import multiprocessing
