@@ -36,6 +36,7 @@ from vllm_bidkv.offload.disk import DiskTier
 from vllm_bidkv.offload.lookup import StepCandidates, shortfall_blocks
 from vllm_bidkv.policy import BidCostModel, Candidate, Decision, VictimStrategy, admission_key, make_strategy
 from vllm_bidkv.policy.admission import AdmissionKey, CacheAwareAdmission
+from vllm_bidkv.policy.strategies import ScoredStrategy
 from vllm_bidkv.step_events import StepEvents
 
 
@@ -184,6 +185,8 @@ class BidKVSchedulerSide:
         r, ctx, tier = requester, self.ctx, self.planner.tier if self.planner is not None else None
         assert ctx is not None, "bind() first"
         decision = Decision() if r is None else Decision(r.request_id, shortfall_blocks(ctx, r))
+        if isinstance(self.strategy, ScoredStrategy):  # one key: priced only where it may win
+            return self._candidates.best(ctx, tier, requests, self.strategy, decision)
         candidates = self._candidates.price(ctx, tier, requests)
         return self.strategy.choose(candidates, decision) or candidates[-1]
 

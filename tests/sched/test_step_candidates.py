@@ -20,6 +20,7 @@ from tests.sched.conftest import BLOCK_SIZE
 from tests.sched.test_connector_scheduler import DelayedCopyWorker
 from tests.sched.test_victim import assert_drained, connector_config
 from vllm_bidkv.offload.lookup import StepCandidates, victim_candidate
+from vllm_bidkv.policy.ranking import best_by_key
 
 pytestmark = pytest.mark.sched
 
@@ -54,13 +55,23 @@ def test_a_pick_reuses_only_the_pricings_that_still_hold(make_scheduler: Any, pa
     ctx, tier = side.ctx, side.planner.tier
     picks = reused = stale = 0
     seen: dict[str, Any] = {}  # this step's earlier pricing of each request, order aside
-    price, new_step = side._candidates.price, side._candidates.new_step
+    kept = side._candidates
+    best, new_step = kept.best, kept.new_step
 
-    def checked_price(ctx_: Any, tier_: Any, requests: list[Any]) -> list[Any]:
+    def checked_best(ctx_: Any, tier_: Any, requests: list[Any], strategy: Any, decision: Any) -> Any:
         nonlocal picks, reused, stale
-        candidates = price(ctx_, tier_, requests)
+        picked = best(ctx_, tier_, requests, strategy, decision)
         fresh = [victim_candidate(ctx, tier, i, r) for i, r in enumerate(requests)]
-        assert candidates == fresh, f"pick {picks}: a reused pricing no longer holds"
+        assert picked == best_by_key(fresh, decision, strategy.key), f"pick {picks}: not whole pricing's pick"
+        # Every part kept for a later failure of this step is what a fresh pricing gives now.
+        by_id = {c.request_id: c for c in fresh}
+        held = {c.request_id: c for c, _ in kept._held.values()}
+        for request_id, whole in kept._whole.items():
+            assert whole._replace(order=0) == by_id[request_id]._replace(order=0), f"pick {picks}: stale"
+        for request_id, candidate in held.items():
+            assert candidate._replace(order=0) == by_id[request_id]._replace(
+                order=0, cpu_tokens=0, offloadable_tokens=0
+            ), f"pick {picks}: a reused pricing no longer holds"
         for candidate in fresh:
             earlier = seen.get(candidate.request_id)
             if earlier is not None:
@@ -68,13 +79,13 @@ def test_a_pick_reuses_only_the_pricings_that_still_hold(make_scheduler: Any, pa
                 stale += earlier != candidate._replace(order=earlier.order)
             seen[candidate.request_id] = candidate
         picks += 1
-        return candidates
+        return picked
 
     def checked_new_step() -> None:
         seen.clear()
         new_step()
 
-    side._candidates.price, side._candidates.new_step = checked_price, checked_new_step
+    kept.best, kept.new_step = checked_best, checked_new_step  # type: ignore[method-assign]
     assert isinstance(side._candidates, StepCandidates)
     assert side._candidates._last_the_step, "full attention: pricings last the step"
     requests = paired_requests(scheduler, 40, seed=11)

@@ -8,7 +8,7 @@ from tests.support.planner_machine import BS, SimRequest, tokens
 from tests.unit.reference_context import ReferenceContext
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.offload import JobResults, OffloadSpec, StepPlan, lookup
-from vllm_bidkv.offload.lookup import victim_candidate
+from vllm_bidkv.offload.lookup import held_candidate, victim_candidate
 from vllm_bidkv.policy.strategies import Bid02Strategy
 from vllm_bidkv.scheduler_side import BidKVSchedulerSide
 from vllm_bidkv.step_events import StepEvents
@@ -165,13 +165,13 @@ def test_vllm_waits_for_held_blocks_only_when_the_victim_costs_more_than_a_step(
         built: list[str] = []
         chosen: list[int] = []
 
-        def counted(ctx: object, tier: object, order: int, request: SimRequest) -> object:
+        def counted(ctx: object, order: int, request: SimRequest) -> object:
             built.append(request.request_id)
-            return victim_candidate(ctx, tier, order, request)  # type: ignore[arg-type]
+            return held_candidate(ctx, order, request)  # type: ignore[arg-type]
 
-        choose = rig.side.strategy.choose
-        monkeypatch.setattr(lookup, "victim_candidate", counted)
-        monkeypatch.setattr(rig.side.strategy, "choose", lambda *a: chosen.append(1) or choose(*a))
+        best = rig.side._candidates.best
+        monkeypatch.setattr(lookup, "held_candidate", counted)
+        monkeypatch.setattr(rig.side._candidates, "best", lambda *a: chosen.append(1) or best(*a))
         preemptible = [victim]
         assert not rig.side.wait_for_frees(preemptible, requester)
         assert rig.side.choose_victim(preemptible, requester) is victim and chosen == [1]

@@ -9,7 +9,9 @@ from collections.abc import Callable, Sequence
 
 from vllm_bidkv.context import BlockHash, RequestView, SchedulerContext
 from vllm_bidkv.offload.cpu_tier import CpuBlockTier
-from vllm_bidkv.policy.candidate import Candidate
+from vllm_bidkv.policy.candidate import Candidate, Decision
+from vllm_bidkv.policy.ranking import best_by_bounded_key, best_by_key
+from vllm_bidkv.policy.strategies import ScoredStrategy
 
 
 def match_tokens(
@@ -105,30 +107,53 @@ def victim_candidate(
     ``tier``: the CPU tier (None: offload off, nothing restorable); ``order``: the request's
     position in the list vLLM may preempt from.
     """
+    held, refs = held_candidate(ctx, order, request)
+    return with_restorable(tier, held, refs, request, ctx.block_size)
+
+
+def held_candidate(ctx: SchedulerContext, order: int, request: RequestView) -> tuple[Candidate, list[int]]:
+    """``victim_candidate`` without its restorable run (``cpu_tokens`` and ``offloadable_tokens``
+    0), and the request's block reference counts that run is read from (``with_restorable``).
+    What preempting it frees is known here; only what a resume gets back from the tier is not."""
     refs = ctx.request_ref_counts(request.request_id)
     bs = ctx.block_size
     computed = request.num_computed_tokens
-    shared_blocks = 0
-    while shared_blocks < len(refs) and refs[shared_blocks] > 1:
-        shared_blocks += 1
-    cpu_tokens = offloadable_tokens = 0
-    if tier is not None:
-        cpu_tokens, offloadable_tokens = restorable_tokens(
-            tier, refs, request.block_hashes, shared_blocks, computed // bs, bs
-        )
-    return Candidate(
+    shared_blocks = _shared_blocks(refs)
+    held = Candidate(
         request_id=request.request_id,
         order=order,
         num_blocks=len(refs),
         freeable_blocks=refs.count(1),
         computed_tokens=computed,
         shared_tokens=min(computed, shared_blocks * bs),
-        cpu_tokens=cpu_tokens,
-        offloadable_tokens=offloadable_tokens,
+        cpu_tokens=0,
+        offloadable_tokens=0,
         output_tokens=request.num_output_tokens,
         max_tokens=request.max_tokens,
         num_preemptions=request.num_preemptions,
     )
+    return held, refs
+
+
+def with_restorable(
+    tier: CpuBlockTier | None, held: Candidate, refs: Sequence[int], request: RequestView, block_size: int
+) -> Candidate:
+    """``held`` (``held_candidate``'s, with its ``refs``) with the run a resume would get back
+    from the tier. O(blocks)."""
+    if tier is None:
+        return held
+    cpu, offloadable = restorable_tokens(
+        tier, refs, request.block_hashes, _shared_blocks(refs), held.computed_tokens // block_size, block_size
+    )
+    return held._replace(cpu_tokens=cpu, offloadable_tokens=offloadable)
+
+
+def _shared_blocks(refs: Sequence[int]) -> int:
+    """Leading blocks other requests hold too (a resume finds them on the GPU)."""
+    shared = 0
+    while shared < len(refs) and refs[shared] > 1:
+        shared += 1
+    return shared
 
 
 class StepCandidates:
@@ -143,36 +168,87 @@ class StepCandidates:
     forgets them all. At 256 running half the failed allocations follow another in the same
     step; each then prices only the candidates it has not seen. O(1) a candidate seen.
 
+    A candidate is priced in two parts, each kept as long as the whole would be:
+    ``held_candidate``, then ``with_restorable``. ``best`` prices the second only for the
+    candidates the strategy's key bound does not rule out (at 256 running, 3% of them).
+
     ``last_the_step`` False: vLLM's allocation frees blocks of requests it did not preempt
     (a sliding window's that left it), so every failure prices every candidate afresh.
     """
 
     def __init__(self, last_the_step: bool = True) -> None:
-        self._by_request: dict[str, Candidate] = {}
+        self._held: dict[str, tuple[Candidate, list[int]]] = {}
+        self._whole: dict[str, Candidate] = {}
         self._last_the_step = last_the_step
 
     def price(
         self, ctx: SchedulerContext, tier: CpuBlockTier | None, requests: Sequence[RequestView]
     ) -> list[Candidate]:
         """``victim_candidate`` of each of ``requests`` in order, reusing this step's pricings."""
-        known, candidates = self._by_request, []
+        bs = ctx.block_size
+        return [
+            self._whole_candidate(tier, held, refs, request, bs)
+            for (held, refs), request in zip(self._held_candidates(ctx, requests), requests, strict=True)
+        ]
+
+    def best(
+        self,
+        ctx: SchedulerContext,
+        tier: CpuBlockTier | None,
+        requests: Sequence[RequestView],
+        strategy: ScoredStrategy,
+        decision: Decision,
+    ) -> Candidate:
+        """``strategy.choose`` of ``price``'s candidates, pricing the restorable run only of
+        those ``strategy.key_bound`` does not rule out (``best_by_bounded_key``)."""
+        entries = self._held_candidates(ctx, requests)
+        held = [candidate for candidate, _ in entries]
+        if tier is None:  # nothing restorable: the held candidates are whole
+            return best_by_key(held, decision, strategy.key)
+        bs = ctx.block_size
+
+        def whole(candidate: Candidate) -> Candidate:
+            return self._whole_candidate(
+                tier, candidate, entries[candidate.order][1], requests[candidate.order], bs
+            )
+
+        return best_by_bounded_key(held, decision, strategy.key, strategy.key_bound, whole)
+
+    def _held_candidates(
+        self, ctx: SchedulerContext, requests: Sequence[RequestView]
+    ) -> list[tuple[Candidate, list[int]]]:
+        """``held_candidate`` of each of ``requests``, with ``order`` its index."""
+        known, entries = self._held, []
         for order, request in enumerate(requests):
-            candidate = known.get(request.request_id)
-            if candidate is None:
-                candidate = victim_candidate(ctx, tier, order, request)
+            entry = known.get(request.request_id)
+            if entry is None:
+                entry = held_candidate(ctx, order, request)
                 if self._last_the_step:
-                    known[request.request_id] = candidate
-            elif candidate.order != order:
-                candidate = candidate._replace(order=order)
-            candidates.append(candidate)
-        return candidates
+                    known[request.request_id] = entry
+            elif entry[0].order != order:
+                entry = (entry[0]._replace(order=order), entry[1])
+            entries.append(entry)
+        return entries
+
+    def _whole_candidate(
+        self, tier: CpuBlockTier | None, held: Candidate, refs: list[int], request: RequestView, bs: int
+    ) -> Candidate:
+        whole = self._whole.get(held.request_id)
+        if whole is None:
+            whole = with_restorable(tier, held, refs, request, bs)
+            if self._last_the_step:
+                self._whole[held.request_id] = whole
+        return whole if whole.order == held.order else whole._replace(order=held.order)
 
     def preempting(self, ctx: SchedulerContext, request_id: str) -> None:
         """vLLM frees ``request_id``'s blocks next (call before it does)."""
         if 2 in ctx.request_ref_counts(request_id):
-            self._by_request.clear()
+            self._held.clear()
+            self._whole.clear()
         else:
-            self._by_request.pop(request_id, None)
+            self._held.pop(request_id, None)
+            self._whole.pop(request_id, None)
 
     def new_step(self) -> None:
-        self._by_request.clear()
+        self._held.clear()
+        self._whole.clear()

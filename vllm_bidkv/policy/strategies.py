@@ -26,9 +26,7 @@ from typing import Protocol
 from vllm_bidkv.config import BidKVConfig
 from vllm_bidkv.policy.candidate import Candidate, Decision
 from vllm_bidkv.policy.cost import BidCostModel
-
-Key = tuple[float, ...]
-"""A candidate's rank under one strategy, compared as a tuple: the max is preempted."""
+from vllm_bidkv.policy.ranking import Key, best_by_key
 
 
 class VictimStrategy(Protocol):
@@ -47,24 +45,6 @@ class VictimStrategy(Protocol):
         ...
 
 
-def best_by_key(
-    candidates: Sequence[Candidate], decision: Decision, key: Callable[[Candidate, Decision], Key]
-) -> Candidate:
-    """The candidate with the max ``key``; equal keys go to the newest (max ``order``).
-
-    Args:
-        candidates: The preemptible requests of this decision.
-        decision: Passed to ``key`` with each candidate.
-        key: The strategy's rank of one candidate.
-
-    Returns:
-        The chosen member of ``candidates``; ``ValueError`` if there is none.
-    """
-    if not candidates:
-        raise ValueError("no preemptible candidates to choose a victim from")
-    return max(candidates, key=lambda c: (key(c, decision), c.order))
-
-
 class ScoredStrategy(ABC):
     """A strategy that is one key: ``choose`` is the max of ``key`` (``best_by_key``).
 
@@ -77,6 +57,12 @@ class ScoredStrategy(ABC):
     @abstractmethod
     def key(self, c: Candidate, decision: Decision) -> Key:
         """``c``'s rank in ``decision``; higher = preempted first, ``order`` breaks ties."""
+
+    def key_bound(self, c: Candidate, decision: Decision) -> Key:
+        """At least ``key`` of ``c`` with any restorable run (``cpu_tokens``,
+        ``offloadable_tokens``), from ``c`` without one (``best_by_bounded_key``). The key
+        itself where it does not read the run: every strategy's but ``bidkv``'s."""
+        return self.key(c, decision)
 
     def choose(self, candidates: Sequence[Candidate], decision: Decision) -> Candidate:
         return best_by_key(candidates, decision, self.key)
@@ -144,6 +130,19 @@ class BidStrategy(ScoredStrategy):
 
     def key(self, c: Candidate, decision: Decision) -> Key:
         return (self.cost.utility(c, decision.shortfall_blocks),)
+
+    def key_bound(self, c: Candidate, decision: Decision) -> Key:
+        """U with the best restorable run: δ is concave in the tokens loaded (the recompute
+        of the tail saves more per token the longer the context), so its least over
+        ``[0, computed - shared]`` is at an end; at the far end if a load costs no more
+        than the recompute it saves (``load_cost <= recompute_cost``: the default). The
+        margin keeps float rounding from ranking a bound below its own key."""
+        cost, shortfall = self.cost, decision.shortfall_blocks
+        most = c.computed_tokens - min(c.shared_tokens, c.computed_tokens)
+        bound = cost.utility(c._replace(cpu_tokens=most, offloadable_tokens=0), shortfall)
+        if cost.load_cost > cost.recompute_cost:
+            bound = max(bound, cost.utility(c._replace(cpu_tokens=0, offloadable_tokens=0), shortfall))
+        return (bound * (1 + 1e-9),)
 
 
 class Bid01Strategy(ScoredStrategy):
