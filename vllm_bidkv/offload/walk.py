@@ -54,19 +54,25 @@ class LazyWalk:
             self._cursor, self._free_cursor, self.clean = None, None, 0
         budget = target - self.clean
         visited = 0
+        # Marked once the walk stops: visits reserve tier slots, and no GPU block changes meanwhile.
+        last: KVCacheBlockView | None = None
+        last_left: KVCacheBlockView | None = None
         if budget > 0:
             for view in self._ctx.iter_free_blocks(after_block=after):
                 taken = visit(view)
                 if taken is None:
                     break
-                mark = (view.block_id, view.block_hash)
                 if not taken:
-                    self._free_cursor = mark
-                self._cursor = mark
-                self.clean += 1
+                    last_left = view
+                last = view
                 visited += 1
                 if visited >= budget:
                     break
+        if last is not None:
+            self._cursor = (last.block_id, last.block_hash)
+        if last_left is not None:
+            self._free_cursor = (last_left.block_id, last_left.block_hash)
+        self.clean += visited
         self.walked_blocks += visited
 
     def _resume_point(self) -> int | None:

@@ -106,3 +106,22 @@ class BidCostModel:
         """
         freed = c.freeable_blocks if shortfall_blocks is None else min(c.freeable_blocks, shortfall_blocks)
         return freed / (self.delta(c) + self.epsilon)
+
+    def utility_bound(self, c: Candidate, shortfall_blocks: int | None) -> float:
+        """At least ``utility`` of ``c`` with any restorable run (whatever ``cpu_tokens`` and
+        ``offloadable_tokens`` say): U with δ's least over the tokens a resume may load.
+
+        δ is concave in them (the recompute each loaded token saves grows with its position),
+        so the least is at an end: all ``computed - shared`` loaded, or none. With a load no
+        dearer than the recompute it saves (``load_cost <= recompute_cost``: the default) it
+        is all. The margin keeps float rounding from putting the bound below the exact U.
+        """
+        computed = c.computed_tokens
+        on_gpu = min(c.shared_tokens, computed)
+        progress = min(1.0, c.output_tokens / c.max_tokens) if c.max_tokens else 0.0
+        fixed = self.progress_weight * progress + self.starvation_weight * c.num_preemptions
+        least = self.load_cost * (computed - on_gpu) + fixed
+        if self.load_cost > self.recompute_cost:
+            least = min(least, self.recompute(on_gpu, computed) + fixed)
+        freed = c.freeable_blocks if shortfall_blocks is None else min(c.freeable_blocks, shortfall_blocks)
+        return freed / (least + self.epsilon) * (1 + 1e-9)

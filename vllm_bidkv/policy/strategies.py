@@ -132,17 +132,7 @@ class BidStrategy(ScoredStrategy):
         return (self.cost.utility(c, decision.shortfall_blocks),)
 
     def key_bound(self, c: Candidate, decision: Decision) -> Key:
-        """U with the best restorable run: δ is concave in the tokens loaded (the recompute
-        of the tail saves more per token the longer the context), so its least over
-        ``[0, computed - shared]`` is at an end; at the far end if a load costs no more
-        than the recompute it saves (``load_cost <= recompute_cost``: the default). The
-        margin keeps float rounding from ranking a bound below its own key."""
-        cost, shortfall = self.cost, decision.shortfall_blocks
-        most = c.computed_tokens - min(c.shared_tokens, c.computed_tokens)
-        bound = cost.utility(c._replace(cpu_tokens=most, offloadable_tokens=0), shortfall)
-        if cost.load_cost > cost.recompute_cost:
-            bound = max(bound, cost.utility(c._replace(cpu_tokens=0, offloadable_tokens=0), shortfall))
-        return (bound * (1 + 1e-9),)
+        return (self.cost.utility_bound(c, decision.shortfall_blocks),)
 
 
 class Bid01Strategy(ScoredStrategy):
