@@ -76,9 +76,13 @@ class BidCostModel:
         Progress is 0 when ``max_tokens`` is unknown (None or 0): there is no evidence the
         request is near its end, so it gets no protection for it.
         """
+        on_gpu = min(c.shared_tokens, c.computed_tokens)
+        return self._delta_loading(c, min(c.cpu_tokens + c.offloadable_tokens, c.computed_tokens - on_gpu))
+
+    def _delta_loading(self, c: Candidate, loaded: int) -> float:
+        """δ of ``c`` if the ``loaded`` tokens after its GPU prefix come back by a load."""
         computed = c.computed_tokens
         on_gpu = min(c.shared_tokens, computed)
-        loaded = min(c.cpu_tokens + c.offloadable_tokens, computed - on_gpu)
         progress = min(1.0, c.output_tokens / c.max_tokens) if c.max_tokens else 0.0
         return (
             self.recompute(on_gpu + loaded, computed)
@@ -104,8 +108,7 @@ class BidCostModel:
         Returns:
             U, ``>= 0`` and finite.
         """
-        freed = c.freeable_blocks if shortfall_blocks is None else min(c.freeable_blocks, shortfall_blocks)
-        return freed / (self.delta(c) + self.epsilon)
+        return self._freed(c, shortfall_blocks) / (self.delta(c) + self.epsilon)
 
     def utility_bound(self, c: Candidate, shortfall_blocks: int | None) -> float:
         """At least ``utility`` of ``c`` with any restorable run (whatever ``cpu_tokens`` and
@@ -116,12 +119,13 @@ class BidCostModel:
         dearer than the recompute it saves (``load_cost <= recompute_cost``: the default) it
         is all. The margin keeps float rounding from putting the bound below the exact U.
         """
-        computed = c.computed_tokens
-        on_gpu = min(c.shared_tokens, computed)
-        progress = min(1.0, c.output_tokens / c.max_tokens) if c.max_tokens else 0.0
-        fixed = self.progress_weight * progress + self.starvation_weight * c.num_preemptions
-        least = self.load_cost * (computed - on_gpu) + fixed
+        most = c.computed_tokens - min(c.shared_tokens, c.computed_tokens)
+        least = self._delta_loading(c, most)
         if self.load_cost > self.recompute_cost:
-            least = min(least, self.recompute(on_gpu, computed) + fixed)
-        freed = c.freeable_blocks if shortfall_blocks is None else min(c.freeable_blocks, shortfall_blocks)
-        return freed / (least + self.epsilon) * (1 + 1e-9)
+            least = min(least, self._delta_loading(c, 0))
+        return self._freed(c, shortfall_blocks) / (least + self.epsilon) * (1 + 1e-9)
+
+    @staticmethod
+    def _freed(c: Candidate, shortfall_blocks: int | None) -> int:
+        """r: ``freeable_blocks``, capped at the shortfall when known (``utility``)."""
+        return c.freeable_blocks if shortfall_blocks is None else min(c.freeable_blocks, shortfall_blocks)
